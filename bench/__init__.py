@@ -1,0 +1,1 @@
+"""The benchmark harness. No torch in this process."""

@@ -1,0 +1,1 @@
+"""Bundle -> optimized / quantized ONNX -> TensorRT engines. No torch."""

@@ -1,0 +1,1 @@
+"""diffusers pipeline -> ONNX bundle. Needs the [export] extra (torch, diffusers, transformers)."""

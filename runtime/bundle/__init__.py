@@ -1,0 +1,1 @@
+"""Bundle I/O: manifest, reader, checksums and path safety."""

@@ -1,0 +1,217 @@
+"""The bundle manifest (``edgediff.json``): what every other part of edgediff reads about a model bundle.
+
+Format (version 1) is documented in docs/bundle.md. Kept as frozen dataclasses so that a manifest is data:
+``Manifest.from_json(Manifest.to_json(m)) == m``. Shapes use ints for fixed dims and names for symbolic ones
+(``"batch"``, ``"height"``, ``"width"``, ``"sequence"``), which is also what TensorRT profiles are derived from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "edgediff.json"
+
+# Model families. Only the first three run today; the rest are reserved so that their bundles need no format change.
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo", "lcm")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v")
+PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights")
+# Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "int8")
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, and shape (int = fixed, str = symbolic dim)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BundleError(f"tensor {self.name!r}: dtype {self.dtype!r}; expected one of {list(DTYPES)}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the bundle, pinned by size and sha256. ``path`` is POSIX and relative to the bundle root."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ParityReceipt:
+    """How closely an exported/transformed component reproduces its reference on the same random inputs."""
+
+    reference: str  # what it was compared with, e.g. "torch 2.13.0 / diffusers 0.42.1 UNet2DConditionModel"
+    max_abs: float
+    max_rel: float  # max |a - b| / (max |b| + eps): relative to the reference's scale, robust near zero
+    tolerance: float  # the bound on max_rel that the exporter enforced
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # shapes of the random inputs used
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # folder name, one of COMPONENTS
+    model: str  # relative path of the .onnx graph
+    files: tuple[FileEntry, ...]  # the graph first, then its external-data files
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str = "fp32"
+    parity: ParityReceipt | None = None
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise BundleError(f"component {self.name!r} has no input {name!r}; it has {[s.name for s in self.inputs]}")
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise BundleError(f"component {self.name!r} has no output {name!r}; it has {[s.name for s in self.outputs]}")
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    exporter: str  # "edgediff <version>", "optimum (derived by edgediff <version>)", "edgediff quantize ..."
+    libraries: dict[str, str] = field(default_factory=dict)  # name -> version used to produce the bundle
+    source: str = ""  # source pipeline path (or parent bundle) as given by the user
+    source_class: str = ""  # e.g. "StableDiffusionPipeline"
+    parent: str = ""  # sha256 of the parent bundle's manifest for engine-derived bundles
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    prediction_type: str  # epsilon | v_prediction | sample (what the denoiser predicts)
+    default_height: int
+    default_width: int
+    latent_channels: int
+    vae_scale_factor: int  # 2 ** (len(vae.block_out_channels) - 1)
+    scaling_factor: float  # from the VAE config; never hard-coded
+    text_max_length: int  # tokenizer's model_max_length = text encoder's max_position_embeddings
+    components: dict[str, Component]
+    files: tuple[FileEntry, ...]  # every non-graph file: model_index.json, configs, tokenizer, scheduler
+    provenance: Provenance
+    shift_factor: float | None = None  # reserved (VAEs with a shift, e.g. SD3/FLUX); None = no shift
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise BundleError(f"family {self.family!r}; expected one of {list(FAMILIES)}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise BundleError(
+                f"prediction_type {self.prediction_type!r}; expected one of ['epsilon', 'v_prediction', 'sample']"
+            )
+        for name, comp in self.components.items():
+            if name not in COMPONENTS:
+                raise BundleError(f"component {name!r}; expected one of {list(COMPONENTS)}")
+            if comp.precision not in PRECISIONS:
+                raise BundleError(f"component {name!r}: precision {comp.precision!r}; expected one of {list(PRECISIONS)}")
+
+    def all_files(self) -> tuple[FileEntry, ...]:
+        out = list(self.files)
+        for comp in self.components.values():
+            out.extend(comp.files)
+        return tuple(out)
+
+    # -- JSON ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        try:
+            version = data.get("format_version", None)
+            if version != FORMAT_VERSION:
+                raise BundleError(
+                    f"manifest format_version {version!r} is not supported by this edgediff (reads {FORMAT_VERSION}); "
+                    "upgrade edgediff or re-export the bundle"
+                )
+            comps = {name: _component(c) for name, c in data["components"].items()}
+            return cls(
+                family=data["family"],
+                prediction_type=data["prediction_type"],
+                default_height=int(data["default_height"]),
+                default_width=int(data["default_width"]),
+                latent_channels=int(data["latent_channels"]),
+                vae_scale_factor=int(data["vae_scale_factor"]),
+                scaling_factor=float(data["scaling_factor"]),
+                text_max_length=int(data["text_max_length"]),
+                components=comps,
+                files=tuple(FileEntry(**f) for f in data["files"]),
+                provenance=Provenance(**data["provenance"]),
+                shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
+                format_version=version,
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"manifest is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(data, dict):
+            raise BundleError("manifest must be a JSON object")
+        return cls.from_dict(data)
+
+
+def _spec(d: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+
+def _component(d: Mapping[str, Any]) -> Component:
+    parity = d.get("parity")
+    return Component(
+        name=d["name"],
+        model=d["model"],
+        files=tuple(FileEntry(**f) for f in d["files"]),
+        inputs=tuple(_spec(s) for s in d["inputs"]),
+        outputs=tuple(_spec(s) for s in d["outputs"]),
+        precision=d.get("precision", "fp32"),
+        parity=None if parity is None else ParityReceipt(**{k: v for k, v in parity.items() if k != "passed"}),
+    )
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively, and the receipts' derived ``passed`` flag for readers of the JSON."""
+    if isinstance(obj, dict):
+        out = {k: _plain(v) for k, v in obj.items()}
+        if {"max_rel", "tolerance"} <= out.keys():
+            out["passed"] = out["max_rel"] <= out["tolerance"]
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
