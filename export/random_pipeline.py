@@ -1,0 +1,77 @@
+"""Stable Diffusion pipelines with random weights, built from configs in-process: the test fixtures (tiny SD1- and
+SD2-v-shaped) and the SD-1.5-shaped model that memory and speed are measured on (compute and memory do not depend
+on weight values). Nothing is downloaded: the tokenizer is a CLIP-format BPE trained on a small built-in corpus.
+
+    python -m edgediff.export.random_pipeline sd15 /tmp/sd15-random       # then: edgediff export /tmp/sd15-random OUT
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+PRESETS = ("tiny-sd1", "tiny-sd2v", "sd15")
+
+_CORPUS = [
+    "a photograph of an astronaut riding a horse", "a red circle on a white background", "an oil painting of a cat",
+    "a small blue square in the top left corner", "a watercolor landscape with mountains and a lake at sunset",
+    "portrait of a woman, studio lighting, 85mm", "a bowl of fruit on a wooden table", "city street at night, rain",
+    "ein Hund im Schnee", "un château au bord de la mer", "a cozy cabin in the woods, snow, warm light",
+]
+
+
+def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
+    """Write a diffusers StableDiffusionPipeline folder (safetensors) with random weights to ``out``."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .clip_bpe import train_clip_bpe
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}; expected one of {list(PRESETS)}")
+    out = Path(out)
+    sd2 = preset == "tiny-sd2v"
+    tok_dir = train_clip_bpe(_CORPUS, 300, out / "_tokenizer_src", pad_token="!" if sd2 else "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    if preset == "sd15":  # the real SD-1.5 layer sizes (CompVis/stable-diffusion-v1-5 configs)
+        text_cfg = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        hidden_act="quick_gelu")
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+                            block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    else:
+        text_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        hidden_act="gelu" if sd2 else "quick_gelu")
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8 if not sd2 else (4, 8), norm_num_groups=16,
+            use_linear_projection=sd2,
+        )
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=16, norm_num_groups=16,
+                            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.3)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_cfg))
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  steps_offset=1, set_alpha_to_one=False)
+    scheduler = (DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **common) if sd2
+                 else PNDMScheduler(skip_prk_steps=True, **common))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; real SD 1.x/2.x folders carry CLIP's vocab.json + merges.txt
+    shutil.rmtree(out / "tokenizer")
+    shutil.move(out / "_tokenizer_src", out / "tokenizer")
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in PRESETS:
+        sys.stderr.write(f"usage: python -m edgediff.export.random_pipeline {{{','.join(PRESETS)}}} OUT\n")
+        raise SystemExit(2)
+    print(build_random_pipeline(Path(sys.argv[2]), sys.argv[1]))

@@ -1,0 +1,74 @@
+"""Validate a diffusers pipeline folder before anything heavy is imported: one clear line per problem."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgediff.config import read_json
+from edgediff.errors import ConfigError, ExportError
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# component folder -> the classes we know how to export
+EXPECTED = {
+    "text_encoder": ("CLIPTextModel",),
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+WEIGHTED = ("text_encoder", "unet", "vae")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path
+    pipeline_class: str
+    scheduler_class: str
+    pickle_components: tuple[str, ...]  # components whose weights are pickle files (only with --allow-pickle)
+
+
+def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
+    root = Path(src).expanduser()
+    if not root.exists():
+        raise ExportError(f"source not found: {root} does not exist")
+    if root.is_file():
+        raise ExportError(
+            f"{root} is a single file; export needs a diffusers pipeline folder "
+            "(convert single-file checkpoints with diffusers' from_single_file(...).save_pretrained(DIR))"
+        )
+    try:
+        index = read_json(root / "model_index.json", what="model_index.json")
+    except ConfigError:
+        raise ExportError(
+            f"{root} is not a diffusers pipeline: no readable model_index.json (save one with pipeline.save_pretrained)"
+        ) from None
+    cls = index.get("_class_name", "")
+    if cls not in SUPPORTED_PIPELINES:
+        raise ExportError(f"pipeline class {cls!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    for comp, allowed in EXPECTED.items():
+        entry = index.get(comp)
+        if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            raise ExportError(f"{root}/model_index.json has no {comp!r} component; the pipeline is incomplete")
+        if entry[1] not in allowed:
+            raise ExportError(f"{comp} class {entry[1]!r} is not supported; expected one of {list(allowed)}")
+        if not (root / comp).is_dir():
+            raise ExportError(f"{root}/{comp}/ is missing; the pipeline folder is incomplete")
+    pickled = []
+    for comp in WEIGHTED:
+        files = [p for p in (root / comp).iterdir() if p.is_file()]
+        has_st = any(p.suffix == ".safetensors" for p in files)
+        pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+        if has_st:
+            continue
+        if not pickles:
+            raise ExportError(f"{root}/{comp}/ has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise ExportError(
+                f"{comp}/{pickles[0]} is a pickle file, which can run arbitrary code when loaded; "
+                "convert it to safetensors, or pass --allow-pickle if you trust its source"
+            )
+        pickled.append(comp)
+    sched = index.get("scheduler") or [None, ""]
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise ExportError(f"{root}/scheduler/scheduler_config.json is missing; the pipeline folder is incomplete")
+    return Source(root=root, pipeline_class=cls, scheduler_class=str(sched[1]), pickle_components=tuple(pickled))

@@ -1,0 +1,16 @@
+"""Names of the files in a bundle (optimum's ONNX Stable Diffusion layout, plus edgediff.json)."""
+from __future__ import annotations
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"
+GRAPH_FILE = "model.onnx"  # per component folder
+
+
+def graph_path(component: str) -> str:
+    return f"{component}/{GRAPH_FILE}"
+
+
+def config_path(component: str) -> str:
+    return f"{component}/config.json"

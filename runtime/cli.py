@@ -1,0 +1,191 @@
+"""The ``edgediff`` command line. Subcommands import heavy modules inside their functions so that
+``edgediff --help`` stays instant; every ``EdgediffError`` becomes one red line and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ._version import __version__
+from .errors import EdgediffError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgediffError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except BrokenPipeError:  # `edgediff inspect B | head`: the reader left; nothing to report
+            sys.stderr.close()
+            sys.exit(141)
+        except KeyboardInterrupt:
+            click.secho("interrupted", fg="red", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.secho("error: out of memory; try --low-memory, a smaller --size or fewer images", fg="red", err=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug of ours: one line, the traceback only on request
+            if os.environ.get("EDGEDIFF_DEBUG"):
+                raise
+            click.secho(f"internal error: {type(exc).__name__}: {exc} (set EDGEDIFF_DEBUG=1 for the traceback)",
+                        fg="red", err=True)
+            sys.exit(70)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgediff")
+def main() -> None:
+    """Run Stable Diffusion-family text-to-image models without PyTorch."""
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--opset", default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (.bin/.ckpt) weights. Only for sources you trust.")
+def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool) -> None:
+    """Export a diffusers pipeline folder SRC to an ONNX bundle OUT (needs the [export] extra)."""
+    try:
+        from .export.pipeline_export import export_pipeline
+    except ImportError as exc:  # edgediff.export is installed with the package; torch may not be
+        from .errors import missing
+
+        raise missing(exc.name or "torch", "export", "edgediff export") from None
+
+    def progress(stage: str, component: str, seconds: float) -> None:
+        click.echo(f"  {stage:<7} {component:<13} {seconds:7.2f} s", err=True)
+
+    click.echo(f"exporting {src} -> {out}", err=True)
+    export_pipeline(src, out, opset=opset, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+    click.echo(f"wrote {out}")
+
+
+# -- inspect ----------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every file's size and sha256 against the manifest.")
+def inspect(bundle: Path, verify: bool) -> None:
+    """Show a bundle's components, I/O signatures, precisions, sizes and parity receipts."""
+    from .bundle.reader import Bundle
+    from .errors import BundleIntegrityError
+
+    b = Bundle.open(bundle)
+    m = b.manifest
+    click.echo(f"bundle   {b.root}")
+    click.echo(f"manifest {'derived from an optimum export (no edgediff.json)' if b.derived else 'edgediff.json'}"
+               f"  sha256 {b.digest[:16]}")
+    click.echo(f"family   {m.family}  prediction {m.prediction_type}  default {m.default_width}x{m.default_height}  "
+               f"latents {m.latent_channels}ch /{m.vae_scale_factor}  scaling_factor {m.scaling_factor:g}")
+    click.echo(f"source   {m.provenance.source_class or '?'} {m.provenance.source}  by {m.provenance.exporter}")
+    for comp in m.components.values():
+        click.echo(f"\n{comp.name}  [{comp.precision}]  {_size(comp.size)}  {comp.model}")
+        for s in comp.inputs:
+            click.echo(f"  in   {s.name:<22} {s.dtype:<8} {_shape(s.shape)}")
+        for s in comp.outputs:
+            click.echo(f"  out  {s.name:<22} {s.dtype:<8} {_shape(s.shape)}")
+        r = comp.parity
+        if r is not None:
+            verdict = "ok" if r.passed else "FAILED"
+            click.echo(f"  parity {verdict}: max_rel {r.max_rel:.2e} (tol {r.tolerance:.0e})  max_abs {r.max_abs:.2e}  vs {r.reference}")
+    if verify:
+        problems = b.verify()
+        click.echo("")
+        if problems:
+            for p in problems:
+                click.secho(f"FAIL {p}", fg="red", err=True)
+            raise BundleIntegrityError(f"{len(problems)} file(s) of {b.root} do not match the manifest: {problems[0]}")
+        n = len(m.all_files())
+        click.secho(f"verified: all {n} files match their sha256", fg="green")
+
+# -- generate ---------------------------------------------------------------------------------------------------
+def _parse_size(value: str | None) -> tuple[int | None, int | None]:
+    from .errors import InputError
+
+    if value is None:
+        return None, None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--size {value!r}; expected WIDTHxHEIGHT, e.g. 512x512")
+    return int(parts[1]), int(parts[0])  # (height, width)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", "model", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder (default: the built-in model).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
+              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: 25).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale; <= 1 turns it off.")
+@click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, unipc.")
+@click.option("--seed", type=int, default=None, help="Seed of the first image (image k uses seed+k).")
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: the image to start from.")
+@click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change it, (0, 1].")
+@click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
+@click.option("--rng", default="numpy", show_default=True, help="numpy, or torch to reproduce diffusers' CPU-generator latents.")
+@click.option("--low-memory", is_flag=True, help="Keep one component loaded at a time.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
+             backend, rng, low_memory, overwrite) -> None:
+    """Generate images from PROMPT."""
+    from .outputs import check_writable, image_paths, png_bytes, write_atomic
+    from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+
+    height, width = _parse_size(size)
+    paths = image_paths(output, max(1, num_images))
+    check_writable(paths, overwrite)
+    bundle = model if model is not None else _default_bundle()
+    pipe = Pipeline.load(bundle, backend=backend, scheduler=scheduler, low_memory=low_memory)
+    steps = DEFAULT_STEPS if steps is None else steps
+    with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
+        done = [0]
+
+        def on_step(i: int, total: int, t: float, latents) -> None:
+            bar.length = total
+            bar.update(1)
+            done[0] = i
+
+        result = pipe(prompt, negative, num_inference_steps=steps,
+                      guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance, height=height, width=width,
+                      num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image, strength=strength,
+                      callback=on_step)
+    for k, (image, path) in enumerate(zip(result.images, paths)):
+        params = dict(result.parameters, prompt=prompt, seed=result.seeds[k], rng=rng, backend=backend)
+        write_atomic(path, png_bytes(image, params), overwrite=overwrite)
+        click.echo(f"wrote {path}  (seed {result.seeds[k]})")
+    t = result.timings
+    click.echo(f"{t.get('total', 0):.2f} s  (text {t.get('text_encoder', 0):.2f} s, denoise {t.get('step', 0):.2f} s, "
+               f"decode {t.get('vae_decode', 0):.2f} s)", err=True)
+
+
+def _default_bundle() -> Path:
+    from .builtin_model import default_bundle
+
+    return default_bundle()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+if __name__ == "__main__":
+    main()

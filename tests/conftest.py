@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random Stable Diffusion pipelines (diffusers classes from small configs, built in-process,
+nothing downloaded) and their exported bundles, built once per test session."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _have(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+needs_torch = pytest.mark.skipif(not (_have("torch") and _have("diffusers")), reason="needs the [export] extra (torch, diffusers)")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_source(tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    from edgediff.export.random_pipeline import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("src") / "tiny-sd1", "tiny-sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_source(tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    from edgediff.export.random_pipeline import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("src") / "tiny-sd2v", "tiny-sd2v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_bundle(tiny_sd1_source, tmp_path_factory) -> Path:
+    from edgediff.export.pipeline_export import export_pipeline
+
+    return export_pipeline(tiny_sd1_source, tmp_path_factory.mktemp("bundles") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_bundle(tiny_sd2v_source, tmp_path_factory) -> Path:
+    from edgediff.export.pipeline_export import export_pipeline
+
+    return export_pipeline(tiny_sd2v_source, tmp_path_factory.mktemp("bundles") / "tiny-sd2v")
+
+
+@pytest.fixture
+def bundle_copy(tiny_sd1_bundle, tmp_path) -> Path:
+    """A private copy of the tiny SD1 bundle that a test may damage."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_sd1_bundle, dst)
+    return dst
