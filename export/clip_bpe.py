@@ -10,22 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from edgediff.tokenizer import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenization pattern (letters, single digits, runs of other non-space symbols, English contractions)
 _WORDS = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+""", re.IGNORECASE)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map (the 256 base symbols of the vocabulary)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
 
 
 def _words(text: str) -> list[str]:

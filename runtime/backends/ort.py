@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind the Backend protocol."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..bundle.manifest import Component
+from ..config import check_choice
+from ..errors import BackendError, BackendUnavailable, ConfigError
+from .validate import check_feeds
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Session options. Defaults are ONNX Runtime's, except where a comment says why."""
+
+    intra_op_num_threads: int = 0  # 0 = one per physical core
+    inter_op_num_threads: int = 0
+    graph_optimization_level: str = "all"  # one of OPT_LEVELS; "disable" for graphs optimized ahead of time
+    enable_mem_arena: bool = True  # the CPU arena keeps peak activations allocated between calls
+    enable_mem_pattern: bool = True
+    disable_prepacking: bool = False  # pre-packed weights are a second copy of every MatMul/Conv weight
+    optimized_model_filepath: str | None = None  # write the optimized graph (edgediff optimize uses this)
+    log_severity_level: int = 3  # errors only: ORT's warnings are not the user's business
+    # TensorRT execution provider (ORT documents these as provider options)
+    trt_fp16_enable: bool = False
+    trt_engine_cache_path: str | None = None  # enables the engine cache when set
+    trt_timing_cache_path: str | None = None  # enables the timing cache when set
+    trt_profile_min_shapes: str | None = None  # "sample:2x4x64x64,encoder_hidden_states:2x77x768"
+    trt_profile_opt_shapes: str | None = None
+    trt_profile_max_shapes: str | None = None
+    trt_cuda_graph_enable: bool = False
+    cuda_device_id: int = 0
+    extra_session_config: dict[str, str] = field(default_factory=dict)  # raw ORT session config entries
+
+    def __post_init__(self) -> None:
+        check_choice("OrtOptions", "graph_optimization_level", self.graph_optimization_level, OPT_LEVELS)
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"OrtOptions: {name}={v!r}; expected an integer >= 0 (0 = automatic)")
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_num_threads
+        so.inter_op_num_threads = self.inter_op_num_threads
+        so.graph_optimization_level = levels[self.graph_optimization_level]
+        so.enable_cpu_mem_arena = self.enable_mem_arena
+        so.enable_mem_pattern = self.enable_mem_pattern
+        so.log_severity_level = self.log_severity_level
+        if self.optimized_model_filepath:
+            so.optimized_model_filepath = self.optimized_model_filepath
+        if self.disable_prepacking:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        for k, v in self.extra_session_config.items():
+            so.add_session_config_entry(k, v)
+        return so
+
+    def providers(self, provider: str) -> list:
+        cuda = ("CUDAExecutionProvider", {"device_id": self.cuda_device_id})
+        if provider == "cpu":
+            return ["CPUExecutionProvider"]
+        if provider == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        trt: dict[str, Any] = {"device_id": self.cuda_device_id, "trt_fp16_enable": self.trt_fp16_enable,
+                               "trt_cuda_graph_enable": self.trt_cuda_graph_enable}
+        if self.trt_engine_cache_path:
+            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=self.trt_engine_cache_path)
+        if self.trt_timing_cache_path:
+            trt.update(trt_timing_cache_enable=True, trt_timing_cache_path=self.trt_timing_cache_path)
+        for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+            if getattr(self, key):
+                trt[key] = getattr(self, key)
+        return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+class OrtBackend:
+    def __init__(self, model_path: Path, component: Component, provider: str = "cpu", options: OrtOptions | None = None):
+        import onnxruntime as ort
+
+        check_choice("backend", "provider", provider, PROVIDERS)
+        available = ort.get_available_providers()
+        if PROVIDERS[provider] not in available:
+            raise BackendUnavailable(
+                f"backend {provider!r} needs ONNX Runtime's {PROVIDERS[provider]}, which this onnxruntime does not have "
+                f"(it has {', '.join(available)}); install the GPU build: pip uninstall -y onnxruntime && "
+                "pip install 'edgediff[gpu]'"
+            )
+        options = options or OrtOptions()
+        self.component = component.name
+        self.inputs = component.inputs
+        self.outputs = component.outputs
+        try:
+            self.session = ort.InferenceSession(str(model_path), options.session_options(),
+                                                providers=options.providers(provider))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"{component.name}: ONNX Runtime could not load {model_path}: {_first_line(exc)}") from None
+        self._output_names = [s.name for s in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.component, self.inputs, feeds)
+        try:
+            outs = self.session.run(self._output_names, dict(feeds))
+        except Exception as exc:
+            raise BackendError(f"{self.component}: ONNX Runtime failed: {_first_line(exc)}") from None
+        return dict(zip(self._output_names, outs))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,53 @@
+"""The bundle's graphs as backends: opened once and kept (default), or opened for one stage and closed right
+after (low-memory mode, for 8 GB Jetsons: only one component's weights are resident at a time)."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .backends import open_backend
+from .backends.base import Backend
+from .bundle.reader import Bundle
+
+
+class Components:
+    def __init__(self, bundle: Bundle, backend: str, options: Any = None, *, low_memory: bool = False, verify: bool = True):
+        self.bundle = bundle
+        self.backend = backend
+        self.options = options
+        self.low_memory = low_memory
+        self.verify = verify
+        self._open: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        if not low_memory:
+            for name in ("text_encoder", "unet", "vae_decoder"):
+                self._get(name)
+
+    def _load(self, name: str) -> Backend:
+        path = self.bundle.model_path(name, verify=self.verify)
+        return open_backend(self.backend, path, self.bundle.component(name), self.options)
+
+    def _get(self, name: str) -> Backend:
+        with self._lock:
+            if name not in self._open:
+                self._open[name] = self._load(name)
+            return self._open[name]
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[Backend]:
+        """The backend for ``name`` for the duration of a stage."""
+        if not self.low_memory:
+            yield self._get(name)
+            return
+        backend = self._load(name)
+        try:
+            yield backend
+        finally:
+            backend.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for b in self._open.values():
+                b.close()
+            self._open.clear()

@@ -1,0 +1,47 @@
+"""Pixels <-> arrays, as diffusers' VaeImageProcessor does it (so images match diffusers' to the last bit)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) float32 in [-1, 1] -> (B, H, W, 3) uint8: denormalize, clamp, *255, round."""
+    x = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3) float32 in [0, 1]
+    return (x * 255).round().astype(np.uint8)
+
+
+def to_float(decoded: np.ndarray) -> np.ndarray:
+    """VAE output -> (B, H, W, 3) float32 in [0, 1], diffusers' ``output_type="np"``."""
+    return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def load_image(source, *, multiple: int):
+    """An init image (path or PIL image) -> (1, 3, H, W) float32 in [-1, 1], H and W rounded down to ``multiple``
+    (diffusers' VaeImageProcessor.preprocess: resize with Lanczos, normalize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InputError(f"init image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                img = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read init image {path}: {exc.__class__.__name__}; use a PNG or JPEG") from None
+    elif isinstance(source, Image.Image):
+        img = source.convert("RGB")
+    else:
+        raise InputError(f"image must be a path or a PIL.Image, not {type(source).__name__}")
+    w, h = (d - d % multiple for d in img.size)
+    if w < multiple or h < multiple:
+        raise InputError(f"init image is {img.size[0]}x{img.size[1]}; it must be at least {multiple}x{multiple} pixels")
+    if (w, h) != img.size:
+        img = img.resize((w, h), resample=Image.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    return (arr.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)  # (1, 3, H, W) in [-1, 1]

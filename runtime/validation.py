@@ -1,0 +1,92 @@
+"""Argument checks for a generation call: each bad value is one InputError line saying what is allowed."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from .errors import InputError
+
+MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens (~300 characters); refuse absurd inputs before tokenizing them
+MAX_IMAGES = 64
+
+
+def prompts(value, *, what: str = "prompt") -> list[str]:
+    """str or list of str -> list of str. An empty prompt is allowed: it asks for an unconditional image."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+        raise InputError(f"{what} must be a string or a non-empty list of strings, not {type(value).__name__}")
+    for p in items:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise InputError(f"{what} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS} (CLIP reads ~77 tokens)")
+    return list(items)
+
+
+def steps(n, *, max_steps: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InputError(f"num_inference_steps must be an integer, not {type(n).__name__}")
+    if not 1 <= n <= max_steps:
+        raise InputError(f"num_inference_steps={n}; must be between 1 and {max_steps} (the model's training timesteps)")
+    return n
+
+
+def guidance(g) -> float:
+    try:
+        g = float(g)
+    except (TypeError, ValueError):
+        raise InputError(f"guidance_scale must be a number, not {g!r}") from None
+    if not math.isfinite(g) or g < 0:
+        raise InputError(f"guidance_scale={g}; must be a finite number >= 0 (values <= 1 turn guidance off)")
+    return g
+
+
+def strength(s) -> float:
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        raise InputError(f"strength must be a number, not {s!r}") from None
+    if not (0.0 < s <= 1.0) or math.isnan(s):
+        raise InputError(f"strength={s}; must be in (0, 1] (1 ignores the init image entirely)")
+    return s
+
+
+def count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise InputError(f"num_images_per_prompt={n!r}; must be an integer between 1 and {MAX_IMAGES}")
+    return n
+
+
+def size(height, width, *, multiple: int, default: tuple[int, int]) -> tuple[int, int]:
+    h = default[0] if height is None else height
+    w = default[1] if width is None else width
+    for name, v in (("height", h), ("width", w)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{name}={v!r}; must be a positive integer")
+        if v % multiple:
+            lo = max(multiple, v - v % multiple)
+            raise InputError(f"{name}={v} is not a multiple of {multiple} (this model's latent grid); try {lo} or {lo + multiple}")
+    return h, w
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(*, batch: int, latent_h: int, latent_w: int, attention_heads: int, channels: Sequence[int]) -> int:
+    """A deliberately rough upper estimate of the denoiser's activation memory: the full-resolution self-attention
+    matrix (batch * heads * (h*w)^2 float32), which dominates at large sizes, plus a few feature maps per level."""
+    hw = latent_h * latent_w
+    attention = batch * attention_heads * hw * hw * 4
+    features = sum(batch * c * hw // (4 ** i) * 4 * 6 for i, c in enumerate(channels))
+    return attention + features
