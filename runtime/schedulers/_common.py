@@ -18,13 +18,25 @@ def betas(c: SchedulerConfig) -> np.ndarray:
         if b.shape != (T,):
             raise ConfigError(f"trained_betas has {b.size} values; num_train_timesteps is {T}")
     elif c.beta_schedule == "linear":
-        b = np.linspace(c.beta_start, c.beta_end, T, dtype=np.float32)
+        b = linspace_f32(c.beta_start, c.beta_end, T)
     elif c.beta_schedule == "scaled_linear":  # SD's schedule: linear in sqrt(beta)
-        b = np.linspace(c.beta_start**0.5, c.beta_end**0.5, T, dtype=np.float32) ** 2
+        b = linspace_f32(c.beta_start**0.5, c.beta_end**0.5, T) ** 2
     else:  # squaredcos_cap_v2: Nichol & Dhariwal 2021 eq. (17), beta capped at 0.999
         abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         b = np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float32)
     return b
+
+
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) bit for bit: float32 step, each half computed from its own end
+    point with one fused multiply-add (exact in float64, then rounded once)."""
+    s, e = np.float32(start), np.float32(end)
+    step = (e - s) / np.float32(n - 1)
+    idx = np.arange(n)
+    k = np.where(idx < n // 2, idx, n - 1 - idx).astype(np.float64)
+    lo = (np.float64(s) + np.float64(step) * k).astype(np.float32)
+    hi = (np.float64(e) - np.float64(step) * k).astype(np.float32)
+    return np.where(idx < n // 2, lo, hi)
 
 
 def alphas_cumprod(c: SchedulerConfig, rescale_zero_snr: bool = False, *, sigma_space: bool = False) -> np.ndarray:
