@@ -1,0 +1,208 @@
+"""The embedding story: no torch at inference, thread safety, bad input (API and CLI), and output files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgediff import Pipeline
+from edgediff.cli import main
+from edgediff.errors import BundleNotFound, ConfigError, InputError, OutputExistsError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_bundle):
+    return Pipeline.load(tiny_sd1_bundle)
+
+
+def test_generation_never_imports_torch(tiny_sd1_bundle, tmp_path):
+    code = f"""
+import sys
+from edgediff import Pipeline
+r = Pipeline.load({str(tiny_sd1_bundle)!r})("a red circle", num_inference_steps=3, seed=0)
+r.images[0].save({str(tmp_path / 'x.png')!r})
+heavy = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
+print("HEAVY", heavy)
+sys.exit(1 if heavy else 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "HEAVY []" in out.stdout
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_import_edgediff_is_light():
+    out = subprocess.run([sys.executable, "-c", "import sys, edgediff; print(sorted(m for m in ('onnxruntime', 'torch', 'tokenizers', 'PIL') if m in sys.modules))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_threads_match_serial(pipe):
+    jobs = [(f"prompt {k}", 100 + k) for k in range(5)]
+    serial = {seed: pipe(p, num_inference_steps=3, seed=seed, output_type="np").images[0] for p, seed in jobs}
+    results: dict = {}
+    errors: list = []
+
+    def worker(t: int) -> None:
+        try:
+            for p, seed in jobs:
+                results[(t, seed)] = pipe(p, num_inference_steps=3, seed=seed, output_type="np").images[0]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(results) == 20
+    for (t, seed), img in results.items():
+        np.testing.assert_array_equal(img, serial[seed])
+
+
+def test_low_memory_mode_gives_the_same_image(tiny_sd1_bundle, pipe):
+    low = Pipeline.load(tiny_sd1_bundle, low_memory=True)
+    a = low("a dog", num_inference_steps=3, seed=5, output_type="np").images[0]
+    b = pipe("a dog", num_inference_steps=3, seed=5, output_type="np").images[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_callback_and_cancel(pipe):
+    from edgediff.errors import Cancelled
+
+    seen = []
+    pipe("x", num_inference_steps=4, seed=0, scheduler="euler", callback=lambda i, n, t, x: seen.append((i, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    with pytest.raises(Cancelled, match="before step 3 of 4"):
+        pipe("x", num_inference_steps=4, seed=0, scheduler="euler", cancel=lambda: len(seen) >= 6,
+             callback=lambda i, n, t, x: seen.append(i))
+
+
+def test_non_finite_latents_raise_instead_of_black_image(pipe):
+    from edgediff.errors import NonFiniteError
+
+    bad = np.full((1, 4, 8, 8), np.nan, np.float32)
+    with pytest.raises(NonFiniteError, match="step 1"):
+        pipe("x", num_inference_steps=2, latents=bad, scheduler="euler")
+
+
+def test_empty_prompt_is_an_unconditional_image(pipe):
+    r = pipe("", num_inference_steps=2, seed=0)
+    assert r.images[0].size == (16, 16)
+
+
+BAD = [
+    (dict(prompt=42), InputError, "prompt must be a string"),
+    (dict(prompt="x" * 100_000), InputError, "100000 characters"),
+    (dict(num_inference_steps=0), InputError, "between 1 and 1000"),
+    (dict(num_inference_steps=-1), InputError, "between 1 and 1000"),
+    (dict(num_inference_steps=10_000), InputError, "between 1 and 1000"),
+    (dict(guidance_scale=float("nan")), InputError, "finite number"),
+    (dict(guidance_scale=-1.0), InputError, "finite number"),
+    (dict(image="MISSING", strength=0.5), InputError, "init image not found"),
+    (dict(image="INIT", strength=0.0), InputError, r"strength=0.0; must be in \(0, 1\]"),
+    (dict(image="INIT", strength=1.5), InputError, r"must be in \(0, 1\]"),
+    (dict(height=18), InputError, "not a multiple of 4"),
+    (dict(height=400_000, width=400_000), InputError, "GiB is available"),
+    (dict(scheduler="heun"), ConfigError, "unknown scheduler 'heun'"),
+    (dict(rng="mt"), InputError, "unknown rng 'mt'"),
+    (dict(num_images_per_prompt=0), InputError, "num_images_per_prompt"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_raises_typed_error(pipe, tmp_path, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    if kwargs.get("image") == "INIT":
+        Image.new("RGB", (16, 16), "red").save(tmp_path / "init.png")
+        kwargs["image"] = tmp_path / "init.png"
+    elif kwargs.get("image") == "MISSING":
+        kwargs["image"] = tmp_path / "missing.png"
+    prompt = kwargs.pop("prompt", "a prompt")
+    with pytest.raises(exc, match=match):
+        pipe(prompt, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_unreadable_init_image(pipe, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot read init image"):
+        pipe("x", image=tmp_path / "bad.png", num_inference_steps=2)
+
+
+def test_bad_bundle_and_backend(tmp_path, tiny_sd1_bundle):
+    with pytest.raises(BundleNotFound):
+        Pipeline.load(tmp_path / "nope")
+    with pytest.raises(InputError, match="unknown backend 'gpu'"):
+        Pipeline.load(tiny_sd1_bundle, backend="gpu")
+    from edgediff.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu|edgediff\\[gpu\\]"):
+        Pipeline.load(tiny_sd1_bundle, backend="cuda")
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_generate_writes_png_with_parameters(tiny_sd1_bundle, tmp_path):
+    out = tmp_path / "out.png"
+    r = cli("generate", "a red circle", "-m", tiny_sd1_bundle, "-o", out, "--steps", "3", "--seed", "9",
+            "--num-images", "2", "--scheduler", "euler", "--negative", "blurry")
+    assert r.exit_code == 0, r.output
+    for k in (0, 1):
+        img = Image.open(tmp_path / f"out-{k}.png")
+        params = json.loads(img.text["parameters"])
+        assert params["seed"] == 9 + k and params["prompt"] == "a red circle" and params["steps"] == 3
+        assert params["scheduler"] == "euler" and params["negative_prompt"] == ["blurry"] and len(params["bundle"]) == 64
+    # no clobbering without --overwrite, and the old file is untouched
+    before = (tmp_path / "out-0.png").read_bytes()
+    r = cli("generate", "another", "-m", tiny_sd1_bundle, "-o", out, "--steps", "2", "--num-images", "2")
+    assert r.exit_code != 0 and "--overwrite" in r.output
+    assert (tmp_path / "out-0.png").read_bytes() == before
+    r = cli("generate", "another", "-m", tiny_sd1_bundle, "-o", out, "--steps", "2", "--num-images", "2", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+CLI_BAD = [
+    (["--steps", "0"], "between 1 and 1000"),
+    (["--steps", "-1"], "between 1 and 1000"),
+    (["--guidance", "nan"], "finite number"),
+    (["--size", "17x16"], "not a multiple of 4"),
+    (["--size", "big"], "expected WIDTHxHEIGHT"),
+    (["--scheduler", "heun"], "unknown scheduler"),
+    (["--backend", "gpu"], "unknown backend"),
+    (["--rng", "mt"], "unknown rng"),
+    (["--init-image", "/nonexistent.png"], "init image not found"),
+    (["--init-image", "INIT", "--strength", "2"], "strength=2.0"),
+]
+
+
+@pytest.mark.parametrize("args,match", CLI_BAD, ids=[m for _, m in CLI_BAD])
+def test_cli_bad_input_is_one_line(tiny_sd1_bundle, tmp_path, args, match):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "init.png")
+    args = [str(tmp_path / "init.png") if a == "INIT" else a for a in args]
+    r = cli("generate", "x", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", *args)
+    assert r.exit_code != 0
+    lines = [l for l in r.output.splitlines() if l.strip() and "denoising" not in l]
+    assert lines[-1].startswith("error: ") and match in lines[-1], r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_bundle_missing(tmp_path):
+    r = cli("generate", "x", "-m", tmp_path / "nope", "-o", tmp_path / "o.png")
+    assert r.exit_code != 0 and "bundle not found" in r.output
+
+
+def test_cli_help_and_version():
+    assert cli("--version").output.startswith("edgediff, version")
+    r = cli("--help")
+    assert r.exit_code == 0 and "generate" in r.output and "export" in r.output and "inspect" in r.output
