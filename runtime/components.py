@@ -28,6 +28,10 @@ class Components:
         path = self.bundle.model_path(name, verify=self.verify)
         return open_backend(self.backend, path, self.bundle.component(name), self.options)
 
+    def get(self, name: str) -> Backend:
+        """The resident backend for ``name`` (default mode), for tools such as the profiler."""
+        return self._get(name)
+
     def _get(self, name: str) -> Backend:
         with self._lock:
             if name not in self._open:

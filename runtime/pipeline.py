@@ -246,9 +246,9 @@ class Pipeline:
                             eps_u, eps_c = np.split(eps, 2)
                             eps = eps_u + np.float32(g) * (eps_c - eps_u)
                         x = sched.step(eps, i, x, noise)
-                if not np.isfinite(x).all():
-                    raise NonFiniteError(f"latents became NaN/Inf at step {i + 1} of {total} (unet precision {precision}); "
-                                         "try an fp32 bundle or another scheduler")
+                    if not np.isfinite(x).all():
+                        raise NonFiniteError(f"latents became NaN/Inf at step {i + 1} of {total} (unet precision "
+                                             f"{precision}); try an fp32 bundle or another scheduler")
                 if callback is not None:
                     callback(i + 1, total, float(t), x)
         return x

@@ -31,6 +31,8 @@ class OrtOptions:
     enable_mem_pattern: bool = True
     disable_prepacking: bool = False  # pre-packed weights are a second copy of every MatMul/Conv weight
     optimized_model_filepath: str | None = None  # write the optimized graph (edgediff optimize uses this)
+    enable_profiling: bool = False  # ORT's per-node profiler; end_profiling() returns the JSON file
+    profile_file_prefix: str = "edgediff_ort_profile"
     log_severity_level: int = 3  # errors only: ORT's warnings are not the user's business
     # TensorRT execution provider (ORT documents these as provider options)
     trt_fp16_enable: bool = False
@@ -66,6 +68,9 @@ class OrtOptions:
         so.log_severity_level = self.log_severity_level
         if self.optimized_model_filepath:
             so.optimized_model_filepath = self.optimized_model_filepath
+        if self.enable_profiling:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_file_prefix
         if self.disable_prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
         for k, v in self.extra_session_config.items():
@@ -120,6 +125,10 @@ class OrtBackend:
         except Exception as exc:
             raise BackendError(f"{self.component}: ONNX Runtime failed: {_first_line(exc)}") from None
         return dict(zip(self._output_names, outs))
+
+    def end_profiling(self) -> str:
+        """Stop ORT's profiler and return the path of its JSON trace (needs OrtOptions(enable_profiling=True))."""
+        return self.session.end_profiling()
 
     def close(self) -> None:
         self.session = None

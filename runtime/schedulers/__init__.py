@@ -26,6 +26,12 @@ _CLASSES = {
 }
 
 
+# our name -> (diffusers class, extra config), for reference runs (bench --compare diffusers, tests)
+DIFFUSERS_EQUIVALENT = {name: (cls, {}) for cls, name in _CLASSES.items()}
+DIFFUSERS_EQUIVALENT["pndm"] = ("PNDMScheduler", {"skip_prk_steps": True})
+DIFFUSERS_EQUIVALENT["dpmpp_2m_karras"] = ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})
+
+
 def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
     try:
         cls = SCHEDULERS[name]
@@ -42,4 +48,4 @@ def name_for_class(class_name: str) -> str:
                           f"(pick one with scheduler=...)") from None
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "name_for_class"]
+__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "name_for_class"]

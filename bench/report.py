@@ -1,0 +1,120 @@
+"""Terminal table, JSON, CSV and plot of benchmark rows."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+from edgediff.errors import MissingDependency
+from edgediff.outputs import write_atomic
+
+SCHEMA_VERSION = 1
+
+
+def document(rows: Sequence[dict], environment: dict) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "environment": environment, "results": list(rows)}
+
+
+def table(rows: Sequence[dict]) -> str:
+    out = []
+    for row in rows:
+        c = row["config"]
+        size = f"{c['width'] or 'native'}x{c['height'] or 'native'}" if c["width"] or c["height"] else "native"
+        out.append(f"{c['backend']}  steps {c['steps']}  size {size}  batch {c['batch']}  guidance {c['guidance']}  "
+                   f"scheduler {c['scheduler'] or 'bundle default'}  runs {c['runs']} (+{c['warmup']} warm-up)")
+        out.append(f"  {'stage':<13}{'min':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'mean ± std':>20}   (ms)")
+        for stage, s in row["stages"].items():
+            per = " per step" if stage in ("unet", "scheduler") else ""
+            out.append(f"  {stage:<13}{s['min']*1e3:>10.2f}{s['p50']*1e3:>10.2f}{s['p90']*1e3:>10.2f}"
+                       f"{s['p99']*1e3:>10.2f}{s['mean']*1e3:>12.2f} ± {s['std']*1e3:<7.2f}{per}")
+        o = row["overhead"]
+        out.append(f"  loop overhead outside backend calls: {o['per_step_us']['mean']:.0f} µs per step "
+                   f"({o['percent_of_step']:.3f} % of a step)")
+        out.append(f"  {row['images_per_second']:.3f} images/s, {row['latency_per_image']:.3f} s per image; "
+                   f"load {row['load_seconds']:.2f} s, first image {row['first_image_seconds']:.2f} s; peak RSS "
+                   f"{(row['peak_rss_bytes'] or 0) / 2**30:.2f} GiB")
+        if row.get("cold_start"):
+            cs = row["cold_start"]
+            out.append(f"  cold start: imports {cs['process_to_imports']:.2f} s, load {cs['load']:.2f} s, "
+                       f"first image {cs['first_image']:.2f} s")
+        if row.get("compare"):
+            cmp = row["compare"]
+            out.append(f"  vs diffusers {cmp['reference'].get('diffusers')} / torch {cmp['reference'].get('torch')} "
+                       "(ours/theirs, same run, alternating):")
+            for k, r in cmp["ratio"].items():
+                if r is not None:
+                    out.append(f"    {k:<14} {cmp['ours'][k]*1e3:10.1f} ms vs {cmp['theirs'][k]*1e3:10.1f} ms  = {r:.3f}x")
+        if row.get("ops"):
+            out.append("  denoiser operators (ONNX Runtime profiler, one generation):")
+            for op in row["ops"]:
+                out.append(f"    {op['op']:<24} {op['seconds']*1e3:10.1f} ms  {op['percent']:5.1f} %")
+        out.append("")
+    return "\n".join(out)
+
+
+def flat(row: dict) -> dict:
+    out = {f"config.{k}": v for k, v in row["config"].items()}
+    for stage, s in row["stages"].items():
+        for k, v in s.items():
+            out[f"{stage}.{k}"] = v
+    out["overhead.per_step_us.mean"] = row["overhead"]["per_step_us"]["mean"]
+    out["overhead.percent_of_step"] = row["overhead"]["percent_of_step"]
+    for k in ("images_per_second", "latency_per_image", "load_seconds", "first_image_seconds", "peak_rss_bytes"):
+        out[k] = row[k]
+    for k, v in (row.get("cold_start") or {}).items():
+        out[f"cold_start.{k}"] = v
+    for k, v in ((row.get("compare") or {}).get("ratio") or {}).items():
+        out[f"ratio.{k}"] = v
+    return out
+
+
+def write_json(path: Path, doc: dict) -> None:
+    write_atomic(Path(path), (json.dumps(doc, indent=2) + "\n").encode(), overwrite=True)
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    flats = [flat(r) for r in rows]
+    fields = sorted({k for f in flats for k in f})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(flats)
+    write_atomic(Path(path), buf.getvalue().encode(), overwrite=True)
+
+
+def write_plot(path: Path, rows: Sequence[dict]) -> None:
+    """Stacked per-stage latency bars, one per configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependency("--plot needs matplotlib: pip install 'edgediff[bench]'") from None
+    labels, parts = [], {s: [] for s in ("text_encoder", "unet", "scheduler", "vae_decode", "other")}
+    for row in rows:
+        c, st = row["config"], row["stages"]
+        size = f"{c['width']}x{c['height']}" if c["width"] else "native size"
+        labels.append(f"{c['backend']}\n{c['steps']} steps, batch {c['batch']}\n{size}")
+        steps_total = {k: st[k]["mean"] * (st[k]["n"] / c["runs"]) if k in st else 0.0 for k in ("unet", "scheduler")}
+        known = st.get("text_encoder", {}).get("mean", 0) + steps_total["unet"] + steps_total["scheduler"] + st.get("vae_decode", {}).get("mean", 0)
+        parts["text_encoder"].append(st.get("text_encoder", {}).get("mean", 0))
+        parts["unet"].append(steps_total["unet"])
+        parts["scheduler"].append(steps_total["scheduler"])
+        parts["vae_decode"].append(st.get("vae_decode", {}).get("mean", 0))
+        parts["other"].append(max(0.0, st["total"]["mean"] - known))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 4))
+    bottom = [0.0] * len(rows)
+    for name, vals in parts.items():
+        ax.bar(labels, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("seconds per generation (mean)")
+    ax.set_title("edgediff bench: latency by stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(Path(path), buf.getvalue(), overwrite=True)

@@ -1,0 +1,163 @@
+"""Measure one configuration: cold start, per-stage latency over runs after warm-up, loop overhead, throughput,
+peak memory, and optionally ONNX Runtime's per-operator profile of the denoiser."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgediff.errors import InputError
+
+from .memory import PeakRss
+from .stats import summarize
+
+STAGES = ("tokenize", "text_encoder", "unet", "scheduler", "vae_decode", "postprocess", "total")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bundle: str
+    backend: str = "cpu"
+    steps: int = 20
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    guidance: float = 7.5
+    scheduler: str | None = None
+    warmup: int = 1
+    runs: int = 3
+    seed: int = 0
+    low_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise InputError(f"--runs {self.runs}; must be at least 1")
+        if self.warmup < 0:
+            raise InputError(f"--warmup {self.warmup}; must be 0 or more")
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width,
+                    num_images_per_prompt=self.batch, scheduler=self.scheduler, seed=self.seed)
+
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass
+class Row:
+    """One configuration's results: the JSON row (schema in docs/bench.md)."""
+
+    config: dict
+    load_seconds: float
+    first_image_seconds: float
+    stages: dict[str, dict] = field(default_factory=dict)  # stage -> Summary dict (seconds)
+    overhead: dict = field(default_factory=dict)
+    images_per_second: float = 0.0
+    latency_per_image: float = 0.0
+    peak_rss_bytes: int | None = None
+    cold_start: dict | None = None
+    ops: list[dict] | None = None
+    compare: dict | None = None
+    trace_spans: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("trace_spans")
+        return d
+
+
+def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
+    from edgediff import Pipeline
+
+    t0 = time.perf_counter()
+    if pipe is None:
+        pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, low_memory=cfg.low_memory)
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe(PROMPT, **cfg.call_kwargs())
+    first = time.perf_counter() - t0
+    for _ in range(max(0, cfg.warmup - 1)):  # the first image above counts as one warm-up
+        pipe(PROMPT, **cfg.call_kwargs())
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    overhead_us: list[float] = []
+    overhead_frac: list[float] = []
+    totals: list[float] = []
+    spans = []
+    with PeakRss() as mem:
+        for r in range(cfg.runs):
+            res = pipe(PROMPT, **{**cfg.call_kwargs(), "seed": cfg.seed + 1000 * (r + 1)})
+            spans = res.spans
+            totals.append(res.timings["total"])
+            for s in ("tokenize", "text_encoder", "vae_decode", "postprocess", "total"):
+                per_stage[s].append(res.timings.get(s, 0.0))
+            by_step: dict[int, dict[str, float]] = {}
+            for sp in res.spans:
+                if sp.step is not None:
+                    by_step.setdefault(sp.step, {}).setdefault(sp.name, 0.0)
+                    by_step[sp.step][sp.name] += sp.seconds
+            for st in by_step.values():
+                per_stage["unet"].append(st.get("unet", 0.0))
+                per_stage["scheduler"].append(st.get("scheduler", 0.0))
+                outside = st.get("step", 0.0) - st.get("unet", 0.0)  # everything in the loop but the backend call
+                overhead_us.append(outside * 1e6)
+                overhead_frac.append(outside / st["step"] if st.get("step") else 0.0)
+    images = cfg.batch
+    mean_total = sum(totals) / len(totals)
+    row = Row(
+        config=asdict(cfg), load_seconds=load, first_image_seconds=first,
+        stages={s: summarize(v).to_dict() for s, v in per_stage.items() if v},
+        overhead={"per_step_us": summarize(overhead_us).to_dict(),
+                  "percent_of_step": 100.0 * sum(overhead_frac) / len(overhead_frac)},
+        images_per_second=images / mean_total, latency_per_image=mean_total / images,
+        peak_rss_bytes=mem.peak, trace_spans=list(spans),
+    )
+    if profile_ops:
+        row.ops = op_profile(cfg, profile_ops)
+    return row
+
+
+def op_profile(cfg: BenchConfig, top: int) -> list[dict]:
+    """Top-N operator types of the denoiser by total time, from ONNX Runtime's profiler (one generation)."""
+    import os
+    import tempfile
+
+    from edgediff import Pipeline
+    from edgediff.backends.ort import OrtOptions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = OrtOptions(enable_profiling=True, profile_file_prefix=os.path.join(tmp, "ort"))
+        pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, options=opts)
+        pipe(PROMPT, **cfg.call_kwargs())
+        path = pipe.components.get("unet").end_profiling()
+        events = json.loads(Path(path).read_text())
+        pipe.close()
+    by_op: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + ev.get("dur", 0) / 1e6
+    total = sum(by_op.values()) or 1.0
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return [{"op": op, "seconds": sec, "percent": 100.0 * sec / total} for op, sec in ranked]
+
+
+def cold_start(cfg: BenchConfig) -> dict:
+    """A fresh process: interpreter + imports, pipeline load (sessions created), first image — each separately."""
+    code = (
+        "import time, json, sys; t=[time.time()]\n"
+        "from edgediff import Pipeline; import edgediff.pipeline; t.append(time.time())\n"
+        f"p = Pipeline.load({cfg.bundle!r}, backend={cfg.backend!r}, low_memory={cfg.low_memory!r}); t.append(time.time())\n"
+        f"p({PROMPT!r}, **{cfg.call_kwargs()!r}); t.append(time.time())\n"
+        "print(json.dumps(t))\n"
+    )
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise InputError(f"cold-start run failed: {last}")
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"process_to_imports": t[1] - start, "load": t[2] - t[1], "first_image": t[3] - t[2], "total": t[3] - start}

@@ -1,0 +1,77 @@
+"""The harness end to end on the tiny fixture (one run, seconds), its outputs, and its refusals."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgediff.cli import main
+
+
+def bench(*args):
+    return CliRunner().invoke(main, ["bench", *[str(a) for a in args]])
+
+
+def test_smoke_run_writes_every_report(tiny_sd1_bundle, tmp_path):
+    r = bench(tiny_sd1_bundle, "--steps", "3", "--runs", "2", "--warmup", "1", "--profile-ops", "3", "--cold-start", "--scheduler", "euler",
+              "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--plot", tmp_path / "r.png",
+              "--trace", tmp_path / "t.json")
+    assert r.exit_code == 0, r.output
+    assert "loop overhead" in r.output and "not measured" in r.output and "cold start" in r.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parents[2] / "bench" / "schema.json").read_text())
+    jsonschema.validate(doc, schema)
+    row = doc["results"][0]
+    assert row["stages"]["unet"]["n"] == 2 * 3  # runs x steps: warm-up excluded
+    assert row["stages"]["total"]["n"] == 2
+    assert len(row["ops"]) == 3 and row["ops"][0]["percent"] >= row["ops"][-1]["percent"]
+    assert 0 <= row["overhead"]["percent_of_step"] < 100
+    assert doc["environment"]["bundle"] and doc["environment"]["not_measured"]
+    with open(tmp_path / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["unet.mean"]) > 0
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = json.loads((tmp_path / "t.json").read_text())
+    names = [e["name"] for e in trace["traceEvents"]]
+    assert "total" in names and "unet 0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
+
+
+def test_sweep_is_a_cartesian_product(tiny_sd1_bundle, tmp_path):
+    r = bench("sweep", tiny_sd1_bundle, "--steps", "2,3", "--size", "16x16,24x16", "--runs", "1", "--warmup", "0",
+              "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert sorted((x["config"]["steps"], x["config"]["width"]) for x in rows) == [(2, 16), (2, 24), (3, 16), (3, 24)]
+
+
+def test_compare_diffusers(tiny_sd1_bundle):
+    pytest.importorskip("diffusers")
+    r = bench(tiny_sd1_bundle, "--steps", "2", "--runs", "1", "--compare", "diffusers")
+    assert r.exit_code == 0, r.output
+    assert "vs diffusers" in r.output and "unet_per_call" in r.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--backend", "gpu"], "unknown backend 'gpu'"),
+    (["--runs", "0"], "--runs 0"),
+    (["--steps", ""], "empty entry"),
+    (["--steps", "4,20"], "use `edgediff bench sweep`"),
+    (["--json", "/nonexistent/dir/r.json"], "does not exist"),
+])
+def test_bad_input(tiny_sd1_bundle, args, match):
+    r = bench(tiny_sd1_bundle, "--runs", "1", *args) if "--runs" not in args else bench(tiny_sd1_bundle, *args)
+    assert r.exit_code != 0
+    assert r.output.strip().splitlines()[-1].startswith("error: ") and match in r.output, r.output
+
+
+def test_compare_without_torch_is_one_line(tiny_sd1_bundle, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "diffusers") else real(name, *a))
+    r = bench(tiny_sd1_bundle, "--steps", "2", "--runs", "1", "--compare", "diffusers")
+    assert r.exit_code != 0 and "needs torch and diffusers" in r.output
