@@ -202,6 +202,32 @@ def bench(args, **options) -> None:
 
     click.echo(run_bench(args, **options))
 
+# -- eval-default -----------------------------------------------------------------------------------------------
+@main.command("eval-default")
+@click.option("-m", "--model", "model", type=click.Path(path_type=Path), default=None,
+              help="A shapes bundle (default: the built-in model).")
+@click.option("--n", type=int, default=200, show_default=True, help="Prompts per split.")
+@click.option("--split", type=click.Choice(["heldout", "train", "both"]), default="both", show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--scheduler", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", default="cpu", show_default=True)
+def eval_default(model, n, split, steps, guidance, scheduler, seed, backend) -> None:
+    """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy."""
+    from .bench.shapes.evaluate import ATTRIBUTES, EvalSettings, evaluate
+    from .errors import InputError
+    from .pipeline import Pipeline
+
+    if n < 1:
+        raise InputError(f"--n {n}; must be at least 1")
+    pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
+    settings = EvalSettings(n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
+    click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES))
+    for sp in (["train", "heldout"] if split == "both" else [split]):
+        r = evaluate(pipe, sp, settings)
+        click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES))
+
 
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):

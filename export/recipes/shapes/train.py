@@ -1,0 +1,171 @@
+"""Train the built-in default model: a small but real latent text-to-image diffusion model on procedural shapes.
+
+    python -m edgediff.export.recipes.shapes.train --out /tmp/shapes-pipeline --seed 0 --minutes 60
+
+Stages (each seeded): (1) a CLIP-format BPE tokenizer trained on the captions; (2) an AutoencoderKL
+64x64x3 -> 16x16x4; (3) a CLIPTextModel trained from scratch jointly with a UNet2DConditionModel (cross-attention,
+epsilon prediction, 10 % caption dropout for classifier-free guidance, EMA weights). The result is a standard
+diffusers StableDiffusionPipeline folder (safetensors) plus train_log.json; `edgediff export` turns it into the
+bundle shipped in the package. Reproducible from --seed on this CPU (torch's CPU kernels are deterministic for a
+fixed thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.bench.shapes.dataset import make_dataset
+
+
+def build_models(vocab_size: int, bos: int, eos: int, pad: int, max_len: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+                        block_out_channels=(16, 32, 64), norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_len,
+                                        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, hidden_act="quick_gelu"))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(48, 96, 96), norm_num_groups=16, cross_attention_dim=64,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return vae, text, unet
+
+
+def to_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, 64, 64) in [-1, 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for the UNet stage")
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--images", type=int, default=16000)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="a few steps of everything (< 1 minute), for tests")
+    a = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from edgediff.export.clip_bpe import train_clip_bpe
+
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    if a.smoke:
+        a.images, a.vae_steps, a.minutes, a.batch = 256, 5, 0.05, 16
+    log: dict = {"settings": vars(a) | {"out": str(a.out)}, "vae": [], "unet": []}
+    work = a.out.with_name(a.out.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t_start = time.time()
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    images, captions, _ = make_dataset(a.seed, a.images, "train")
+    x_all = to_tensor(images)
+    max_len = 24
+    tok_dir = train_clip_bpe(captions, 200, work / "tokenizer", model_max_length=max_len)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    ids_all = torch.tensor(tok(captions, padding="max_length", max_length=max_len, truncation=True).input_ids)
+    empty_ids = torch.tensor(tok([""], padding="max_length", max_length=max_len).input_ids)
+    vae, text, unet = build_models(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, max_len)
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("vae", vae), ("text", text), ("unet", unet))}
+    log["params"] = n_params
+    print(f"data {len(captions)} images, params {n_params}", flush=True)
+    g = torch.Generator().manual_seed(a.seed)
+
+    # -- stage 1: VAE -------------------------------------------------------------------------------------------
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    for step in range(a.vae_steps):
+        idx = torch.randint(0, len(x_all), (32,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == a.vae_steps - 1:
+            log["vae"].append({"step": step, "mse": float(F.mse_loss(rec, x).detach()), "kl": float(kl.detach()), "t": time.time() - t0})
+            print(f"vae {step} mse {log['vae'][-1]['mse']:.5f} kl {float(kl):.1f} {time.time() - t0:.0f}s", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    z_all = means * scaling  # (N, 4, 16, 16), unit variance: what the UNet learns to denoise
+    log["scaling_factor"] = scaling
+
+    # -- stage 2: text encoder + UNet ----------------------------------------------------------------------------
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    unet.train()
+    text.train()
+    t0 = time.time()
+    step = 0
+    budget = a.minutes * 60
+    while time.time() - t0 < budget or step < 2:
+        idx = torch.randint(0, len(z_all), (a.batch,), generator=g)
+        z0, ids = z_all[idx], ids_all[idx].clone()
+        drop = torch.rand(a.batch, generator=g) < 0.1  # classifier-free guidance: learn the unconditional too
+        ids[drop] = empty_ids
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (a.batch,), generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        cond = text(input_ids=ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(list(ema.parameters()) + list(ema_text.parameters()), params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if step % 200 == 0:
+            log["unet"].append({"step": step, "loss": float(loss), "t": time.time() - t0})
+            print(f"unet {step} loss {float(loss):.4f} {time.time() - t0:.0f}s", flush=True)
+        step += 1
+    log["unet_steps"] = step
+
+    # -- save ---------------------------------------------------------------------------------------------------
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                            beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tok, unet=ema.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    shutil.rmtree(a.out, ignore_errors=True)
+    pipe.save_pretrained(a.out, safe_serialization=True)
+    shutil.rmtree(a.out / "tokenizer")
+    shutil.copytree(tok_dir, a.out / "tokenizer")  # CLIP's vocab.json + merges.txt, as SD folders carry them
+    log["minutes_total"] = (time.time() - t_start) / 60
+    (a.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"saved {a.out} after {log['minutes_total']:.1f} min, {step} UNet steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
