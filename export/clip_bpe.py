@@ -1,74 +1,116 @@
-"""Train a small CLIP-format BPE tokenizer (vocab.json + merges.txt, as OpenAI CLIP and transformers'
-CLIPTokenizer read them) from a list of texts. For test fixtures and for the built-in default model, whose
-captions need a few hundred merges, not CLIP's 49k. Plain Python; deterministic (ties broken by the pair itself).
+"""Train a small CLIP-format BPE tokenizer from a list of texts.
+
+Writes the files OpenAI CLIP and transformers' ``CLIPTokenizer`` read: ``vocab.json`` (the 256 byte-level symbols,
+the same with ``</w>``, one entry per merge, then ``<|startoftext|>``, ``<|endoftext|>``), ``merges.txt``
+(``#version: 0.2`` then one merge per line), ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+For test fixtures and the built-in default model, whose captions need a few hundred merges, not CLIP's 48,894.
+Words are cut exactly as the runtime and transformers cut them (NFC, whitespace runs -> one space, lowercase,
+CLIP's regex, byte-level map), using the ``tokenizers`` objects of ``edgediff.tokenizer``. No torch.
+
+    train_clip_bpe(["a small red circle in the top left corner on a white background", ...], 200, Path("tok"))
 """
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from edgediff.tokenizer import bytes_to_unicode
+from edgediff.errors import InputError
+from edgediff.tokenizer import BOS, EOS, bytes_to_unicode, clip_normalizer, clip_pre_tokenizer
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# CLIP's pre-tokenization pattern (letters, single digits, runs of other non-space symbols, English contractions)
-_WORDS = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+""", re.IGNORECASE)
-
-
-def _words(text: str) -> list[str]:
-    byte_map = bytes_to_unicode()
-    text = re.sub(r"\s+", " ", text).strip().lower()
-    return ["".join(byte_map[b] for b in w.encode("utf-8")) for w in _WORDS.findall(text)]
+EOW = "</w>"  # CLIP marks the last symbol of every word
 
 
-def learn_merges(texts: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
-    """Classic BPE (Sennrich et al. 2016) over CLIP-normalised words, the last symbol carrying '</w>'."""
-    freq = Counter(w for t in texts for w in _words(t))
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in freq.items()}
+def word_counts(texts: Iterable[str]) -> Counter[str]:
+    """Byte-level words of ``texts`` with their counts, cut as CLIP cuts them; special tokens are not words."""
+    norm, pre = clip_normalizer(), clip_pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        if not isinstance(text, str):
+            raise InputError(f"train_clip_bpe: texts must be strings, got {type(text).__name__}")
+        text = text.replace(BOS, " ").replace(EOS, " ")  # special tokens split the text, as in transformers
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    return counts
+
+
+def learn_merges(counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
+    """Classic BPE (Sennrich et al. 2016, Alg. 1) over words whose last symbol carries ``</w>``.
+
+    Each round merges the most frequent adjacent pair. Ties go to the lexicographically smallest pair (code point
+    order), so the result depends only on the word counts. Stops early when no pair is left.
+    """
+    # word as a tuple of symbols -> count; "cat" -> ("c", "a", "t</w>")
+    words: dict[tuple[str, ...], int] = {tuple(w[:-1]) + (w[-1] + EOW,): c for w, c in sorted(counts.items())}
     merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter = Counter()
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
         for sym, c in words.items():
-            for a, b in zip(sym, sym[1:]):
-                pairs[(a, b)] += c
+            for pair in zip(sym, sym[1:]):
+                pairs[pair] += c
         if not pairs:
             break
-        best = max(pairs.items(), key=lambda kv: (kv[1], [-ord(ch) for ch in kv[0][0] + " " + kv[0][1]]))[0]
+        best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        merged = best[0] + best[1]
-        new = {}
-        for sym, c in words.items():
-            out, i = [], 0
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            new[tuple(out)] = new.get(tuple(out), 0) + c
-        words = new
+        words = _apply(words, best)
     return merges
+
+
+def _apply(words: dict[tuple[str, ...], int], pair: tuple[str, str]) -> dict[tuple[str, ...], int]:
+    """Replace every occurrence of ``pair`` (left to right, non-overlapping) by the merged symbol."""
+    merged = pair[0] + pair[1]
+    out: dict[tuple[str, ...], int] = {}
+    for sym, c in words.items():
+        new, i = [], 0
+        while i < len(sym):
+            if i + 1 < len(sym) and sym[i] == pair[0] and sym[i + 1] == pair[1]:
+                new.append(merged)
+                i += 2
+            else:
+                new.append(sym[i])
+                i += 1
+        out[tuple(new)] = out.get(tuple(new), 0) + c
+    return out
 
 
 def train_clip_bpe(texts: Iterable[str], num_merges: int, out_dir: Path, *, model_max_length: int = 77,
                    pad_token: str = EOS) -> Path:
-    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json to ``out_dir``."""
+    """Learn ``num_merges`` BPE merges from ``texts`` and write a CLIP tokenizer folder to ``out_dir`` (returned).
+
+    ``pad_token``: ``"<|endoftext|>"`` as SD 1.x, or ``"!"`` (id 0) as SD 2.x; it must be in the vocabulary.
+    """
+    if isinstance(num_merges, bool) or not isinstance(num_merges, int) or num_merges < 0:
+        raise InputError(f"train_clip_bpe: num_merges={num_merges!r}; expected an integer >= 0")
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 3:
+        raise InputError(f"train_clip_bpe: model_max_length={model_max_length!r}; expected an integer >= 3 (BOS, EOS "
+                         "and at least one token)")
+    if isinstance(texts, str):
+        raise InputError("train_clip_bpe: texts must be an iterable of strings, not one string")
+    merges = learn_merges(word_counts(texts), num_merges)
+
+    base = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in [*base, *(s + EOW for s in base), *("".join(m) for m in merges), BOS, EOS]:
+        vocab.setdefault(tok, len(vocab))  # two merges can spell the same symbol ("ab"+"c", "a"+"bc"): keep one id
+    if pad_token not in vocab:
+        raise InputError(f"train_clip_bpe: pad_token={pad_token!r} is not in the vocabulary; use {EOS!r} (SD 1.x) "
+                         "or '!' (SD 2.x)")
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    merges = learn_merges(list(texts), num_merges)
-    base = list(bytes_to_unicode().values())
-    vocab_list = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {}
-    for tok in vocab_list:  # a merge can repeat a base symbol's spelling; keep the first id
-        vocab.setdefault(tok, len(vocab))
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = dict(special, model_max_length=model_max_length, do_lower_case=True, tokenizer_class="CLIPTokenizer",
-                  clean_up_tokenization_spaces=True)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    config = {**special, "model_max_length": model_max_length, "do_lower_case": True,
+              "tokenizer_class": "CLIPTokenizer", "clean_up_tokenization_spaces": True,
+              "errors": "replace", "add_prefix_space": False}
+    _write(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _write(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    _write(out_dir / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    _write(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
