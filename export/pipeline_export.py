@@ -9,9 +9,7 @@ never leaves a half bundle at OUT.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,8 +18,9 @@ from typing import Callable
 from edgediff import __version__
 from edgediff.bundle import layout
 from edgediff.bundle.describe import describe
-from edgediff.bundle.manifest import MANIFEST_NAME, ParityReceipt, Provenance
-from edgediff.errors import ExportError, OutputExistsError, ParityError, missing
+from edgediff.bundle.manifest import ParityReceipt, Provenance
+from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
+from edgediff.errors import ExportError, ParityError, missing
 
 from .components import Geometry, table
 from .source import Source, inspect_source
@@ -36,16 +35,6 @@ Progress = Callable[[str, str, float], None]  # (stage, component, seconds)
 
 def _quiet(stage: str, component: str, seconds: float) -> None:
     pass
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; choose another output folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-        if not ((out / MANIFEST_NAME).is_file() or (out / layout.MODEL_INDEX).is_file()):
-            raise OutputExistsError(f"{out} is not a bundle; --overwrite only replaces bundles, never other folders")
 
 
 def export_pipeline(
@@ -70,24 +59,16 @@ def export_pipeline(
     except ImportError as exc:
         raise missing(exc.name or "torch", "export", "edgediff export") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_bundle(out, overwrite) as tmp:
         t0 = time.perf_counter()
         comps = _load(source)
         progress("load", "pipeline", time.perf_counter() - t0)
         receipts = _export_all(comps, source, tmp, opset, progress)
         t0 = time.perf_counter()
         _copy_side_files(source.root, tmp, comps)
-        manifest = describe(tmp, _provenance(source), parity=receipts)
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")  # last: the commit marker
-        _fsync_tree(tmp)
-        _move_into_place(tmp, out)
-        progress("write", "bundle", time.perf_counter() - t0)
-        return out
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp, describe(tmp, _provenance(source), parity=receipts))  # last: the commit marker
+    progress("write", "bundle", time.perf_counter() - t0)
+    return out
 
 
 def _load(source: Source) -> dict:
@@ -238,24 +219,3 @@ def _provenance(source: Source) -> Provenance:
         source=str(source.root),
         source_class=source.pipeline_class,
     )
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for fn in files:
-            with open(os.path.join(dirpath, fn), "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``. An existing bundle at ``out`` (only with --overwrite) is moved aside first and
-    deleted only after the new one is in place."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -164,6 +164,6 @@ def test_api_errors_are_typed(tmp_path):
         export_pipeline(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputExistsError):
-        from edgediff.export.pipeline_export import check_output
+        from edgediff.bundle.writer import check_output
 
         check_output(tmp_path / "f", overwrite=True)

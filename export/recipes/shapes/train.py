@@ -1,13 +1,13 @@
 """Train the built-in default model: a small but real latent text-to-image diffusion model on procedural shapes.
 
-    python -m edgediff.export.recipes.shapes.train --out /tmp/shapes-pipeline --seed 0 --minutes 60
+    python -m edgediff.export.recipes.shapes.train --out /tmp/shapes-pipeline --seed 0
 
 Stages (each seeded): (1) a CLIP-format BPE tokenizer trained on the captions; (2) an AutoencoderKL
 64x64x3 -> 16x16x4; (3) a CLIPTextModel trained from scratch jointly with a UNet2DConditionModel (cross-attention,
 epsilon prediction, 10 % caption dropout for classifier-free guidance, EMA weights). The result is a standard
 diffusers StableDiffusionPipeline folder (safetensors) plus train_log.json; `edgediff export` turns it into the
 bundle shipped in the package. Reproducible from --seed on this CPU (torch's CPU kernels are deterministic for a
-fixed thread count).
+fixed thread count): every stage runs a fixed number of steps, never a wall-clock budget.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for the UNet stage")
+    ap.add_argument("--unet-steps", type=int, default=3000, help="text encoder + UNet optimiser steps")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--images", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=48)
@@ -69,7 +69,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     if a.smoke:
-        a.images, a.vae_steps, a.minutes, a.batch = 256, 5, 0.05, 16
+        a.images, a.vae_steps, a.unet_steps, a.batch = 256, 5, 3, 16
     log: dict = {"settings": vars(a) | {"out": str(a.out)}, "vae": [], "unet": []}
     work = a.out.with_name(a.out.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
@@ -121,12 +121,14 @@ def main() -> None:
     ema_text = copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    # linear warm-up over 100 steps, then cosine decay to 10 % (Loshchilov & Hutter 2017, SGDR without restarts)
+    warm = min(100, max(1, a.unet_steps // 10))
+    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, s / a.unet_steps))))
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     unet.train()
     text.train()
     t0 = time.time()
-    step = 0
-    budget = a.minutes * 60
-    while time.time() - t0 < budget or step < 2:
+    for step in range(a.unet_steps):
         idx = torch.randint(0, len(z_all), (a.batch,), generator=g)
         z0, ids = z_all[idx], ids_all[idx].clone()
         drop = torch.rand(a.batch, generator=g) < 0.1  # classifier-free guidance: learn the unconditional too
@@ -141,15 +143,14 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched_lr.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(list(ema.parameters()) + list(ema_text.parameters()), params):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        if step % 200 == 0:
-            log["unet"].append({"step": step, "loss": float(loss), "t": time.time() - t0})
+        if step % 200 == 0 or step == a.unet_steps - 1:
+            log["unet"].append({"step": step, "loss": float(loss), "lr": sched_lr.get_last_lr()[0], "t": time.time() - t0})
             print(f"unet {step} loss {float(loss):.4f} {time.time() - t0:.0f}s", flush=True)
-        step += 1
-    log["unet_steps"] = step
 
     # -- save ---------------------------------------------------------------------------------------------------
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -164,7 +165,7 @@ def main() -> None:
     log["minutes_total"] = (time.time() - t_start) / 60
     (a.out / "train_log.json").write_text(json.dumps(log, indent=1))
     shutil.rmtree(work, ignore_errors=True)
-    print(f"saved {a.out} after {log['minutes_total']:.1f} min, {step} UNet steps", flush=True)
+    print(f"saved {a.out} after {log['minutes_total']:.1f} min, {a.unet_steps} UNet steps", flush=True)
 
 
 if __name__ == "__main__":
