@@ -85,6 +85,8 @@ def inspect(bundle: Path, verify: bool) -> None:
     click.echo(f"family   {m.family}  prediction {m.prediction_type}  default {m.default_width}x{m.default_height}  "
                f"latents {m.latent_channels}ch /{m.vae_scale_factor}  scaling_factor {m.scaling_factor:g}")
     click.echo(f"source   {m.provenance.source_class or '?'} {m.provenance.source}  by {m.provenance.exporter}")
+    for step in m.provenance.transforms:
+        click.echo(f"derived  {step}")
     for comp in m.components.values():
         click.echo(f"\n{comp.name}  [{comp.precision}]  {_size(comp.size)}  {comp.model}")
         for s in comp.inputs:
@@ -94,7 +96,11 @@ def inspect(bundle: Path, verify: bool) -> None:
         r = comp.parity
         if r is not None:
             verdict = "ok" if r.passed else "FAILED"
-            click.echo(f"  parity {verdict}: max_rel {r.max_rel:.2e} (tol {r.tolerance:.0e})  max_abs {r.max_abs:.2e}  vs {r.reference}")
+            value = r.max_rel if r.metric == "max_rel" else r.rel_l2
+            click.echo(f"  parity {verdict}: {r.metric} {value:.2e} (tol {r.tolerance:.2g})  max_abs {r.max_abs:.2e}  "
+                       f"vs {r.reference}")
+        if comp.optimized_for:
+            click.echo(f"  optimized for ONNX Runtime {comp.optimized_for} (opened with graph optimizations off)")
     if verify:
         problems = b.verify()
         click.echo("")
@@ -104,6 +110,60 @@ def inspect(bundle: Path, verify: bool) -> None:
             raise BundleIntegrityError(f"{len(problems)} file(s) of {b.root} do not match the manifest: {problems[0]}")
         n = len(m.all_files())
         click.secho(f"verified: all {n} files match their sha256", fg="green")
+
+# -- optimize / quantize ----------------------------------------------------------------------------------------
+def _engine_progress(msg: str) -> None:
+    click.echo(f"  {msg}", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True, help="cpu, cuda or tensorrt.")
+@click.option("--static", "static", default=None, help="IMAGESxHEIGHTxWIDTH, e.g. 1x512x512: fix shapes.")
+@click.option("--no-cfg", is_flag=True, help="With --static: the denoiser batch is IMAGES, not 2 x IMAGES.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
+def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: bool, overwrite: bool) -> None:
+    """Fuse and pre-optimize BUNDLE's graphs for a target (and optionally fix shapes) into a new bundle OUT."""
+    from .engines.optimize import optimize_bundle, parse_static
+
+    spec = parse_static(static, cfg=not no_cfg) if static is not None else None
+    click.echo(f"optimizing {bundle} -> {out} (target {target}{', static ' + str(spec) if spec else ''})", err=True)
+    optimize_bundle(bundle, out, target=target, static=spec, overwrite=overwrite, progress=_engine_progress)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--fp16", "mode", flag_value="fp16", help="Mixed fp16 (overflowing nodes stay fp32).")
+@click.option("--int8", "mode", flag_value="int8", help="Static INT8 Q/DQ (TensorRT layout), calibrated.")
+@click.option("--int8-weights", "mode", flag_value="int8-weights", help="Dynamic INT8 (weights only stored INT8).")
+@click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 Q/DQ for Ada/Hopper TensorRT, calibrated.")
+@click.option("--int4-weights", "mode", flag_value="int4-weights", help="Block-wise INT4 MatMul weights.")
+@click.option("--components", default=None, help="Comma-separated (default: unet; all four for --fp16).")
+@click.option("--calib-prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line.")
+@click.option("--calib-size", type=int, default=None, help="Number of calibration prompts (default: all given).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Step count to calibrate for.")
+@click.option("--size", default=None, help="WIDTHxHEIGHT to calibrate at (default: the model's native size).")
+@click.option("--tolerance", type=float, default=None, help="Accept a larger parity error than the precision's default.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
+def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, calib_prompts: Path | None,
+             calib_size: int | None, steps: int, size: str | None, tolerance: float | None, overwrite: bool) -> None:
+    """Write a reduced-precision copy of BUNDLE to OUT; calibrated on real pipeline runs, parity-checked."""
+    from .engines.quantize import MODES, quantize_bundle
+    from .errors import InputError
+
+    if mode is None:
+        raise InputError(f"choose a precision: {' | '.join('--' + m for m in MODES)}")
+    height, width = _parse_size(size)
+    names = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    click.echo(f"quantizing {bundle} -> {out} ({mode})", err=True)
+    quantize_bundle(bundle, out, mode=mode, components=names, calib_prompts=calib_prompts, calib_size=calib_size,
+                    steps=steps, height=height, width=width, overwrite=overwrite, tolerance=tolerance,
+                    progress=_engine_progress)
+    click.echo(f"wrote {out}")
+
 
 # -- generate ---------------------------------------------------------------------------------------------------
 def _parse_size(value: str | None) -> tuple[int | None, int | None]:

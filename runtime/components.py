@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .backends import open_backend
 from .backends.base import Backend
@@ -19,6 +19,7 @@ class Components:
         self.low_memory = low_memory
         self.verify = verify
         self._open: dict[str, Backend] = {}
+        self._wrap: Callable[[str, Backend], Backend] | None = None
         self._lock = threading.Lock()
         if not low_memory:
             for name in ("text_encoder", "unet", "vae_decoder"):
@@ -26,7 +27,15 @@ class Components:
 
     def _load(self, name: str) -> Backend:
         path = self.bundle.model_path(name, verify=self.verify)
-        return open_backend(self.backend, path, self.bundle.component(name), self.options)
+        backend = open_backend(self.backend, path, self.bundle.component(name), self.options)
+        return backend if self._wrap is None else self._wrap(name, backend)
+
+    def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:
+        """Put ``fn(name, backend)`` around every backend, open now or later: the seam for tools that watch the
+        graphs' inputs (calibration for quantization, the profiler) without touching the denoising loop."""
+        with self._lock:
+            self._wrap = fn
+            self._open = {name: fn(name, b) for name, b in self._open.items()}
 
     def get(self, name: str) -> Backend:
         """The resident backend for ``name`` (default mode), for tools such as the profiler."""

@@ -1,7 +1,7 @@
 """ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind the Backend protocol."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,6 +100,16 @@ class OrtBackend:
         import onnxruntime as ort
 
         check_choice("backend", "provider", provider, PROVIDERS)
+        options = options or OrtOptions()
+        if component.optimized_for:
+            # ONNX Runtime already optimized this graph for one provider (edgediff optimize --target); its fused
+            # nodes may not exist elsewhere, and optimizing again only costs cold-start time.
+            if component.optimized_for != provider:
+                raise BackendUnavailable(
+                    f"{component.name}: this bundle was optimized for ONNX Runtime's {component.optimized_for!r} "
+                    f"backend and cannot run on {provider!r}; use --backend {component.optimized_for}, or optimize "
+                    f"the original bundle with --target {provider}")
+            options = replace(options, graph_optimization_level="disable")
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
             raise BackendUnavailable(
@@ -107,7 +117,6 @@ class OrtBackend:
                 f"(it has {', '.join(available)}); install the GPU build: pip uninstall -y onnxruntime && "
                 "pip install 'edgediff[gpu]'"
             )
-        options = options or OrtOptions()
         self.component = component.name
         self.inputs = component.inputs
         self.outputs = component.outputs

@@ -20,6 +20,7 @@ MANIFEST_NAME = "edgediff.json"
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo", "lcm")
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v")
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights")
+OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
 # Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "int8")
@@ -61,12 +62,17 @@ class ParityReceipt:
     reference: str  # what it was compared with, e.g. "torch 2.13.0 / diffusers 0.42.1 UNet2DConditionModel"
     max_abs: float
     max_rel: float  # max |a - b| / (max |b| + eps): relative to the reference's scale, robust near zero
-    tolerance: float  # the bound on max_rel that the exporter enforced
+    tolerance: float  # the bound on ``metric`` that the exporter / engine command enforced
     inputs: dict[str, list[int]] = field(default_factory=dict)  # shapes of the random inputs used
+    # "max_rel" for fp32/fp16 graphs; "rel_l2" (||a - b|| / ||b||) for quantized ones, whose error is spread
+    # over every element by design, so the worst single element says little about the image.
+    metric: str = "max_rel"
+    rel_l2: float | None = None
 
     @property
     def passed(self) -> bool:
-        return self.max_rel <= self.tolerance
+        value = self.max_rel if self.metric == "max_rel" else self.rel_l2
+        return value is not None and value <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,10 @@ class Component:
     outputs: tuple[TensorSpec, ...]
     precision: str = "fp32"
     parity: ParityReceipt | None = None
+    # "" = a portable graph. "cpu" / "cuda": saved by ONNX Runtime after its own graph optimizations for that
+    # provider (edgediff optimize --target), so the runtime opens it with optimizations off (fast cold start);
+    # such a graph may hold provider-specific fused ops and is refused by other providers.
+    optimized_for: str = ""
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -103,6 +113,7 @@ class Provenance:
     source: str = ""  # source pipeline path (or parent bundle) as given by the user
     source_class: str = ""  # e.g. "StableDiffusionPipeline"
     parent: str = ""  # sha256 of the parent bundle's manifest for engine-derived bundles
+    transforms: tuple[str, ...] = ()  # engine steps applied since export, oldest first ("optimize --target cpu")
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,9 @@ class Manifest:
         for name, comp in self.components.items():
             if name not in COMPONENTS:
                 raise BundleError(f"component {name!r}; expected one of {list(COMPONENTS)}")
+            if comp.optimized_for not in OPTIMIZED_FOR:
+                raise BundleError(f"component {name!r}: optimized_for {comp.optimized_for!r}; expected one of "
+                                  f"{list(OPTIMIZED_FOR)}")
             if comp.precision not in PRECISIONS:
                 raise BundleError(f"component {name!r}: precision {comp.precision!r}; expected one of {list(PRECISIONS)}")
 
@@ -168,7 +182,7 @@ class Manifest:
                 text_max_length=int(data["text_max_length"]),
                 components=comps,
                 files=tuple(FileEntry(**f) for f in data["files"]),
-                provenance=Provenance(**data["provenance"]),
+                provenance=_provenance(data["provenance"]),
                 shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
                 format_version=version,
             )
@@ -188,6 +202,10 @@ class Manifest:
         return cls.from_dict(data)
 
 
+def _provenance(d: Mapping[str, Any]) -> Provenance:
+    return Provenance(**{**d, "transforms": tuple(d.get("transforms", ()))})
+
+
 def _spec(d: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
@@ -202,6 +220,7 @@ def _component(d: Mapping[str, Any]) -> Component:
         outputs=tuple(_spec(s) for s in d["outputs"]),
         precision=d.get("precision", "fp32"),
         parity=None if parity is None else ParityReceipt(**{k: v for k, v in parity.items() if k != "passed"}),
+        optimized_for=d.get("optimized_for", ""),
     )
 
 
@@ -210,7 +229,8 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         out = {k: _plain(v) for k, v in obj.items()}
         if {"max_rel", "tolerance"} <= out.keys():
-            out["passed"] = out["max_rel"] <= out["tolerance"]
+            value = out["max_rel"] if out.get("metric", "max_rel") == "max_rel" else out.get("rel_l2")
+            out["passed"] = value is not None and value <= out["tolerance"]
         return out
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]

@@ -1,0 +1,57 @@
+"""ONNX graph file helpers shared by the engine commands: load/save with external data, static shapes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from edgediff.errors import EngineError
+
+# protobuf cannot hold more than 2 GiB; above this, weights go to one external-data file beside the graph
+# ("model.onnx_data", the name optimum uses), always a plain relative name inside the component folder.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_NAME = "model.onnx_data"
+
+
+def load_model(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def weights_bytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_model(model, path: Path) -> None:
+    """Write ``model`` to ``path``: inline when it fits protobuf, else with one external-data file beside it."""
+    import onnx
+
+    path = Path(path)
+    big = weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if (path.parent / EXTERNAL_DATA_NAME).exists():
+        os.remove(path.parent / EXTERNAL_DATA_NAME)  # save_as_external_data appends to an existing file
+    if big:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def set_static_dims(model, dims: Mapping[str, Mapping[int, int]]) -> None:
+    """Fix input dims in place: ``dims[input_name][axis] = value``. Names of graph inputs not in ``dims`` keep
+    their symbolic dims. Shape inference in ONNX Runtime then propagates the fixed sizes through the graph."""
+    inputs = {i.name: i for i in model.graph.input}
+    for name, axes in dims.items():
+        if name not in inputs:
+            raise EngineError(f"graph has no input {name!r}; it has {sorted(inputs)}")
+        shape = inputs[name].type.tensor_type.shape
+        for axis, value in axes.items():
+            if axis >= len(shape.dim):
+                raise EngineError(f"input {name!r} has rank {len(shape.dim)}; cannot fix axis {axis}")
+            d = shape.dim[axis]
+            if d.HasField("dim_value") and d.dim_value != value:
+                raise EngineError(f"input {name!r} axis {axis} is fixed to {d.dim_value} in the graph; cannot make it "
+                                  f"{value}")
+            d.Clear()
+            d.dim_value = value

@@ -1,0 +1,181 @@
+"""``edgediff optimize``: graph clean-up and fusions for one target, optionally with static shapes.
+
+Targets:
+- ``cpu`` / ``cuda``: ONNX Runtime's transformer optimizer (attention -> MultiHeadAttention/Attention, LayerNorm,
+  GELU and bias fusions; on cuda also GroupNorm, BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels
+  only), then ONNX Runtime's own graph optimizations (level "extended") saved to disk. The runtime opens such a
+  graph with optimizations off, so session creation skips the 10-40 s ONNX Runtime spends re-optimizing an
+  SD-1.5 UNet at every start. The saved graph holds provider-specific fused ops: it is marked
+  ``optimized_for`` and refused by other providers.
+- ``tensorrt``: portable clean-up only (constant folding, redundant-node elimination: ONNX Runtime level "basic",
+  standard ONNX ops), because TensorRT fuses by itself and must be able to parse every node.
+
+``--static NxHxW`` fixes the image batch N and the size HxW (pixels) in the denoiser and VAE graphs; with
+classifier-free guidance (the default) the denoiser's batch is 2N. The text encoder keeps a dynamic batch (its
+sequence length is fixed already), since prompts x images-per-prompt need not equal N.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgediff.bundle.reader import Bundle
+from edgediff.errors import BackendUnavailable, EngineError, InputError
+
+from edgediff.bundle.writer import check_output
+
+from .derive import Result, derive, open_parent
+from .graphs import load_model, save_model, set_static_dims
+from .probe import capture, vae_encoder_feeds
+
+TARGETS = ("cpu", "cuda", "tensorrt")
+SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
+# onnxruntime.transformers model types per component
+MODEL_TYPE = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae",
+              "vae_encoder": "vae"}
+PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
+
+
+@dataclass(frozen=True)
+class Static:
+    images: int  # N: images per call
+    height: int
+    width: int
+    cfg: bool = True  # classifier-free guidance doubles the denoiser batch
+
+    @property
+    def denoiser_batch(self) -> int:
+        return 2 * self.images if self.cfg else self.images
+
+    def __str__(self) -> str:
+        return f"{self.images}x{self.height}x{self.width}"
+
+
+def parse_static(text: str, *, cfg: bool = True) -> Static:
+    m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*", text or "")
+    if not m:
+        raise InputError(f"--static {text!r}; expected IMAGESxHEIGHTxWIDTH, e.g. 1x512x512")
+    n, h, w = (int(g) for g in m.groups())
+    if n < 1 or h < 8 or w < 8:
+        raise InputError(f"--static {text!r}: images must be >= 1 and height/width >= 8")
+    return Static(n, h, w, cfg)
+
+
+def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", static: Static | None = None,
+                    overwrite: bool = False, tolerance: float | None = None,
+                    progress: Callable[[str], None] = lambda msg: None) -> Path:
+    if target not in TARGETS:
+        raise InputError(f"--target {target!r}; expected one of {list(TARGETS)}")
+    check_output(Path(out).expanduser(), overwrite)  # before minutes of calibration, not after
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 < tolerance < 10):
+        raise InputError(f"--tolerance {tolerance!r}; expected a number in (0, 10)")
+    parent = open_parent(src)
+    m = parent.manifest
+    for name, comp in m.components.items():
+        if comp.optimized_for:
+            raise EngineError(f"{parent.root}: {name} is already optimized for {comp.optimized_for!r}; optimize the "
+                              "original (exported) bundle instead")
+    if target == "cuda":
+        _require_cuda()
+    if static is not None:
+        multiple = m.vae_scale_factor * 2 ** (len(parent.config("unet/config.json").get("block_out_channels", [0])) - 1)
+        if static.height % multiple or static.width % multiple:
+            raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")
+
+    progress("capturing real inputs for the parity check")
+    h = static.height if static else None
+    w = static.width if static else None
+    prompts = list(PARITY_PROMPTS) * (static.images if static else 1)
+    got = capture(parent.root, prompts, steps=3, height=h, width=w, images_per_call=static.images if static else 1,
+                  guidance_scale=7.5 if (static is None or static.cfg) else 1.0)
+    feeds = {name: got.feeds.get(name, []) for name in m.components}
+    if "vae_encoder" in m.components:
+        feeds["vae_encoder"] = vae_encoder_feeds(got)
+
+    def transform(name: str, graph: Path, bundle: Bundle):
+        model = load_model(graph)
+        if static is not None:
+            set_static_dims(model, _static_dims(name, model, static, bundle))
+        if target in ("cpu", "cuda"):
+            model = _fuse(model, name, target)
+        model = _ort_offline(model, target, name)
+        return model, Result(precision=m.components[name].precision,
+                             optimized_for=target if target in ("cpu", "cuda") else "",
+                             provider="cuda" if target == "cuda" else "cpu")
+
+    step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
+    return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
+                  overwrite=overwrite, tolerance=tolerance, progress=progress)
+
+
+def _static_dims(name: str, model, s: Static, bundle: Bundle) -> dict[str, dict[int, int]]:
+    f = bundle.manifest.vae_scale_factor
+    h, w = s.height // f, s.width // f
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in model.graph.input}
+    if name == "unet":
+        dims = {"sample": {0: s.denoiser_batch, 2: h, 3: w},
+                "encoder_hidden_states": {0: s.denoiser_batch, 1: bundle.manifest.text_max_length}}
+        if ranks.get("timestep", 0) == 1:
+            dims["timestep"] = {0: s.denoiser_batch}
+        return dims
+    if name == "vae_decoder":
+        return {"latent_sample": {0: s.images, 2: h, 3: w}}
+    if name == "vae_encoder":
+        return {"sample": {0: s.images, 2: s.height, 3: s.width}}
+    return {}  # text encoders: sequence length is fixed already; batch stays dynamic (see module doc)
+
+
+def _fuse(model, name: str, target: str):
+    """ONNX Runtime's transformer fusions that have kernels on ``target``."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = MODEL_TYPE[name]
+    opts = FusionOptions(model_type)
+    if target == "cpu":  # these fused ops exist for CUDA only
+        for flag in ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add",
+                     "enable_nhwc_conv", "enable_packed_qkv", "enable_packed_kv"):
+            if hasattr(opts, flag):
+                setattr(opts, flag, False)
+    if model_type == "vae":
+        # onnxruntime's VAE self-attention fusion reads the head count with int() of a 1-element array, which
+        # NumPy >= 2.3 refuses (TypeError). The VAE's one mid-block attention is < 2 % of its time: skip it.
+        opts.enable_attention = False
+    fused = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, optimization_options=opts,
+                           opt_level=0, use_gpu=target == "cuda")
+    return fused.model
+
+
+def _ort_offline(model, target: str, name: str):
+    """Let ONNX Runtime optimize the graph for ``target`` and save the result (what it would redo at every start)."""
+    import onnxruntime as ort
+
+    from edgediff.backends.ort import OrtOptions
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
+        raw, done = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        save_model(model, raw)
+        extra = {"session.optimized_model_external_initializers_file_name": "out.onnx_data",
+                 "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} \
+            if (Path(d) / "model.onnx_data").exists() else {}
+        options = OrtOptions(graph_optimization_level=SAVE_LEVEL[target], optimized_model_filepath=str(done),
+                             extra_session_config=extra)
+        provider = "cuda" if target == "cuda" else "cpu"
+        try:
+            ort.InferenceSession(str(raw), options.session_options(), providers=options.providers(provider))
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{name}: ONNX Runtime could not optimize the graph for {target}: {text}") from None
+        return load_model(done)
+
+
+def _require_cuda() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable("--target cuda optimizes for, and verifies on, ONNX Runtime's CUDA provider, which "
+                                 "this machine lacks; run it on the target GPU machine with edgediff[gpu] installed")

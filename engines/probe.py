@@ -1,0 +1,89 @@
+"""Real inputs for each graph of a bundle, captured from real pipeline runs.
+
+Quantization calibrates on what the denoiser actually sees (every timestep of the target step count, CFG batch,
+real text embeddings), and derived bundles are checked for parity on such inputs too: random normal
+``encoder_hidden_states`` are far outside what a trained text encoder produces, and a calibrated INT8 graph is
+only meant to be right on the distribution it was calibrated on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgediff.backends.base import Backend
+from edgediff.errors import InputError
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class Captured:
+    """Per component: the feeds of every call, in call order (and the outputs, for VAE-encoder inputs)."""
+
+    feeds: dict[str, list[Feeds]] = field(default_factory=dict)
+    outputs: dict[str, list[Feeds]] = field(default_factory=dict)
+
+    def count(self, component: str) -> int:
+        return len(self.feeds.get(component, []))
+
+
+class _Recorder:
+    """A Backend that copies what goes in and out of another one."""
+
+    def __init__(self, name: str, inner: Backend, into: Captured):
+        self.name, self.inner, self.into = name, inner, into
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.run(feeds)
+        self.into.feeds.setdefault(self.name, []).append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        self.into.outputs.setdefault(self.name, []).append({k: np.array(v, copy=True) for k, v in out.items()})
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: int | None = None,
+            width: int | None = None, guidance_scale: float = 7.5, seed: int = 0, scheduler: str | None = None,
+            images_per_call: int = 1, options=None) -> Captured:
+    """Run the bundle's own pipeline (ONNX Runtime CPU) on ``prompts`` with seeds ``seed, seed+1, ...`` and record
+    the inputs of every graph call, ``images_per_call`` prompts per call. ``steps`` should be the step count the
+    derived bundle will run at, so that calibration sees each of its timesteps."""
+    from edgediff.pipeline import Pipeline
+
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("no calibration prompts; give at least one")
+    got = Captured()
+    with Pipeline.load(bundle, "cpu", options=options, scheduler=scheduler) as pipe:
+        pipe.components.wrap(lambda name, b: _Recorder(name, b, got))
+        for i in range(0, len(prompts), images_per_call):
+            batch = prompts[i:i + images_per_call]
+            pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                 seed=[seed + i + j for j in range(len(batch))], output_type="np")
+    return got
+
+
+def vae_encoder_feeds(got: Captured) -> list[Feeds]:
+    """Realistic VAE-encoder inputs: the images the decoder produced (what img2img users pass back in)."""
+    return [{"sample": np.ascontiguousarray(out[k], dtype=np.float32)} for out in got.outputs.get("vae_decoder", [])
+            for k in list(out)[:1]]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A calibration prompt file: one prompt per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"calibration prompt file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give one prompt per line") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"{path} holds no prompts; give one prompt per line")
+    return prompts

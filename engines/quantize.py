@@ -1,0 +1,276 @@
+"""``edgediff quantize``: precision lives in the ONNX (TensorRT 10/11 strongly typed networks, ONNX Runtime).
+
+Modes (one per call), all with fp32 graph inputs/outputs so the runtime's loop does not change:
+- ``fp16``: mixed precision. Activation peaks are measured on real inputs (``probe.capture``) and every node whose
+  output comes within FP16_HEADROOM of fp16's largest finite value (65504) stays fp32 -- the SDXL VAE is the known
+  case of a silent black image otherwise. The runtime's finite-value guard still checks every decode.
+- ``int8``: static post-training quantization to explicit Q/DQ: signed INT8, symmetric activations (per tensor)
+  and weights (per output channel), float biases, calibrated on the denoiser inputs of real pipeline runs across
+  every timestep of the target step count. The layout TensorRT's explicit quantization expects (``qdq_rules``).
+- ``int8-weights``: ONNX Runtime dynamic quantization (weights INT8 per channel, activations quantized at run
+  time). Smaller files; on CPUs without VNNI it is slower than fp32 (docs/engines.md) -- a size option.
+- ``fp8``: E4M3 Q/DQ, for Ada/Hopper TensorRT. ONNX Runtime's CPU provider cannot run FP8 matrix products, so it
+  is produced and structurally validated here (``qdq_rules``), and parity is measured where it can run.
+- ``int4-weights``: block-wise (32) symmetric weight-only INT4 of the MatMul weights as blocked
+  DequantizeLinear (opset 21), for memory-bound Jetsons; convolutions stay in their precision.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgediff.bundle.reader import Bundle
+from edgediff.errors import EngineError, InputError
+
+from edgediff.bundle.writer import check_output
+
+from .derive import Result, derive, open_parent
+from .graphs import load_model, save_model, weights_bytes, EXTERNAL_DATA_THRESHOLD
+from .probe import Captured, capture, read_prompts, vae_encoder_feeds
+from . import qdq_rules
+
+MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights")
+PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-weights", "fp8": "fp8-qdq",
+             "int4-weights": "int4-weights"}
+DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
+                      "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",)}
+FP16_MAX = 65504.0
+FP16_HEADROOM = 4.0  # keep a node fp32 when its calibrated |output| exceeds 65504 / 4: unseen prompts go higher
+PARITY_PROMPT = "a photo of a red apple on a wooden table"
+# Generic calibration prompts (varied subjects, styles, compositions) when --calib-prompts is not given.
+CALIB_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dusk",
+    "a close-up portrait of an old man with a beard, studio lighting",
+    "a bowl of fruit on a kitchen table, morning light",
+    "a futuristic city skyline at night with neon signs",
+    "a small red circle in the top left corner on a white background",
+    "an oil painting of a stormy sea with a sailing ship",
+    "a cute corgi puppy sitting in the grass",
+    "a mountain landscape with a lake and pine trees",
+    "a pencil sketch of a cat sleeping on a windowsill",
+    "a plate of sushi on a black slate, top view",
+    "a vintage car parked on a cobblestone street",
+    "an abstract geometric pattern in blue and orange",
+    "a snowy forest path under a full moon",
+    "a medieval castle on a hill, fantasy art",
+    "a macro photo of a dewdrop on a green leaf",
+)
+
+
+def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: Sequence[str] | None = None,
+                    calib_prompts: Sequence[str] | str | Path | None = None, calib_size: int | None = None,
+                    steps: int | None = None, height: int | None = None, width: int | None = None,
+                    overwrite: bool = False, tolerance: float | None = None,
+                    progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Write a quantized copy of the bundle ``src`` to ``out``. Calibration runs the bundle's own pipeline on
+    ``calib_size`` prompts (from ``calib_prompts``: a file, a list, or the generic set) at ``steps`` steps."""
+    if mode not in MODES:
+        raise InputError(f"unknown precision {mode!r}; expected one of {list(MODES)}")
+    check_output(Path(out).expanduser(), overwrite)  # before minutes of calibration, not after
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 < tolerance < 10):
+        raise InputError(f"--tolerance {tolerance!r}; expected a number in (0, 10)")
+    parent = open_parent(src)
+    m = parent.manifest
+    names = list(components or DEFAULT_COMPONENTS[mode])
+    names = [n for n in names if n in m.components] if components is None else names
+    for n in names:
+        if n not in m.components:
+            raise InputError(f"--components: {n!r} is not in this bundle; it has {sorted(m.components)}")
+        comp = m.components[n]
+        if comp.precision != "fp32":
+            raise EngineError(f"{parent.root}: {n} is already {comp.precision}; quantize the fp32 bundle it came from")
+        if comp.optimized_for:
+            raise EngineError(f"{parent.root}: {n} was optimized for {comp.optimized_for!r} (fused ONNX Runtime ops); "
+                              "quantize the exported bundle, then optimize the result")
+    if isinstance(calib_prompts, (str, Path)):
+        prompts = read_prompts(calib_prompts)
+    else:
+        prompts = list(calib_prompts) if calib_prompts is not None else list(CALIB_PROMPTS)
+        if not prompts:
+            raise InputError("no calibration prompts given")
+    if calib_size is not None:
+        if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+            raise InputError(f"--calib-size {calib_size!r}; expected an integer >= 1")
+        prompts = (prompts * (calib_size // len(prompts) + 1))[:calib_size]
+    steps = steps or 20
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"--steps {steps!r}; expected an integer >= 1")
+
+    needs_calib = mode in ("fp16", "int8", "fp8")
+    calib = Captured()
+    if needs_calib:
+        progress(f"calibration: {len(prompts)} prompt(s) x {steps} steps through the fp32 pipeline")
+        calib = capture(parent.root, prompts, steps=steps, height=height, width=width, seed=1000)
+    progress("parity inputs: 1 held-out prompt")
+    held = capture(parent.root, [PARITY_PROMPT], steps=min(steps, 4), height=height, width=width, seed=7)
+    parity_feeds = {n: held.feeds.get(n, []) for n in names}
+    if "vae_encoder" in names:
+        parity_feeds["vae_encoder"] = vae_encoder_feeds(held)
+        calib.feeds["vae_encoder"] = vae_encoder_feeds(calib)
+
+    def transform(name: str, graph: Path, bundle: Bundle):
+        feeds = calib.feeds.get(name, [])
+        if needs_calib and not feeds:
+            raise EngineError(f"internal: no calibration inputs captured for {name}")
+        with _quiet_quantizer():  # onnxruntime.quantization logs advice to the root logger and prints progress
+            model, precision = _QUANTIZERS[mode](graph, feeds, name, progress)
+        if mode in ("int8", "fp8"):
+            problems = qdq_rules.violations(model, "int8" if mode == "int8" else "fp8")
+            if problems:
+                raise EngineError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {problems[0]}")
+        return model, Result(precision=precision)
+
+    extra = f" --calib-size {len(prompts)} --steps {steps}" if needs_calib else ""
+    return derive(parent, out, step=f"quantize --{mode} --components {','.join(names)}{extra}", transform=transform,
+                  components=names, parity_feeds=parity_feeds, overwrite=overwrite, tolerance=tolerance, progress=progress)
+
+
+@contextmanager
+def _quiet_quantizer():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            yield
+    finally:
+        root.setLevel(level)
+
+
+# -- the quantizers: (parent graph, calibration feeds, component, progress) -> (onnx.ModelProto, precision) -------
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over captured feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # not used by MinMax; present for the protocol
+        pass
+
+
+def _cleaned(graph: Path, d: Path) -> Path:
+    """The graph after ONNX Runtime's portable (basic) clean-up: constants folded, so weights are initializers."""
+    from .optimize import _ort_offline
+
+    path = d / "clean.onnx"
+    save_model(_ort_offline(load_model(graph), "tensorrt", graph.parent.name), path)
+    return path
+
+
+def _int8(graph: Path, feeds, name: str, progress) -> object:
+    return _static(graph, feeds, name, progress, fp8=False)
+
+
+def _fp8(graph: Path, feeds, name: str, progress) -> object:
+    return _static(graph, feeds, name, progress, fp8=True)
+
+
+def _static(graph: Path, feeds, name: str, progress, *, fp8: bool):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
+        clean = _cleaned(graph, Path(d))
+        big = weights_bytes(load_model(clean)) > EXTERNAL_DATA_THRESHOLD
+        progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
+        out = Path(d) / "q.onnx"
+        # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
+        # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
+        model = load_model(clean)
+        inits = {t.name for t in model.graph.initializer}
+        nodes = [n.name for n in model.graph.node
+                 if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits)]
+        # The first and last convolutions (conv_in, conv_out) stay float, as is usual for INT8 CNNs: conv_out
+        # alone is the largest single error source measured on the UNet (docs/engines.md), for ~1 % of its time.
+        convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # nodes are topologically sorted
+        nodes = [n for n in nodes if not convs or n not in (convs[0], convs[-1])]
+        del model
+        try:
+            quantize_static(
+                str(clean), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=not fp8,
+                reduce_range=False,
+                activation_type=qtype, weight_type=qtype, use_external_data_format=big,
+                calibrate_method=CalibrationMethod.Distribution if fp8 else CalibrationMethod.MinMax,
+                extra_options={
+                    "ActivationSymmetric": True, "WeightSymmetric": True,  # zero-points 0, as TensorRT requires
+                    "QuantizeBias": False,  # TensorRT fuses float biases; INT32 bias DQ is not portable
+                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # K x N weight: one scale per output N
+                    "CalibTensorRangeSymmetric": True,
+                })
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{name}: ONNX Runtime's quantizer failed: {text}") from None
+        return load_model(out), PRECISION["fp8" if fp8 else "int8"]
+
+
+def _int8_weights(graph: Path, feeds, name: str, progress):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
+        clean = _cleaned(graph, Path(d))
+        out = Path(d) / "q.onnx"
+        big = weights_bytes(load_model(clean)) > EXTERNAL_DATA_THRESHOLD
+        quantize_dynamic(str(clean), str(out), op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": True})  # activation x activation MatMuls stay float
+        return load_model(out), PRECISION["int8-weights"]
+
+
+def _int4_weights(graph: Path, feeds, name: str, progress):
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
+        clean = _cleaned(graph, Path(d))
+        q = MatMulNBitsQuantizer(load_model(clean), bits=4, block_size=32, is_symmetric=True,
+                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+        q.process()
+        return q.model.model, PRECISION["int4-weights"]
+
+
+def _fp16(graph: Path, feeds, name: str, progress):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
+        clean = _cleaned(graph, Path(d))
+        peaks = activation_peaks(clean, feeds, Path(d))
+        limit = FP16_MAX / FP16_HEADROOM
+        hot = {t for t, v in peaks.items() if v > limit}
+        model = load_model(clean)
+        blocked = [n.name for n in model.graph.node if any(o in hot for o in n.output)]
+        progress(f"{name}: {len(blocked)} node(s) stay fp32 (calibrated |activation| > {limit:.0f})")
+        converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
+                                             disable_shape_infer=weights_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+        return converted, ("mixed-fp16" if blocked else "fp16")
+
+
+def activation_peaks(graph: Path, feeds, workdir: Path) -> dict[str, float]:
+    """max |x| of every float tensor of ``graph`` over ``feeds`` (ONNX Runtime's MinMax calibrator, which adds
+    ReduceMin/ReduceMax nodes, so only two scalars per tensor and input are kept)."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    if not feeds:
+        raise EngineError(f"no calibration inputs for {graph}")
+    cal = create_calibrator(str(graph), None, augmented_model_path=str(workdir / "augmented.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax,
+                            use_external_data_format=weights_bytes(load_model(graph)) > EXTERNAL_DATA_THRESHOLD)
+    cal.collect_data(_Reader(feeds))
+    ranges = cal.compute_data()
+    return {name: float(max(abs(float(np.max(r.range_value[0]))), abs(float(np.max(r.range_value[1])))))
+            for name, r in ranges.data.items()}
+
+
+_QUANTIZERS = {"fp16": _fp16, "int8": _int8, "int8-weights": _int8_weights, "fp8": _fp8,
+               "int4-weights": _int4_weights}

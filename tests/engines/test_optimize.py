@@ -1,0 +1,124 @@
+"""edgediff optimize on the tiny fixture: fusions stored ahead of time, static shapes, TensorRT clean-up; the
+derived bundles verify, carry parity receipts and generate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgediff.bundle.reader import Bundle
+from edgediff.engines.optimize import optimize_bundle, parse_static
+from edgediff.errors import BackendUnavailable, EngineError, InputError, OutputExistsError
+from edgediff.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def cpu_opt(tiny_sd1_bundle, tmp_path_factory):
+    return optimize_bundle(tiny_sd1_bundle, tmp_path_factory.mktemp("opt") / "cpu", target="cpu")
+
+
+def test_cpu_target_fuses_and_marks_the_graphs(cpu_opt, tiny_sd1_bundle):
+    import onnx
+
+    b = Bundle.open(cpu_opt)
+    assert b.verify() == []
+    for name, comp in b.manifest.components.items():
+        assert comp.optimized_for == "cpu" and comp.precision == "fp32"
+        assert comp.parity is not None and comp.parity.passed and comp.parity.reference.startswith("parent bundle")
+        assert comp.parity.max_rel <= 1e-3
+    assert b.manifest.provenance.transforms == ("optimize --target cpu",)
+    assert b.manifest.provenance.parent == Bundle.open(tiny_sd1_bundle).digest
+    before = len(onnx.load(str(tiny_sd1_bundle / "unet/model.onnx")).graph.node)
+    after = len(onnx.load(str(cpu_opt / "unet/model.onnx")).graph.node)
+    assert after < before / 2  # shape arithmetic folded, attention/norm/GELU patterns fused
+
+
+def test_optimized_bundle_generates_the_same_image(cpu_opt, tiny_sd1_bundle):
+    kw = dict(num_inference_steps=3, seed=5, output_type="np")
+    with Pipeline.load(tiny_sd1_bundle) as p0, Pipeline.load(cpu_opt) as p1:
+        a, b = p0("a red circle", **kw).images[0], p1("a red circle", **kw).images[0]
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_cpu_optimized_graph_is_refused_by_other_providers(cpu_opt):
+    from edgediff.backends.ort import OrtBackend
+
+    b = Bundle.open(cpu_opt)
+    with pytest.raises(BackendUnavailable, match="optimized for ONNX Runtime's 'cpu'"):
+        OrtBackend(b.model_path("unet"), b.component("unet"), "cuda")
+
+
+def test_static_shapes_are_fixed_in_graph_and_manifest(tiny_sd1_bundle, tmp_path):
+    out = optimize_bundle(tiny_sd1_bundle, tmp_path / "static", target="cpu", static=parse_static("1x32x32"))
+    m = Bundle.open(out).manifest
+    f = m.vae_scale_factor
+    assert m.components["unet"].input("sample").shape == (2, 4, 32 // f, 32 // f)  # CFG: 2 x 1 image
+    assert m.components["vae_decoder"].input("latent_sample").shape == (1, 4, 32 // f, 32 // f)
+    assert m.components["text_encoder"].input("input_ids").shape[0] == "batch"  # stays dynamic
+    assert m.provenance.transforms == ("optimize --target cpu --static 1x32x32",)
+    with Pipeline.load(out) as p:
+        img = p("a red circle", num_inference_steps=2, height=32, width=32, seed=0, output_type="np").images[0]
+    assert img.shape == (32, 32, 3)
+
+
+def test_tensorrt_target_keeps_standard_ops(tiny_sd1_bundle, tmp_path):
+    import onnx
+
+    out = optimize_bundle(tiny_sd1_bundle, tmp_path / "trt", target="tensorrt")
+    comp = Bundle.open(out).component("unet")
+    assert comp.optimized_for == "" and comp.parity.passed
+    domains = {n.domain for n in onnx.load(str(out / "unet/model.onnx")).graph.node}
+    assert domains <= {"", "ai.onnx"}  # nothing but standard ONNX: TensorRT's parser must read every node
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1x512", "IMAGESxHEIGHTxWIDTH"), ("0x64x64", "images must be >= 1"), ("axbxc", "IMAGESxHEIGHTxWIDTH"),
+])
+def test_bad_static_spec(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_static(text)
+
+
+def test_bad_requests_fail_before_any_work(tiny_sd1_bundle, cpu_opt, tmp_path):
+    with pytest.raises(InputError, match="expected one of"):
+        optimize_bundle(tiny_sd1_bundle, tmp_path / "x", target="gpu")
+    with pytest.raises(InputError, match="multiples of"):
+        optimize_bundle(tiny_sd1_bundle, tmp_path / "x", static=parse_static("1x30x32"))
+    with pytest.raises(EngineError, match="already optimized"):
+        optimize_bundle(cpu_opt, tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        optimize_bundle(tiny_sd1_bundle, tmp_path / "full")
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "x").exists()
+
+
+def test_cuda_target_needs_the_cuda_provider(tiny_sd1_bundle, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    with pytest.raises(BackendUnavailable, match="CUDA provider"):
+        optimize_bundle(tiny_sd1_bundle, tmp_path / "x", target="cuda")
+
+
+def test_tampered_parent_is_refused(bundle_copy, tmp_path):
+    from edgediff.errors import BundleIntegrityError
+
+    p = bundle_copy / "unet" / "model.onnx"
+    data = bytearray(p.read_bytes())
+    data[-10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="unet/model.onnx: altered"):
+        optimize_bundle(bundle_copy, tmp_path / "x")
+
+
+def test_manifest_round_trips_the_new_fields(cpu_opt):
+    from edgediff.bundle.manifest import Manifest
+
+    text = (cpu_opt / "edgediff.json").read_text()
+    m = Manifest.from_json(text)
+    assert Manifest.from_json(m.to_json()) == m
+    assert json.loads(text)["components"]["unet"]["optimized_for"] == "cpu"

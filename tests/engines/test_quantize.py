@@ -1,0 +1,174 @@
+"""edgediff quantize on the tiny fixture: each precision, the Q/DQ layout TensorRT needs, parity receipts, and
+one clear error for each bad request. (Random tiny weights quantize worse than trained ones: INT8/FP8 runs here
+pass an explicit tolerance, and the default bound is shown to refuse them.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgediff.bundle.reader import Bundle
+from edgediff.engines import qdq_rules
+from edgediff.engines.quantize import quantize_bundle
+from edgediff.errors import EngineError, InputError, OutputExistsError, ParityError
+from edgediff.pipeline import Pipeline
+
+FAST = dict(calib_size=2, steps=3)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_sd1_bundle, tmp_path_factory):
+    return quantize_bundle(tiny_sd1_bundle, tmp_path_factory.mktemp("q") / "int8", mode="int8", tolerance=0.6, **FAST)
+
+
+def _onnx(path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def test_int8_is_explicit_qdq_in_tensorrt_layout(int8):
+    b = Bundle.open(int8)
+    assert b.verify() == []
+    unet = b.component("unet")
+    assert unet.precision == "int8-qdq" and unet.parity.metric == "rel_l2" and unet.parity.passed
+    assert b.component("text_encoder").precision == "fp32"  # only the denoiser by default
+    model = _onnx(int8 / "unet/model.onnx")
+    assert qdq_rules.violations(model, "int8") == []
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    # conv_in and conv_out stay float; every other convolution reads a dequantized weight
+    assert producers.get(convs[0].input[1]) is None and producers.get(convs[-1].input[1]) is None
+    assert all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:-1])
+    assert "--int8" in b.manifest.provenance.transforms[0] and "--calib-size 2 --steps 3" in b.manifest.provenance.transforms[0]
+
+
+def test_int8_bundle_generates_close_to_fp32(int8, tiny_sd1_bundle):
+    kw = dict(num_inference_steps=3, seed=3, output_type="np")
+    with Pipeline.load(tiny_sd1_bundle) as p0, Pipeline.load(int8) as p1:
+        a, b = p0("a blue square", **kw).images[0], p1("a blue square", **kw).images[0]
+    assert np.isfinite(b).all() and 0 < np.abs(a - b).mean() < 0.2
+
+
+def test_default_tolerance_refuses_a_poor_quantization_and_writes_nothing(tiny_sd1_bundle, tmp_path):
+    with pytest.raises(ParityError, match="rel_l2 .* over the int8-qdq tolerance 0.15; nothing was written"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "q", mode="int8", **FAST)
+    assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode, precision", [("int8-weights", "int8-weights"), ("int4-weights", "int4-weights")])
+def test_weight_only_modes(tiny_sd1_bundle, tmp_path, mode, precision):
+    out = quantize_bundle(tiny_sd1_bundle, tmp_path / mode, mode=mode, **FAST)
+    b = Bundle.open(out)
+    unet = b.component("unet")
+    assert unet.precision == precision and unet.parity.passed
+    assert unet.size < Bundle.open(tiny_sd1_bundle).component("unet").size
+    with Pipeline.load(out) as p:
+        img = p("a red circle", num_inference_steps=2, seed=0, output_type="np").images[0]
+    assert np.isfinite(img).all()
+
+
+def test_fp16_keeps_fp32_io_and_generates(tiny_sd1_bundle, tmp_path):
+    out = quantize_bundle(tiny_sd1_bundle, tmp_path / "fp16", mode="fp16", **FAST)
+    b = Bundle.open(out)
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        comp = b.component(name)
+        assert comp.precision in ("fp16", "mixed-fp16") and comp.parity.metric == "max_rel" and comp.parity.passed
+        assert all(s.dtype in ("float32", "int32", "int64") for s in comp.inputs)
+    inits = _onnx(out / "unet/model.onnx").graph.initializer
+    assert sum(t.data_type == 10 for t in inits) > len(inits) // 2  # FLOAT16 weights
+    with Pipeline.load(out) as p:
+        img = p("a red circle", num_inference_steps=2, seed=0, output_type="np").images[0]
+    assert np.isfinite(img).all()
+
+
+def test_fp16_keeps_overflowing_nodes_in_fp32(tiny_sd1_bundle, tmp_path, monkeypatch):
+    """Lower the overflow limit so that calibrated activations cross it: those nodes must stay fp32."""
+    from edgediff.engines import quantize as q
+
+    monkeypatch.setattr(q, "FP16_HEADROOM", q.FP16_MAX / 0.5)  # limit |x| <= 0.5: most activations exceed it
+    out = quantize_bundle(tiny_sd1_bundle, tmp_path / "fp16", mode="fp16", components=["unet"], **FAST)
+    assert Bundle.open(out).component("unet").precision == "mixed-fp16"
+    ops = [n.op_type for n in _onnx(out / "unet/model.onnx").graph.node]
+    assert ops.count("Cast") > 10  # fp32 islands are entered and left through casts
+
+
+def test_fp8_is_produced_and_structurally_valid(tiny_sd1_bundle, tmp_path):
+    out = quantize_bundle(tiny_sd1_bundle, tmp_path / "fp8", mode="fp8", tolerance=0.6, **FAST)
+    model = _onnx(out / "unet/model.onnx")
+    assert qdq_rules.violations(model, "fp8") == []
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19  # FP8 types need 19
+
+
+def test_qdq_rules_catch_what_tensorrt_rejects():
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(zp_value, zp_type, scale):
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+                 helper.make_tensor("z", zp_type, [], [zp_value])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert qdq_rules.violations(graph(0, TensorProto.INT8, 0.1)) == []
+    assert any("not 0 (asymmetric)" in v for v in qdq_rules.violations(graph(3, TensorProto.INT8, 0.1)))
+    assert any("UINT8; TensorRT needs INT8" in v for v in qdq_rules.violations(graph(0, TensorProto.UINT8, 0.1)))
+    assert any("positive and finite" in v for v in qdq_rules.violations(graph(0, TensorProto.INT8, 0.0)))
+    empty = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    assert qdq_rules.violations(empty) == ["no QuantizeLinear/DequantizeLinear nodes: the graph is not quantized"]
+
+
+def test_per_channel_axis_rule():
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.INT8, [8, 4, 3, 3], [0] * 288)
+    s = helper.make_tensor("s", TensorProto.FLOAT, [8], [0.1] * 8)
+    z = helper.make_tensor("z", TensorProto.INT8, [8], [0] * 8)
+
+    def conv(axis):
+        nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=axis),
+                 helper.make_node("Conv", ["x", "wf"], ["y"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, s, z])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert qdq_rules.violations(conv(0)) == []
+    assert any("output-channel axis is 0" in v for v in qdq_rules.violations(conv(1)))
+
+
+def test_bad_requests_one_line_each(tiny_sd1_bundle, int8, tmp_path):
+    with pytest.raises(InputError, match="unknown precision 'int3'"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int3")
+    with pytest.raises(InputError, match="calibration prompt file not found"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", calib_prompts=tmp_path / "none.txt")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(InputError, match="holds no prompts"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", calib_prompts=tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="--calib-size 0"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", calib_size=0)
+    with pytest.raises(EngineError, match="already int8-qdq; quantize the fp32 bundle"):
+        quantize_bundle(int8, tmp_path / "x", mode="int8")
+    with pytest.raises(InputError, match="'vae' is not in this bundle"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", components=["vae"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "a.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "taken", mode="int8-weights")
+    assert (tmp_path / "taken" / "a.txt").read_text() == "keep"
+
+
+def test_cli_errors_are_one_red_line(tiny_sd1_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    r = CliRunner().invoke(main, ["quantize", str(tiny_sd1_bundle), str(tmp_path / "x")])
+    assert r.exit_code != 0 and r.output.strip().splitlines()[-1].startswith("error: choose a precision")
+    r = CliRunner().invoke(main, ["quantize", str(tiny_sd1_bundle), str(tmp_path / "x"), "--int8", "--calib-prompts",
+                                  str(tmp_path / "missing.txt")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == f"error: calibration prompt file not found: {tmp_path / 'missing.txt'}"
