@@ -143,9 +143,11 @@ class Pipeline:
             strength = check.strength(strength)
             init = img.load_image(image, multiple=self.size_multiple)
             height, width = init.shape[2], init.shape[3]
-        h, w = check.size(height, width, multiple=self.size_multiple, default=(m.default_height, m.default_width))
+        h, w = check.size(height, width, multiple=self.size_multiple, default=self._static_size() or
+                          (m.default_height, m.default_width))
         total = len(prompts) * n
         guided = g > 1.0
+        self._check_static(h, w, total * (2 if guided else 1), total, guided)
         self._check_memory(total * (2 if guided else 1), h, w)
         seeds = seeds_for(seed, total)
         noise = make_noise(rng, seeds) if isinstance(rng, str) else rng
@@ -274,6 +276,27 @@ class Pipeline:
             precision = self.bundle.component(component).precision
             raise NonFiniteError(f"{stage} produced NaN/Inf ({component} precision {precision}); "
                                  "this would be a black image: use an fp32 VAE")
+
+    def _static_size(self) -> tuple[int, int] | None:
+        """(height, width) when the denoiser's spatial dims are fixed (``edgediff optimize --static``)."""
+        shape = self.bundle.component("unet").input("sample").shape
+        f = self.bundle.manifest.vae_scale_factor
+        if isinstance(shape[2], int) and isinstance(shape[3], int):
+            return shape[2] * f, shape[3] * f
+        return None
+
+    def _check_static(self, h: int, w: int, unet_batch: int, images: int, guided: bool) -> None:
+        """A static-shape bundle runs one size and batch only: say which, before any work."""
+        shape = self.bundle.component("unet").input("sample").shape
+        fixed = self._static_size()
+        if fixed is not None and fixed != (h, w):
+            raise InputError(f"this bundle is fixed to {fixed[1]}x{fixed[0]} (built with edgediff optimize --static); "
+                             f"use --size {fixed[1]}x{fixed[0]}, or the dynamic bundle for {w}x{h}")
+        if isinstance(shape[0], int) and shape[0] != unet_batch:
+            cfg = "with" if guided else "without"
+            raise InputError(f"this bundle's denoiser is fixed to batch {shape[0]} (edgediff optimize --static); "
+                             f"{images} image(s) {cfg} guidance need batch {unet_batch}: change the number of images "
+                             "or the guidance, or use the dynamic bundle")
 
     def _check_memory(self, batch: int, h: int, w: int) -> None:
         f = self.bundle.manifest.vae_scale_factor

@@ -122,3 +122,15 @@ def test_manifest_round_trips_the_new_fields(cpu_opt):
     m = Manifest.from_json(text)
     assert Manifest.from_json(m.to_json()) == m
     assert json.loads(text)["components"]["unet"]["optimized_for"] == "cpu"
+
+
+def test_static_bundle_names_its_only_size_and_batch(tiny_sd1_bundle, tmp_path):
+    out = optimize_bundle(tiny_sd1_bundle, tmp_path / "static", static=parse_static("1x32x32"))
+    with Pipeline.load(out) as p:
+        assert p("a red circle", num_inference_steps=1, seed=0, output_type="np").images[0].shape == (32, 32, 3)
+        with pytest.raises(InputError, match="fixed to 32x32 .* use --size 32x32"):
+            p("a red circle", num_inference_steps=1, height=16, width=16)
+        with pytest.raises(InputError, match="fixed to batch 2 .* 2 image\\(s\\) with guidance need batch 4"):
+            p(["a", "b"], num_inference_steps=1)
+        with pytest.raises(InputError, match="1 image\\(s\\) without guidance need batch 1"):
+            p("a", num_inference_steps=1, guidance_scale=1.0)
