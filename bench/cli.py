@@ -46,14 +46,14 @@ def run_bench(args: Sequence[str], *, backend, steps, size, batch, guidance, sch
     sweep = bool(args) and args[0] == "sweep"
     if sweep:
         args = args[1:]
-    if len(args) > 1:
-        raise InputError(f"expected at most one BUNDLE, got {args}")
+    if len(args) > 1 and not sweep:
+        raise InputError(f"expected at most one BUNDLE, got {args}; compare bundles with `edgediff bench sweep B1 B2 ...`")
     if args:
-        bundle = args[0]
+        bundles = args
     else:
         from edgediff.builtin_model import default_bundle
 
-        bundle = str(default_bundle())
+        bundles = [str(default_bundle())]
     for p in (json_path, csv_path, plot_path, trace_path):
         if p is not None and not Path(p).parent.is_dir():
             raise InputError(f"cannot write {p}: folder {Path(p).parent} does not exist")
@@ -66,31 +66,46 @@ def run_bench(args: Sequence[str], *, backend, steps, size, batch, guidance, sch
     for b in lists["backend"]:
         if b not in BACKENDS:
             raise InputError(f"unknown backend {b!r}; expected one of {sorted(BACKENDS)}")
-    rows, last_spans, pipes = [], [], {}
-    for b, st, sz, bt, sc in itertools.product(*lists.values()):
-        h, w = sz if sz else (None, None)
-        cfg = BenchConfig(bundle=bundle, backend=b, steps=st or 20, height=h, width=w, batch=bt or 1,
-                          guidance=guidance, scheduler=sc, warmup=warmup, runs=runs, seed=seed, low_memory=low_memory)
-        load = None
-        if b not in pipes:
-            t0 = time.perf_counter()
-            pipes[b] = Pipeline.load(bundle, backend=b, low_memory=low_memory)
-            load = time.perf_counter() - t0
-        row = measure(cfg, pipe=pipes[b], profile_ops=profile_ops)
-        row.load_seconds = load if load is not None else float("nan")  # loaded once per backend in a sweep
-        if cold:
-            row.cold_start = cold_start(cfg)
-        if compare:
-            from .compare import compare as run_compare
+    from edgediff.bundle.reader import Bundle
 
-            src = Path(reference) if reference else Path(pipes[b].bundle.manifest.provenance.source or "")
-            if not str(src) or str(src) == ".":
-                raise InputError("the bundle does not record its source pipeline; pass --reference DIR")
-            row.compare = run_compare(cfg, pipes[b], src)
-        rows.append(row.to_dict())
-        last_spans = row.trace_spans
-    first = next(iter(pipes.values()))
-    env = record(providers=sorted(pipes), bundle_digest=first.bundle.digest,
+    variants = [Bundle.open(b) for b in bundles]  # every bundle is checked before the first measurement
+    rows, last_spans, first = [], [], None
+    # Bundles one after another (each closed before the next loads: an SD-1.5 bundle and its variants do not fit in
+    # memory together); within a bundle, the cartesian product of the lists.
+    for variant in variants:
+        pipes: dict = {}
+        try:
+            for b, st, sz, bt, sc in itertools.product(*lists.values()):
+                h, w = sz if sz else (None, None)
+                cfg = BenchConfig(bundle=str(variant.root), backend=b, steps=st or 20, height=h, width=w,
+                                  batch=bt or 1, guidance=guidance, scheduler=sc, warmup=warmup, runs=runs, seed=seed,
+                                  low_memory=low_memory)
+                load = None
+                if b not in pipes:
+                    t0 = time.perf_counter()
+                    pipes[b] = Pipeline.load(variant.root, backend=b, low_memory=low_memory)
+                    load = time.perf_counter() - t0
+                row = measure(cfg, pipe=pipes[b], profile_ops=profile_ops)
+                row.load_seconds = load if load is not None else float("nan")  # loaded once per backend
+                row.variant = report.variant_info(variant)
+                if cold:
+                    row.cold_start = cold_start(cfg)
+                if compare:
+                    from .compare import compare as run_compare
+
+                    src = Path(reference) if reference else Path(pipes[b].bundle.manifest.provenance.source or "")
+                    if not str(src) or str(src) == ".":
+                        raise InputError("the bundle does not record its source pipeline; pass --reference DIR")
+                    row.compare = run_compare(cfg, pipes[b], src)
+                rows.append(row.to_dict())
+                last_spans = row.trace_spans
+        finally:
+            if first is None and pipes:
+                first = next(iter(pipes.values()))
+                first_providers = sorted(pipes)
+            for p in pipes.values():
+                p.close()
+    env = record(providers=first_providers, bundle_digest=first.bundle.digest,
                  precision=first.bundle.component("unet").precision)
     doc = report.document(rows, env)
     if json_path:
@@ -103,5 +118,5 @@ def run_bench(args: Sequence[str], *, backend, steps, size, batch, guidance, sch
         from .trace import write_trace
 
         write_trace(trace_path, last_spans)
-    return report.table(rows) + f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime " \
+    return report.table(rows) + report.variants_table(rows) + f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime " \
         f"{env['packages']['onnxruntime']}, bundle {env['bundle'][:16]}\nnot measured: {'; '.join(env['not_measured'])}"

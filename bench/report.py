@@ -17,10 +17,53 @@ def document(rows: Sequence[dict], environment: dict) -> dict:
     return {"schema_version": SCHEMA_VERSION, "environment": environment, "results": list(rows)}
 
 
+def variant_info(bundle) -> dict:
+    m = bundle.manifest
+    return {"path": str(bundle.root), "digest": bundle.digest,
+            "precision": {n: c.precision for n, c in m.components.items()},
+            "unet_bytes": m.components["unet"].size, "bytes": sum(f.size for f in m.all_files()),
+            "transforms": list(m.provenance.transforms)}
+
+
+def _variant_label(row: dict) -> str:
+    v = row.get("variant") or {}
+    steps = "; ".join(v.get("transforms") or []) or "as exported"
+    return f"{Path(v.get('path', row['config']['bundle'])).name} [{v.get('precision', {}).get('unet', '?')}, {steps}]"
+
+
+def variants_table(rows: Sequence[dict]) -> str:
+    """Ratios of each bundle to the first bundle, per configuration (same backend/steps/size/batch/scheduler)."""
+    paths = list(dict.fromkeys(r["config"]["bundle"] for r in rows))
+    if len(paths) < 2:
+        return ""
+    key = lambda r: tuple(r["config"][k] for k in ("backend", "steps", "height", "width", "batch", "scheduler"))  # noqa: E731
+    base = {key(r): r for r in rows if r["config"]["bundle"] == paths[0]}
+    out = [f"variants vs {_variant_label(rows[0])} (same run; ratio < 1 is faster/smaller):",
+           f"  {'bundle':<58}{'size':>8}{'unet p50':>11}{'ratio':>8}{'per image':>11}{'ratio':>8}{'load':>8}{'ratio':>8}{'unet MB':>9}"]
+    for r in rows:
+        b = base.get(key(r))
+        if b is None:
+            continue
+        c = r["config"]
+        size = f"{c['width']}x{c['height']}" if c["width"] else "native"
+        u, ub = r["stages"]["unet"]["p50"], b["stages"]["unet"]["p50"]
+        lat, latb = r["latency_per_image"], b["latency_per_image"]
+        load, loadb = r["load_seconds"], b["load_seconds"]
+        cs = r.get("cold_start") or {}
+        if cs:
+            load, loadb = cs["load"], (b.get("cold_start") or {}).get("load", float("nan"))
+        mb = (r.get("variant") or {}).get("unet_bytes", 0) / 1e6
+        out.append(f"  {_variant_label(r)[:57]:<58}{size:>8}{u * 1e3:>9.0f}ms{u / ub:>8.3f}{lat:>10.2f}s{lat / latb:>8.3f}"
+                   f"{load:>7.1f}s{load / loadb:>8.3f}{mb:>9.1f}")
+    return "\n".join(out) + "\n"
+
+
 def table(rows: Sequence[dict]) -> str:
     out = []
     for row in rows:
         c = row["config"]
+        if row.get("variant"):
+            out.append(f"bundle {_variant_label(row)}")
         size = f"{c['width'] or 'native'}x{c['height'] or 'native'}" if c["width"] or c["height"] else "native"
         out.append(f"{c['backend']}  steps {c['steps']}  size {size}  batch {c['batch']}  guidance {c['guidance']}  "
                    f"scheduler {c['scheduler'] or 'bundle default'}  runs {c['runs']} (+{c['warmup']} warm-up)")

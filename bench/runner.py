@@ -62,6 +62,7 @@ class Row:
     cold_start: dict | None = None
     ops: list[dict] | None = None
     compare: dict | None = None
+    variant: dict | None = None  # which bundle: path, digest, precision per component, size, transforms
     trace_spans: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:

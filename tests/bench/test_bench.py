@@ -48,6 +48,24 @@ def test_sweep_is_a_cartesian_product(tiny_sd1_bundle, tmp_path):
     assert sorted((x["config"]["steps"], x["config"]["width"]) for x in rows) == [(2, 16), (2, 24), (3, 16), (3, 24)]
 
 
+def test_sweep_over_bundles_reports_ratios_to_the_first(tiny_sd1_bundle, bundle_copy, tmp_path):
+    r = bench("sweep", tiny_sd1_bundle, bundle_copy, "--steps", "2", "--runs", "1", "--warmup", "0",
+              "--json", tmp_path / "v.json")
+    assert r.exit_code == 0, r.output
+    assert "variants vs tiny-sd1 [fp32, as exported]" in r.output
+    lines = r.output.split("variants vs")[1].splitlines()
+    assert lines[2].split()[0] == "tiny-sd1" and " 1.000" in lines[2]  # the first bundle against itself
+    assert lines[3].split()[0] == "bundle"
+    rows = json.loads((tmp_path / "v.json").read_text())["results"]
+    assert [Path(x["config"]["bundle"]).name for x in rows] == ["tiny-sd1", "bundle"]
+    assert rows[0]["variant"]["precision"]["unet"] == "fp32" and rows[0]["variant"]["unet_bytes"] > 0
+
+
+def test_several_bundles_need_sweep(tiny_sd1_bundle, bundle_copy):
+    r = bench(tiny_sd1_bundle, bundle_copy)
+    assert r.exit_code != 0 and "edgediff bench sweep B1 B2" in r.output
+
+
 def test_compare_diffusers(tiny_sd1_bundle):
     pytest.importorskip("diffusers")
     r = bench(tiny_sd1_bundle, "--steps", "2", "--runs", "1", "--compare", "diffusers")
