@@ -165,6 +165,71 @@ def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, 
     click.echo(f"wrote {out}")
 
 
+# -- build / doctor -------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--engine-dir", type=click.Path(path_type=Path), default=None,
+              help="Where engines are cached (default: ~/.cache/edgediff/engines/<bundle digest>).")
+@click.option("--static", "static", default=None, help="IMAGESxHEIGHTxWIDTH: one fixed shape (enables CUDA graphs).")
+@click.option("--profile", default=None, help="images=1:1:4,height=256:512:768,width=256:512:768 (min:opt:max).")
+@click.option("--no-cfg", is_flag=True, help="The denoiser never runs with classifier-free guidance.")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimization level 0-5.")
+@click.option("--workspace", type=float, default=None, help="Builder workspace limit in GB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file to reuse.")
+@click.option("--refit", is_flag=True, help="Build refittable engines.")
+@click.option("--version-compatible", is_flag=True, help="Engines that load on later TensorRT versions.")
+@click.option("--components", default=None, help="Comma-separated (default: text_encoder,unet,vae_decoder).")
+@click.option("--force", is_flag=True, help="Rebuild even when a valid engine is cached.")
+def build(bundle, engine_dir, static, profile, no_cfg, opt_level, workspace, timing_cache, refit, version_compatible,
+          components, force) -> None:
+    """Build TensorRT engines for BUNDLE on this GPU (needs TensorRT and an NVIDIA GPU)."""
+    from .bundle.reader import Bundle
+    from .engines.optimize import parse_static
+    from .engines.tensorrt.build import BuildOptions, build_engines
+    from .engines.tensorrt.profiles import default_range, parse_profile, static_range
+    from .errors import InputError
+
+    if static and profile:
+        raise InputError("give --static or --profile, not both")
+    b = Bundle.open(bundle)
+    unet = b.config("unet/config.json")
+    multiple = b.manifest.vae_scale_factor * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    if static:
+        s = parse_static(static, cfg=not no_cfg)
+        shape_range = static_range(s.images, s.height, s.width, cfg=not no_cfg)
+    elif profile:
+        shape_range = parse_profile(profile, b.manifest, multiple)
+    else:
+        shape_range = default_range(b.manifest, multiple)
+    if no_cfg and not static:
+        from dataclasses import replace
+
+        shape_range = replace(shape_range, cfg=False)
+    options = BuildOptions(shape_range=shape_range, opt_level=opt_level, workspace_gb=workspace,
+                           timing_cache=timing_cache, refit=refit, version_compatible=version_compatible)
+    names = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    built = build_engines(bundle, options, engine_dir=engine_dir, components=names, force=force,
+                          progress=_engine_progress)
+    for name, path in built.items():
+        click.echo(f"{name:<13} {path}")
+
+
+@main.command()
+@click.option("--engine-dir", "engine_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Engine cache folder(s) to check (default: every folder under ~/.cache/edgediff/engines).")
+def doctor(engine_dirs) -> None:
+    """What this machine can run: Python, ONNX Runtime providers, TensorRT, CUDA, GPU, cached engines."""
+    from .engines.doctor import report
+    from .engines.tensorrt.cache import default_engine_dir
+
+    dirs = list(engine_dirs)
+    if not dirs:
+        root = default_engine_dir("0" * 16).parent
+        dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for item, finding, ok in report(dirs):
+        click.echo(f"{'ok ' if ok else '-- '} {item:<22} {finding}")
+
+
 # -- generate ---------------------------------------------------------------------------------------------------
 def _parse_size(value: str | None) -> tuple[int | None, int | None]:
     from .errors import InputError

@@ -1,5 +1,5 @@
-"""Backends by name. ``cpu``, ``cuda`` and ``tensorrt`` are ONNX Runtime execution providers; a native TensorRT
-backend registers itself here under ``trt`` when its module is available."""
+"""Backends by name. ``cpu``, ``cuda`` and ``tensorrt`` are ONNX Runtime execution providers; ``trt`` is the native
+TensorRT backend running engines built by ``edgediff build``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +21,15 @@ def _ort(provider: str) -> BackendFactory:
     return make
 
 
-BACKENDS: dict[str, BackendFactory] = {"cpu": _ort("cpu"), "cuda": _ort("cuda"), "tensorrt": _ort("tensorrt")}
+def _trt(model_path: Path, component: Component, options: Any) -> Backend:
+    from .trt import TrtBackend  # imports tensorrt and cuda-python only when asked for
+
+    return TrtBackend(model_path, component, options)
+
+
+# "tensorrt" is ONNX Runtime's TensorRT execution provider; "trt" is the native backend (engines from edgediff build)
+BACKENDS: dict[str, BackendFactory] = {"cpu": _ort("cpu"), "cuda": _ort("cuda"), "tensorrt": _ort("tensorrt"),
+                                       "trt": _trt}
 
 
 def open_backend(name: str, model_path: Path, component: Component, options: Any = None) -> Backend:

@@ -1,0 +1,114 @@
+"""TensorRT optimization profiles derived from a bundle's manifest: one source of truth for input names,
+dynamic axes, profile shapes and the runtime's buffer shapes.
+
+A profile is given in user terms -- images per call, image height and width in pixels, classifier-free guidance
+on or off -- and each component's symbolic dims are mapped from them:
+
+    batch         images x 2 for the denoiser and text encoders with CFG (one conditional and one unconditional
+                  row per image; without CFG, or at the minimum, images), images for the VAE
+    height, width image size / vae_scale_factor (latents)
+    image_height, image_width   image size in pixels (VAE image side)
+    sequence      the text encoder's token length (fixed by the tokenizer)
+
+Dims named differently by other exporters (optimum's ``batch_size``, ``sequence_length``, ...) are aliased; an
+unknown symbolic dim is refused with its name, since guessing it would build an engine that rejects real inputs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edgediff.bundle.manifest import Component, Manifest
+from edgediff.errors import EngineError, InputError
+
+ALIASES = {"batch_size": "batch", "N": "batch", "sequence_length": "sequence", "seq_len": "sequence",
+           "num_channels": None}
+CFG_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max of each user-facing quantity; opt is what TensorRT tunes kernels for."""
+
+    images: Triple = (1, 1, 4)
+    height: Triple = (256, 512, 768)
+    width: Triple = (256, 512, 768)
+    cfg: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("images", "height", "width"):
+            lo, opt, hi = getattr(self, name)
+            if not 1 <= lo <= opt <= hi:
+                raise InputError(f"profile {name} {lo}:{opt}:{hi}; expected 1 <= min <= opt <= max")
+
+    @property
+    def static(self) -> bool:
+        return all(len(set(getattr(self, n))) == 1 for n in ("images", "height", "width"))
+
+    def describe(self) -> dict:
+        return {"images": list(self.images), "height": list(self.height), "width": list(self.width), "cfg": self.cfg}
+
+
+def static_range(images: int, height: int, width: int, cfg: bool = True) -> ShapeRange:
+    return ShapeRange((images,) * 3, (height,) * 3, (width,) * 3, cfg)
+
+
+def default_range(manifest: Manifest, multiple: int) -> ShapeRange:
+    """Half to one and a half times the model's native size, tuned for the native size, 1-4 images. ``multiple``:
+    the size step of the model (VAE factor x UNet downsampling: 64 for SD 1.x/2.x)."""
+    h, w = manifest.default_height, manifest.default_width
+    m = multiple
+    lo = lambda v: max(m, (v // 2) // m * m)  # noqa: E731
+    hi = lambda v: (v * 3 // 2 + m - 1) // m * m  # noqa: E731
+    return ShapeRange((1, 1, 4), (lo(h), h, hi(h)), (lo(w), w, hi(w)), True)
+
+
+def parse_profile(text: str, manifest: Manifest, multiple: int) -> ShapeRange:
+    """``images=1:1:4,height=256:512:768,width=256:512:768`` (any subset; the rest from ``default_range``)."""
+    base = default_range(manifest, multiple).describe()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(images|height|width)=(\d+):(\d+):(\d+)", part)
+        if not m:
+            raise InputError(f"--profile {part!r}; expected NAME=MIN:OPT:MAX with NAME one of images, height, width")
+        base[m.group(1)] = [int(m.group(i)) for i in (2, 3, 4)]
+    for name in ("height", "width"):
+        if any(v % multiple for v in base[name]):
+            raise InputError(f"--profile {name}={':'.join(map(str, base[name]))}: sizes must be multiples of {multiple}")
+    return ShapeRange(tuple(base["images"]), tuple(base["height"]), tuple(base["width"]), True)
+
+
+def dim_values(component: str, manifest: Manifest, images: int, height: int, width: int, cfg: bool,
+               *, at_min: bool = False) -> dict[str, int]:
+    f = manifest.vae_scale_factor
+    if height % f or width % f:
+        raise InputError(f"{width}x{height} is not a multiple of the VAE factor {f}")
+    doubled = cfg and component in CFG_COMPONENTS and not at_min
+    return {"batch": images * (2 if doubled else 1), "height": height // f, "width": width // f,
+            "image_height": height, "image_width": width, "sequence": manifest.text_max_length}
+
+
+def profile_shapes(comp: Component, manifest: Manifest, r: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``{input name: (min shape, opt shape, max shape)}`` for ``comp``, ready for IOptimizationProfile.set_shape.
+    The minimum batch is the no-CFG one (a guidance <= 1 call runs the denoiser at batch = images)."""
+    points = [dim_values(comp.name, manifest, r.images[i], r.height[i], r.width[i], r.cfg, at_min=(i == 0))
+              for i in range(3)]
+    if r.static:
+        points = [dim_values(comp.name, manifest, r.images[1], r.height[1], r.width[1], r.cfg)] * 3
+    out = {}
+    for spec in comp.inputs:
+        shapes = []
+        for values in points:
+            shape = []
+            for d in spec.shape:
+                if isinstance(d, int):
+                    shape.append(d)
+                    continue
+                name = ALIASES.get(d, d)
+                if name not in values:
+                    raise EngineError(f"{comp.name}.{spec.name}: symbolic dim {d!r} has no known meaning; re-export "
+                                      "with edgediff export, or fix the shapes with edgediff optimize --static")
+                shape.append(values[name])
+            shapes.append(tuple(shape))
+        out[spec.name] = tuple(shapes)
+    return out

@@ -1,0 +1,85 @@
+"""TensorRT optimization profiles derived from manifests (SD1, SD2-v fixtures and SDXL-shaped specs)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgediff.bundle.manifest import Component, TensorSpec
+from edgediff.bundle.reader import Bundle
+from edgediff.engines.tensorrt.profiles import (ShapeRange, default_range, parse_profile, profile_shapes,
+                                                static_range)
+from edgediff.errors import EngineError, InputError
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2v"])
+def manifest(request, tiny_sd1_bundle, tiny_sd2v_bundle):
+    return Bundle.open(tiny_sd1_bundle if request.param == "sd1" else tiny_sd2v_bundle).manifest
+
+
+def test_unet_profile_doubles_the_batch_for_cfg_and_divides_the_size(manifest):
+    f, L = manifest.vae_scale_factor, manifest.text_max_length
+    r = ShapeRange(images=(1, 1, 4), height=(32, 64, 96), width=(32, 64, 128))
+    shapes = profile_shapes(manifest.components["unet"], manifest, r)
+    d = manifest.components["unet"].input("encoder_hidden_states").shape[2]
+    assert shapes["sample"] == ((1, 4, 32 // f, 32 // f), (2, 4, 64 // f, 64 // f), (8, 4, 96 // f, 128 // f))
+    assert shapes["encoder_hidden_states"] == ((1, L, d), (2, L, d), (8, L, d))
+    assert shapes["timestep"][2] == (8,)
+
+
+def test_vae_and_text_encoder_profiles(manifest):
+    r = ShapeRange(images=(1, 2, 3), height=(32, 64, 64), width=(32, 64, 64))
+    vae = profile_shapes(manifest.components["vae_decoder"], manifest, r)
+    f = manifest.vae_scale_factor
+    assert vae["latent_sample"] == ((1, 4, 32 // f, 32 // f), (2, 4, 64 // f, 64 // f), (3, 4, 64 // f, 64 // f))
+    enc = profile_shapes(manifest.components["vae_encoder"], manifest, r)
+    assert enc["sample"][2] == (3, 3, 64, 64)
+    text = profile_shapes(manifest.components["text_encoder"], manifest, r)
+    assert text["input_ids"] == ((1, manifest.text_max_length), (4, manifest.text_max_length), (6, manifest.text_max_length))
+
+
+def test_static_profile_is_one_point_with_cfg(manifest):
+    shapes = profile_shapes(manifest.components["unet"], manifest, static_range(1, 64, 64))
+    lo, opt, hi = shapes["sample"]
+    assert lo == opt == hi and lo[0] == 2
+
+
+def test_sdxl_shaped_specs():
+    """SDXL's extra denoiser inputs (pooled text embeddings, time ids) follow the batch."""
+    from edgediff.bundle.manifest import Manifest, Provenance
+
+    unet = Component(name="unet", model="unet/model.onnx", files=(), inputs=(
+        TensorSpec("sample", "float16", ("batch", 4, "height", "width")),
+        TensorSpec("timestep", "float16", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float16", ("batch", "sequence", 2048)),
+        TensorSpec("text_embeds", "float16", ("batch", 1280)),
+        TensorSpec("time_ids", "float16", ("batch", 6))), outputs=())
+    m = Manifest(family="sdxl", prediction_type="epsilon", default_height=1024, default_width=1024,
+                 latent_channels=4, vae_scale_factor=8, scaling_factor=0.13025, text_max_length=77,
+                 components={"unet": unet}, files=(), provenance=Provenance(exporter="test"))
+    r = default_range(m, 64)
+    assert r.height == (512, 1024, 1536) and r.images == (1, 1, 4)
+    shapes = profile_shapes(unet, m, r)
+    assert shapes["text_embeds"] == ((1, 1280), (2, 1280), (8, 1280))
+    assert shapes["time_ids"][1] == (2, 6) and shapes["sample"][1] == (2, 4, 128, 128)
+
+
+def test_optimum_dim_names_are_aliased_and_unknown_ones_refused(manifest):
+    unet = manifest.components["unet"]
+    renamed = dataclasses.replace(unet, inputs=tuple(
+        dataclasses.replace(s, shape=tuple("batch_size" if d == "batch" else d for d in s.shape)) for s in unet.inputs))
+    assert profile_shapes(renamed, manifest, static_range(1, 64, 64))["sample"][0][0] == 2
+    odd = dataclasses.replace(unet, inputs=(TensorSpec("sample", "float32", ("frames", 4, "height", "width")),))
+    with pytest.raises(EngineError, match="symbolic dim 'frames' has no known meaning"):
+        profile_shapes(odd, manifest, static_range(1, 64, 64))
+
+
+def test_profile_parsing_and_bad_ranges(manifest):
+    r = parse_profile("images=1:2:2,height=32:64:64", manifest, 16)
+    assert r.images == (1, 2, 2) and r.height == (32, 64, 64)
+    with pytest.raises(InputError, match="NAME=MIN:OPT:MAX"):
+        parse_profile("heights=1:2:3", manifest, 16)
+    with pytest.raises(InputError, match="multiples of 16"):
+        parse_profile("height=30:64:64", manifest, 16)
+    with pytest.raises(InputError, match="1 <= min <= opt <= max"):
+        ShapeRange(images=(2, 1, 4))
