@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 MODES: dict[str, tuple[dict, bool]] = {
     "ort-defaults": ({"enable_mem_arena": True, "disable_prepacking": False}, False),
     "arena-off": ({"enable_mem_arena": False, "disable_prepacking": False}, False),
+    "no-prepack": ({"enable_mem_arena": True, "disable_prepacking": True}, False),
+    "lean": ({"enable_mem_arena": False, "disable_prepacking": True}, False),
     "default": ({}, False),  # edgediff's own OrtOptions defaults
     "low-memory": ({}, True),
 }
