@@ -338,7 +338,9 @@ def bench(args, **options) -> None:
 @click.option("--scheduler", default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", default="cpu", show_default=True)
-def eval_default(model, n, split, steps, guidance, scheduler, seed, backend) -> None:
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Another bundle (e.g. the fp32 parent): also report mean PSNR against its images, same seeds.")
+def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference) -> None:
     """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy."""
     from .bench.shapes.evaluate import ATTRIBUTES, EvalSettings, evaluate
     from .errors import InputError
@@ -347,11 +349,13 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend) -> 
     if n < 1:
         raise InputError(f"--n {n}; must be at least 1")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
+    ref = Pipeline.load(reference, backend=backend) if reference is not None else None
     settings = EvalSettings(n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
-    click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES))
+    click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + ("   PSNR vs reference" if ref else ""))
     for sp in (["train", "heldout"] if split == "both" else [split]):
-        r = evaluate(pipe, sp, settings)
-        click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES))
+        r = evaluate(pipe, sp, settings, reference=ref)
+        click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
+                   + (f"   {r['psnr']:.1f} dB" if ref else ""))
 
 
 def _size(n: int) -> str:

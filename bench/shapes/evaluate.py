@@ -28,14 +28,32 @@ def eval_scenes(split: str, n: int, seed: int) -> list[Scene]:
     return [pool[i] for i in order[: min(n, len(pool))]]
 
 
-def evaluate(pipe, split: str, s: EvalSettings) -> dict:
+def evaluate(pipe, split: str, s: EvalSettings, reference=None) -> dict:
+    """Per-attribute accuracy on ``split``. With ``reference`` (another pipeline, e.g. the fp32 parent of a
+    quantized bundle) also the mean PSNR of this pipeline's images against the reference's for the same prompts
+    and seeds."""
     scenes = eval_scenes(split, s.n, s.seed)
     hits = {a: 0 for a in ATTRIBUTES}
+    psnrs: list[float] = []
     for start in range(0, len(scenes), s.batch):
         chunk = scenes[start:start + s.batch]
-        result = pipe([canonical_caption(sc) for sc in chunk], num_inference_steps=s.steps, guidance_scale=s.guidance,
-                      scheduler=s.scheduler, seed=[s.seed + start + k for k in range(len(chunk))], output_type="pil")
+        kw = dict(num_inference_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler,
+                  seed=[s.seed + start + k for k in range(len(chunk))], output_type="pil")
+        prompts = [canonical_caption(sc) for sc in chunk]
+        result = pipe(prompts, **kw)
         for sc, image in zip(chunk, result.images):
             for k, ok in judge(np.asarray(image)).check(sc).items():
                 hits[k] += ok
-    return {"split": split, "n": len(scenes), **{a: hits[a] / len(scenes) for a in ATTRIBUTES}}
+        if reference is not None:
+            for a, b in zip(result.images, reference(prompts, **kw).images):
+                psnrs.append(psnr(np.asarray(a), np.asarray(b)))
+    out = {"split": split, "n": len(scenes), **{a: hits[a] / len(scenes) for a in ATTRIBUTES}}
+    if reference is not None:
+        out["psnr"] = float(np.mean(psnrs))
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images in dB (inf when identical; capped at 100 for averaging)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(255.0**2 / mse))

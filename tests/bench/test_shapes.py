@@ -68,3 +68,22 @@ def test_render_draws_the_right_colour():
     img = render(s)
     cx, cy = s.center()
     assert tuple(img[int(cy), int(cx)]) == pytest.approx(COLOURS[s.colour], abs=2)
+
+
+def test_psnr():
+    from edgediff.bench.shapes.evaluate import psnr
+
+    a = np.zeros((4, 4, 3), np.uint8)
+    assert psnr(a, a) == 100.0
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 48
+    assert abs(psnr(a, b) - 10 * np.log10(48)) < 1e-9
+
+
+def test_evaluate_against_a_reference_reports_psnr(tiny_sd1_bundle):
+    from edgediff.bench.shapes.evaluate import EvalSettings, evaluate
+    from edgediff.pipeline import Pipeline
+
+    with Pipeline.load(tiny_sd1_bundle) as p:
+        r = evaluate(p, "heldout", EvalSettings(n=3, steps=1, batch=2), reference=p)
+    assert r["n"] == 3 and r["psnr"] == 100.0 and 0 <= r["all"] <= 1
