@@ -125,13 +125,15 @@ def parity(parent_graph: Path, derived_graph: Path, feeds: Sequence[Feeds], *, p
            optimized: bool, reference: str, tolerance: float | None = None) -> ParityReceipt:
     """Run both graphs on the same real inputs; max_rel and rel_l2 are over all outputs of all inputs."""
     bound = TOLERANCE[precision] if tolerance is None else float(tolerance)
+    # One session at a time: an SD-1.5 UNet session holds several GB, and two at once doubled the peak.
     ref = _session(parent_graph, "cpu", optimized=False)
-    new = _session(derived_graph, provider, optimized=optimized)
     names = [o.name for o in ref.get_outputs()]
+    expected = [ref.run(names, dict(f)) for f in feeds]
+    del ref
+    new = _session(derived_graph, provider, optimized=optimized)
     max_abs = max_rel = 0.0
     sq_err = sq_ref = 0.0
-    for f in feeds:
-        a = ref.run(names, dict(f))
+    for f, a in zip(feeds, expected):
         b = new.run(names, _cast(new, f))
         for x, y in zip(b, a):
             x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)

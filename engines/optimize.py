@@ -97,15 +97,21 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         feeds["vae_encoder"] = vae_encoder_feeds(got)
 
     def transform(name: str, graph: Path, bundle: Bundle):
+        result = Result(precision=m.components[name].precision,
+                        optimized_for=target if target in ("cpu", "cuda") else "",
+                        provider="cuda" if target == "cuda" else "cpu")
+        if static is None and target == "tensorrt":
+            return _ort_offline(graph, target, name), result
         model = load_model(graph)
         if static is not None:
             set_static_dims(model, _static_dims(name, model, static, bundle))
         if target in ("cpu", "cuda"):
             model = _fuse(model, name, target)
-        model = _ort_offline(model, target, name)
-        return model, Result(precision=m.components[name].precision,
-                             optimized_for=target if target in ("cpu", "cuda") else "",
-                             provider="cuda" if target == "cuda" else "cpu")
+        with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
+            raw = Path(d) / "model.onnx"
+            save_model(model, raw)
+            del model  # one copy of the weights at a time: an SD-1.5 UNet is 3.4 GB
+            return _ort_offline(raw, target, name), result
 
     step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
     return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
@@ -150,23 +156,26 @@ def _fuse(model, name: str, target: str):
     return fused.model
 
 
-def _ort_offline(model, target: str, name: str):
-    """Let ONNX Runtime optimize the graph for ``target`` and save the result (what it would redo at every start)."""
+def _ort_offline(src: Path, target: str, name: str):
+    """Let ONNX Runtime optimize the graph file ``src`` for ``target`` and return the saved result (what it would
+    otherwise redo at every session start)."""
     import onnxruntime as ort
 
     from edgediff.backends.ort import OrtOptions
 
+    from .graphs import EXTERNAL_DATA_NAME
+
     with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
-        raw, done = Path(d) / "in.onnx", Path(d) / "out.onnx"
-        save_model(model, raw)
+        done = Path(d) / "out.onnx"
         extra = {"session.optimized_model_external_initializers_file_name": "out.onnx_data",
                  "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} \
-            if (Path(d) / "model.onnx_data").exists() else {}
+            if (Path(src).parent / EXTERNAL_DATA_NAME).exists() else {}
         options = OrtOptions(graph_optimization_level=SAVE_LEVEL[target], optimized_model_filepath=str(done),
                              extra_session_config=extra)
         provider = "cuda" if target == "cuda" else "cpu"
         try:
-            ort.InferenceSession(str(raw), options.session_options(), providers=options.providers(provider))
+            session = ort.InferenceSession(str(src), options.session_options(), providers=options.providers(provider))
+            del session
         except Exception as exc:
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise EngineError(f"{name}: ONNX Runtime could not optimize the graph for {target}: {text}") from None

@@ -31,7 +31,7 @@ from edgediff.errors import EngineError, InputError
 from edgediff.bundle.writer import check_output
 
 from .derive import Result, derive, open_parent
-from .graphs import load_model, save_model, weights_bytes, EXTERNAL_DATA_THRESHOLD
+from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 
@@ -164,8 +164,20 @@ def _cleaned(graph: Path, d: Path) -> Path:
     from .optimize import _ort_offline
 
     path = d / "clean.onnx"
-    save_model(_ort_offline(load_model(graph), "tensorrt", graph.parent.name), path)
+    model = _ort_offline(graph, "tensorrt", graph.parent.name)
+    save_model(model, path)
     return path
+
+
+def _has_external_data(graph: Path) -> bool:
+    return (Path(graph).parent / EXTERNAL_DATA_NAME).exists()
+
+
+def _structure(graph: Path):
+    """The graph without its weights' bytes (names, nodes, shapes): cheap even for a 3.4 GB UNet."""
+    import onnx
+
+    return onnx.load(str(graph), load_external_data=False)
 
 
 def _int8(graph: Path, feeds, name: str, progress) -> object:
@@ -182,12 +194,12 @@ def _static(graph: Path, feeds, name: str, progress, *, fp8: bool):
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
     with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
         clean = _cleaned(graph, Path(d))
-        big = weights_bytes(load_model(clean)) > EXTERNAL_DATA_THRESHOLD
+        big = _has_external_data(clean)
         progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
         out = Path(d) / "q.onnx"
         # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
         # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
-        model = load_model(clean)
+        model = _structure(clean)
         inits = {t.name for t in model.graph.initializer}
         nodes = [n.name for n in model.graph.node
                  if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits)]
@@ -221,7 +233,7 @@ def _int8_weights(graph: Path, feeds, name: str, progress):
     with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
         clean = _cleaned(graph, Path(d))
         out = Path(d) / "q.onnx"
-        big = weights_bytes(load_model(clean)) > EXTERNAL_DATA_THRESHOLD
+        big = _has_external_data(clean)
         quantize_dynamic(str(clean), str(out), op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
                          weight_type=QuantType.QInt8, use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": True})  # activation x activation MatMuls stay float
@@ -265,7 +277,7 @@ def activation_peaks(graph: Path, feeds, workdir: Path) -> dict[str, float]:
         raise EngineError(f"no calibration inputs for {graph}")
     cal = create_calibrator(str(graph), None, augmented_model_path=str(workdir / "augmented.onnx"),
                             calibrate_method=CalibrationMethod.MinMax,
-                            use_external_data_format=weights_bytes(load_model(graph)) > EXTERNAL_DATA_THRESHOLD)
+                            use_external_data_format=_has_external_data(graph))
     cal.collect_data(_Reader(feeds))
     ranges = cal.compute_data()
     return {name: float(max(abs(float(np.max(r.range_value[0]))), abs(float(np.max(r.range_value[1])))))
