@@ -22,7 +22,7 @@ from edgediff.bundle.describe import describe
 from edgediff.bundle.manifest import ParityReceipt, Provenance
 from edgediff.bundle.reader import Bundle
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
-from edgediff.errors import BundleIntegrityError, EngineError, ParityError
+from edgediff.errors import BundleIntegrityError, EngineError, InputError, ParityError
 
 from .graphs import save_model
 
@@ -55,6 +55,16 @@ class Result:
 
 # (component name, parent graph path, parent bundle) -> the transformed onnx.ModelProto and its Result
 Transform = Callable[[str, Path, Bundle], "tuple[object, Result]"]
+
+
+def begin(src: str | Path, out: str | Path, *, overwrite: bool, tolerance: float | None) -> Bundle:
+    """The checks every engine command makes before minutes of work: OUT is free, the tolerance is sane, the
+    parent bundle is intact. Returns the parent."""
+    check_output(Path(out).expanduser(), overwrite)
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 < tolerance < 10):
+        raise InputError(f"--tolerance {tolerance!r}; expected a number in (0, 10)")
+    return open_parent(src)
 
 
 def open_parent(src: str | Path) -> Bundle:

@@ -25,9 +25,7 @@ from typing import Callable
 from edgediff.bundle.reader import Bundle
 from edgediff.errors import BackendUnavailable, EngineError, InputError
 
-from edgediff.bundle.writer import check_output
-
-from .derive import Result, derive, open_parent
+from .derive import Result, begin, derive
 from .graphs import load_model, save_model, set_static_dims
 from .probe import capture, vae_encoder_feeds
 
@@ -69,11 +67,7 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
                     progress: Callable[[str], None] = lambda msg: None) -> Path:
     if target not in TARGETS:
         raise InputError(f"--target {target!r}; expected one of {list(TARGETS)}")
-    check_output(Path(out).expanduser(), overwrite)  # before minutes of calibration, not after
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not 0 < tolerance < 10):
-        raise InputError(f"--tolerance {tolerance!r}; expected a number in (0, 10)")
-    parent = open_parent(src)
+    parent = begin(src, out, overwrite=overwrite, tolerance=tolerance)
     m = parent.manifest
     for name, comp in m.components.items():
         if comp.optimized_for:

@@ -28,9 +28,7 @@ import numpy as np
 from edgediff.bundle.reader import Bundle
 from edgediff.errors import EngineError, InputError
 
-from edgediff.bundle.writer import check_output
-
-from .derive import Result, derive, open_parent
+from .derive import Result, begin, derive
 from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
@@ -73,11 +71,7 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
     ``calib_size`` prompts (from ``calib_prompts``: a file, a list, or the generic set) at ``steps`` steps."""
     if mode not in MODES:
         raise InputError(f"unknown precision {mode!r}; expected one of {list(MODES)}")
-    check_output(Path(out).expanduser(), overwrite)  # before minutes of calibration, not after
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not 0 < tolerance < 10):
-        raise InputError(f"--tolerance {tolerance!r}; expected a number in (0, 10)")
-    parent = open_parent(src)
+    parent = begin(src, out, overwrite=overwrite, tolerance=tolerance)
     m = parent.manifest
     names = list(components or DEFAULT_COMPONENTS[mode])
     names = [n for n in names if n in m.components] if components is None else names
