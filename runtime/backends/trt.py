@@ -44,6 +44,7 @@ class _Scratch:
 
     ptr = 0
     size = 0
+    generation = 0  # bumped on every reallocation: CUDA graphs captured with the old address must be re-captured
 
     @classmethod
     def ensure(cls, rt, check, size: int) -> int:
@@ -51,6 +52,7 @@ class _Scratch:
             if cls.ptr:
                 check(rt.cudaFree(cls.ptr), "cudaFree")
             cls.ptr, cls.size = check(rt.cudaMalloc(size), "cudaMalloc"), size
+            cls.generation += 1
         return cls.ptr
 
 
@@ -84,6 +86,7 @@ class TrtBackend:
         self._nptype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in self._names()}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self._graph = None
+        self._graph_generation = -1
         self._cuda_graph = options.cuda_graph
         if options.cuda_graph and any(-1 in tuple(self._engine.get_tensor_shape(n)) for n in self._names()):
             raise EngineError(f"{component.name}: CUDA graphs replay fixed shapes and addresses; this engine has "
@@ -137,7 +140,10 @@ class TrtBackend:
             if not ctx.execute_async_v3(stream):
                 raise EngineError(f"{self.component}: TensorRT enqueue failed")
             return
+        if self._graph is not None and self._graph_generation != _Scratch.generation:
+            self._graph = None  # the shared scratch moved since capture
         if self._graph is None:
+            self._graph_generation = _Scratch.generation
             if not ctx.execute_async_v3(stream):  # once outside capture: TensorRT finishes lazy set-up here
                 raise EngineError(f"{self.component}: TensorRT enqueue failed")
             check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
