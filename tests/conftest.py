@@ -2,10 +2,17 @@
 nothing downloaded) and their exported bundles, built once per test session."""
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    # edgediff caches large files' hashes and TensorRT engines under $XDG_CACHE_HOME: keep the suite's own
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edgediff-test-cache-")
 
 
 def _have(mod: str) -> bool:

@@ -106,10 +106,11 @@ class Bundle:
 
     # -- verification ----------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Check every file against the manifest; one line per missing, truncated or altered file."""
-        return [p for p in (self._check(f, hash_it=True) for f in self.manifest.all_files()) if p]
+        """Check every file against the manifest, re-reading every byte (no cached hashes); one line per missing,
+        truncated or altered file."""
+        return [p for p in (self._check(f, hash_it=True, fresh=True) for f in self.manifest.all_files()) if p]
 
-    def _check(self, entry: FileEntry, *, hash_it: bool) -> str | None:
+    def _check(self, entry: FileEntry, *, hash_it: bool, fresh: bool = False) -> str | None:
         path = resolve_inside(self.root, entry.path, what=entry.path)
         if not path.is_file():
             return f"{entry.path}: missing"
@@ -117,6 +118,6 @@ class Bundle:
         if size != entry.size:
             kind = "truncated" if size < entry.size else "grown"
             return f"{entry.path}: {kind} ({size} bytes, manifest says {entry.size})"
-        if hash_it and sha256_file(path) != entry.sha256:
+        if hash_it and sha256_file(path, fresh=fresh) != entry.sha256:
             return f"{entry.path}: altered (sha256 does not match the manifest)"
         return None

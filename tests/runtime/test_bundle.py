@@ -123,3 +123,26 @@ def test_manifest_validates_values(tiny_sd1_bundle):
     data["family"] = "sd9"
     with pytest.raises(BundleError, match="expected one of"):
         Manifest.from_dict(data)
+
+
+def test_large_file_hashes_are_cached_on_disk_and_edits_invalidate(tmp_path, monkeypatch):
+    import hashlib
+
+    from edgediff.bundle import checksums
+
+    monkeypatch.setattr(checksums, "DISK_CACHE_MIN_BYTES", 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 1000)
+    digest = checksums.sha256_file(f)
+    (entry,) = (tmp_path / "cache" / "edgediff" / "sha256").iterdir()
+    assert entry.read_text().strip() == digest
+    checksums._cache.clear()  # what a fresh process sees: only the disk entry
+    entry.write_text("0" * 64)  # a planted entry is used, which proves the disk cache is read ...
+    assert checksums.sha256_file(f) == "0" * 64
+    assert checksums.sha256_file(f, fresh=True) == digest  # ... and fresh=True (inspect --verify) ignores it
+    f.write_bytes(b"b" * 1000)  # an edit moves ctime/mtime: a new identity, so the file is hashed again
+    checksums._cache.clear()
+    assert checksums.sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    monkeypatch.setenv("EDGEDIFF_HASH_CACHE", "0")
+    assert checksums._disk_dir() is None
