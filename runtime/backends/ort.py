@@ -31,6 +31,10 @@ class OrtOptions:
     enable_mem_pattern: bool = True
     disable_prepacking: bool = False  # pre-packed weights are a second copy of every MatMul/Conv weight
     optimized_model_filepath: str | None = None  # write the optimized graph (edgediff optimize uses this)
+    # Graphs saved by `edgediff optimize --target cpu` open with optimizations off (session creation ~0.1x). True
+    # re-runs level "all" on them: the CPU's NCHWc layout transforms, ~5 % faster SD-1.5 steps here, ~8 s more
+    # at start (docs/engines.md). For long-running services.
+    reoptimize_saved_graphs: bool = False
     enable_profiling: bool = False  # ORT's per-node profiler; end_profiling() returns the JSON file
     profile_file_prefix: str = "edgediff_ort_profile"
     log_severity_level: int = 3  # errors only: ORT's warnings are not the user's business
@@ -109,7 +113,8 @@ class OrtBackend:
                     f"{component.name}: this bundle was optimized for ONNX Runtime's {component.optimized_for!r} "
                     f"backend and cannot run on {provider!r}; use --backend {component.optimized_for}, or optimize "
                     f"the original bundle with --target {provider}")
-            options = replace(options, graph_optimization_level="disable")
+            if not options.reoptimize_saved_graphs:
+                options = replace(options, graph_optimization_level="disable")
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
             raise BackendUnavailable(
