@@ -94,7 +94,7 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
             raise InputError(f"--calib-size {calib_size!r}; expected an integer >= 1")
         prompts = (prompts * (calib_size // len(prompts) + 1))[:calib_size]
-    steps = steps or 20
+    steps = 20 if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"--steps {steps!r}; expected an integer >= 1")
 

@@ -148,6 +148,8 @@ def test_bad_requests_one_line_each(tiny_sd1_bundle, int8, tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(InputError, match="holds no prompts"):
         quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", calib_prompts=tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="--steps 0"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", steps=0)
     with pytest.raises(InputError, match="--calib-size 0"):
         quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", calib_size=0)
     with pytest.raises(EngineError, match="already int8-qdq; quantize the fp32 bundle"):
