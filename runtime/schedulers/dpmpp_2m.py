@@ -16,9 +16,11 @@ def alpha_sigma(sigma):
 
 
 def lambda_of(sigma):
-    """Half log-SNR lambda = log(alpha_t) - log(sigma_t)."""
+    """Half log-SNR lambda = log(alpha_t) - log(sigma_t); +inf at sigma = 0 (the final, noise-free step), as in
+    diffusers, without numpy's divide-by-zero warning reaching the user."""
     a, s = alpha_sigma(sigma)
-    return np.log(a) - np.log(s)
+    with np.errstate(divide="ignore"):
+        return np.log(a) - np.log(s)
 
 
 def multistep_timesteps(c, n: int, spacing: str, offset: int) -> np.ndarray:
