@@ -93,3 +93,14 @@ def test_compare_without_torch_is_one_line(tiny_sd1_bundle, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "diffusers") else real(name, *a))
     r = bench(tiny_sd1_bundle, "--steps", "2", "--runs", "1", "--compare", "diffusers")
     assert r.exit_code != 0 and "needs torch and diffusers" in r.output
+
+
+def test_session_levels_compares_creation_and_run(tiny_sd1_bundle):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgediff.bench.session_levels", str(tiny_sd1_bundle), "--size", "32x32",
+                        "--repeat", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = [line for line in r.stdout.splitlines() if "level=all" in line][0].split()
+    assert row[0] == "tiny-sd1" and float(row[2]) > 0 and row[3] == "1.000"
