@@ -106,7 +106,7 @@ def main() -> None:
         opt.step()
         if step % 100 == 0 or step == a.vae_steps - 1:
             log["vae"].append({"step": step, "mse": float(F.mse_loss(rec, x).detach()), "kl": float(kl.detach()), "t": time.time() - t0})
-            print(f"vae {step} mse {log['vae'][-1]['mse']:.5f} kl {float(kl):.1f} {time.time() - t0:.0f}s", flush=True)
+            print(f"vae {step} mse {log['vae'][-1]['mse']:.5f} kl {log['vae'][-1]['kl']:.1f} {time.time() - t0:.0f}s", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
@@ -149,8 +149,8 @@ def main() -> None:
             for e, p in zip(list(ema.parameters()) + list(ema_text.parameters()), params):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % 200 == 0 or step == a.unet_steps - 1:
-            log["unet"].append({"step": step, "loss": float(loss), "lr": sched_lr.get_last_lr()[0], "t": time.time() - t0})
-            print(f"unet {step} loss {float(loss):.4f} {time.time() - t0:.0f}s", flush=True)
+            log["unet"].append({"step": step, "loss": float(loss.detach()), "lr": sched_lr.get_last_lr()[0], "t": time.time() - t0})
+            print(f"unet {step} loss {log['unet'][-1]['loss']:.4f} {time.time() - t0:.0f}s", flush=True)
 
     # -- save ---------------------------------------------------------------------------------------------------
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
