@@ -76,10 +76,11 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
     assert "edgediff/bench/schema.json" in names
     for package in _pyproject()["tool"]["setuptools"]["packages"]:
         assert package.replace(".", "/") + "/__init__.py" in names, f"{package} missing from the wheel"
-    if (ROOT / "runtime" / "models" / "shapes" / "edgediff.json").is_file():  # the built-in model ships as data
-        shipped = {p.relative_to(ROOT / "runtime").as_posix() for p in (ROOT / "runtime" / "models").rglob("*")
-                   if p.is_file()}
-        assert {"edgediff/" + s for s in shipped} <= names
+    # the built-in model ships as package data: every file of it, or the README's main command fails after install
+    shipped = {p.relative_to(ROOT / "runtime").as_posix() for p in (ROOT / "runtime" / "models").rglob("*")
+               if p.is_file()}
+    assert "models/shapes/edgediff.json" in shipped
+    assert {"edgediff/" + s for s in shipped} <= names
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

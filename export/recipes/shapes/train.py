@@ -51,8 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=2000, help="text encoder + UNet optimiser steps")
-    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--unet-steps", type=int, default=4000, help="text encoder + UNet optimiser steps")
+    ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--images", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -91,7 +91,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(a.seed)
 
     # -- stage 1: VAE -------------------------------------------------------------------------------------------
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    # warm-up then cosine decay to 5 %: the late small steps are what make the small shapes' edges and colours sharp
+    vae_warm = min(50, max(1, a.vae_steps // 10))
+    vae_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / vae_warm)
+                                               * (0.05 + 0.475 * (1 + np.cos(np.pi * min(1.0, s / a.vae_steps)))))
     vae.train()
     t0 = time.time()
     for step in range(a.vae_steps):
@@ -100,10 +104,15 @@ def main() -> None:
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         kl = post.kl().mean()
-        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        # The shape covers 3-11 % of the pixels, so a plain MSE is won by the background (a blurry average of all
+        # colours measured 0.026 after 400 steps, with 3 % of reconstructions judged right): shape pixels (those
+        # unlike the image's corner, which is always background) weigh 11x.
+        fg = ((x - x[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02).float()  # (N, 1, 64, 64)
+        loss = ((rec - x) ** 2 * (1 + 10 * fg)).mean() + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        vae_lr.step()
         if step % 100 == 0 or step == a.vae_steps - 1:
             log["vae"].append({"step": step, "mse": float(F.mse_loss(rec, x).detach()), "kl": float(kl.detach()), "t": time.time() - t0})
             print(f"vae {step} mse {log['vae'][-1]['mse']:.5f} kl {log['vae'][-1]['kl']:.1f} {time.time() - t0:.0f}s", flush=True)

@@ -1,0 +1,61 @@
+"""The built-in default model, shipped as package data: it loads with no -m, and what it draws is what the prompt
+asks for, judged from pixels. A broken runtime, tokenizer, scheduler or bundle fails here in CI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgediff.bench.shapes.dataset import HELDOUT, parse_prompt
+from edgediff.bench.shapes.judge import judge
+from edgediff.builtin_model import default_bundle
+from edgediff.bundle.reader import Bundle
+from edgediff.pipeline import Pipeline
+
+# (prompt, seed): training-distribution and held-out colour/shape pairs, every position row and both sizes.
+CASES = [
+    ("a small red circle in the top left corner on a white background", 0),
+    ("a large blue square in the middle center on a black background", 1),
+    ("a large green triangle in the bottom right corner on a gray background", 2),
+    ("a small yellow cross in the top right corner on a white background", 3),
+    ("a large red triangle in the middle left on a white background", 0),  # held out from training
+]
+# What the shipped model has learned (eval-default, held-out prompts: colour 80 %, size 89 %). Its shape (26 %)
+# and position (11 %) are not reliable yet -- a longer training run is open work (export/recipes/shapes/README.md)
+# -- so these tests judge colour and size, which a broken runtime, tokenizer, scheduler or bundle does not produce.
+LEARNED = ("colour", "size")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with Pipeline.load(default_bundle()) as p:
+        yield p
+
+
+def test_shipped_bundle_is_complete_and_small():
+    b = Bundle.open(default_bundle())
+    assert b.verify() == []
+    assert all(c.parity is not None and c.parity.passed for c in b.manifest.components.values())
+    assert sum(f.size for f in b.manifest.all_files()) <= 25 * 2**20
+    assert (parse_prompt(CASES[-1][0]).colour, parse_prompt(CASES[-1][0]).shape) in HELDOUT
+
+
+@pytest.mark.parametrize("prompt, seed", CASES)
+def test_generation_follows_the_prompt(pipe, prompt, seed):
+    image = pipe(prompt, seed=seed).images[0]
+    verdict = judge(np.asarray(image)).check(parse_prompt(prompt))
+    assert all(verdict[a] for a in LEARNED), verdict
+
+
+def test_readme_main_command(tmp_path):
+    """The README's first command, minus the install: no -m, the built-in model, a PNG that shows the prompt."""
+    prompt = "a small red circle in the top left corner on a white background"
+    out = tmp_path / "out.png"
+    r = subprocess.run([sys.executable, "-m", "edgediff.cli", "generate", prompt, "--seed", "0", "-o", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    verdict = judge(np.asarray(Image.open(out).convert("RGB"))).check(parse_prompt(prompt))
+    assert all(verdict[a] for a in LEARNED), verdict
