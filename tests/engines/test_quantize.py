@@ -51,9 +51,11 @@ def test_int8_bundle_generates_close_to_fp32(int8, tiny_sd1_bundle):
     assert np.isfinite(b).all() and 0 < np.abs(a - b).mean() < 0.2
 
 
-def test_default_tolerance_refuses_a_poor_quantization_and_writes_nothing(tiny_sd1_bundle, tmp_path):
-    with pytest.raises(ParityError, match="rel_l2 .* over the int8-qdq tolerance 0.15; nothing was written"):
-        quantize_bundle(tiny_sd1_bundle, tmp_path / "q", mode="int8", **FAST)
+def test_a_quantization_over_its_tolerance_is_refused_and_writes_nothing(tiny_sd1_bundle, tmp_path):
+    # The bound is set below any INT8 error: the tiny random UNet's own INT8 error depends on the CPU's INT8 kernels
+    # (over the default 0.15 on an AVX2-only CPU, under it on a VNNI one), so the default cannot be relied on here.
+    with pytest.raises(ParityError, match="rel_l2 .* over the int8-qdq tolerance 1e-06; nothing was written"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "q", mode="int8", tolerance=1e-6, **FAST)
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
 
 
