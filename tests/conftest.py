@@ -12,7 +12,12 @@ import pytest
 
 def pytest_configure(config):
     # edgediff caches large files' hashes and TensorRT engines under $XDG_CACHE_HOME: keep the suite's own
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edgediff-test-cache-")
+    config._edgediff_cache = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edgediff-test-cache-")
+
+
+def pytest_unconfigure(config):
+    # ... and leave nothing behind in the user's temp folder
+    shutil.rmtree(getattr(config, "_edgediff_cache", ""), ignore_errors=True)
 
 
 def _have(mod: str) -> bool:
