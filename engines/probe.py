@@ -8,7 +8,6 @@ only meant to be right on the distribution it was calibrated on.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence

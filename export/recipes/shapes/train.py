@@ -41,6 +41,13 @@ def build_models(vocab_size: int, bos: int, eos: int, pad: int, max_len: int):
     return vae, text, unet
 
 
+def warmup_cosine(steps: int, *, warm_max: int, floor: float):
+    """Learning-rate factor at step s: linear warm-up over min(warm_max, steps / 10) steps, then cosine decay from 1
+    to ``floor`` (Loshchilov & Hutter 2017, SGDR without restarts)."""
+    warm = min(warm_max, max(1, steps // 10))
+    return lambda s: min(1.0, (s + 1) / warm) * (floor + (1 - floor) / 2 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+
+
 def to_tensor(images: np.ndarray):
     import torch
 
@@ -92,10 +99,8 @@ def main() -> None:
 
     # -- stage 1: VAE -------------------------------------------------------------------------------------------
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    # warm-up then cosine decay to 5 %: the late small steps are what make the small shapes' edges and colours sharp
-    vae_warm = min(50, max(1, a.vae_steps // 10))
-    vae_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / vae_warm)
-                                               * (0.05 + 0.475 * (1 + np.cos(np.pi * min(1.0, s / a.vae_steps)))))
+    # decay to 5 %: the late small steps are what make the small shapes' edges and colours sharp
+    vae_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.vae_steps, warm_max=50, floor=0.05))
     vae.train()
     t0 = time.time()
     for step in range(a.vae_steps):
@@ -130,10 +135,7 @@ def main() -> None:
     ema_text = copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
-    # linear warm-up over 100 steps, then cosine decay to 10 % (Loshchilov & Hutter 2017, SGDR without restarts)
-    warm = min(100, max(1, a.unet_steps // 10))
-    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, s / a.unet_steps))))
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.unet_steps, warm_max=100, floor=0.1))
     unet.train()
     text.train()
     t0 = time.time()
