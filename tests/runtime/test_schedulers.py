@@ -51,7 +51,8 @@ VARIANTS = [
     ("unipc", dict(final_sigmas_type="sigma_min")),
     ("dpmpp_2m", dict(lower_order_final=False)), ("dpmpp_2m", dict(euler_at_final=True)),
     ("ddim", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")),
-    ("euler", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")),
+    *[(n, dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"))
+      for n in ("euler", "euler_a", "dpmpp_2m", "unipc", "lcm")],  # the built-in model's schedule (Lin et al.)
     ("unipc", dict(solver_type="bh1")), ("unipc", dict(disable_corrector=[0, 1])),
     ("lcm", dict(original_inference_steps=100, timestep_scaling=5.0)),
 ]
