@@ -13,12 +13,14 @@ import sys
 import time
 
 # mode -> (OrtOptions overrides, low_memory)
+ORT = {"enable_mem_arena": True, "shared_arena": False, "enable_mem_pattern": True, "disable_prepacking": False}
 MODES: dict[str, tuple[dict, bool]] = {
-    "ort-defaults": ({"enable_mem_arena": True, "disable_prepacking": False}, False),
-    "arena-off": ({"enable_mem_arena": False, "disable_prepacking": False}, False),
-    "no-prepack": ({"enable_mem_arena": True, "disable_prepacking": True}, False),
-    "lean": ({"enable_mem_arena": False, "disable_prepacking": True}, False),
-    "default": ({}, False),  # edgediff's own OrtOptions defaults
+    "ort-defaults": (ORT, False),  # ONNX Runtime's own session defaults
+    "arena-off": (ORT | {"enable_mem_arena": False}, False),
+    "no-prepack": (ORT | {"disable_prepacking": True}, False),
+    "lean": (ORT | {"enable_mem_arena": False, "disable_prepacking": True}, False),
+    "shared-arena-pattern": (ORT | {"shared_arena": True}, False),  # why the default turns the memory pattern off
+    "default": ({}, False),  # edgediff's own OrtOptions defaults: shared arena, no memory pattern
     "low-memory": ({}, True),
 }
 

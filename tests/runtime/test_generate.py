@@ -74,6 +74,19 @@ def test_low_memory_mode_gives_the_same_image(tiny_sd1_bundle, pipe):
     np.testing.assert_array_equal(a, b)
 
 
+def test_shared_arena_gives_the_same_image(tiny_sd1_bundle):
+    """One process-wide arena for all sessions (the memory-saving mode) computes what per-session arenas compute,
+    and registering it again for a second pipeline is harmless."""
+    from edgediff.backends.ort import OrtOptions
+
+    images = []
+    for shared in (True, False, True):
+        with Pipeline.load(tiny_sd1_bundle, options=OrtOptions(shared_arena=shared)) as p:
+            images.append(p("a dog", num_inference_steps=3, seed=5, output_type="np").images[0])
+    np.testing.assert_array_equal(images[0], images[1])
+    np.testing.assert_array_equal(images[2], images[1])
+
+
 def test_callback_and_cancel(pipe):
     from edgediff.errors import Cancelled
 
