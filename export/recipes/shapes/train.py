@@ -4,10 +4,13 @@
 
 Stages (each seeded): (1) a CLIP-format BPE tokenizer trained on the captions; (2) an AutoencoderKL
 64x64x3 -> 16x16x4; (3) a CLIPTextModel trained from scratch jointly with a UNet2DConditionModel (cross-attention,
-epsilon prediction, 10 % caption dropout for classifier-free guidance, EMA weights). The result is a standard
+v-prediction on a zero-terminal-SNR schedule, a high-noise timestep curriculum, 10 % caption dropout for
+classifier-free guidance, EMA weights). The result is a standard
 diffusers StableDiffusionPipeline folder (safetensors) plus train_log.json; `edgediff export` turns it into the
 bundle shipped in the package. Reproducible from --seed on this CPU (torch's CPU kernels are deterministic for a
-fixed thread count): every stage runs a fixed number of steps, never a wall-clock budget.
+fixed thread count): every stage runs a fixed number of steps, never a wall-clock budget, and draws from its
+own generator seeded from --seed, so `--vae-from` (stage 2 on a VAE that stage 1 wrote earlier) gives the same
+weights as a full run.
 """
 from __future__ import annotations
 
@@ -48,6 +51,29 @@ def warmup_cosine(steps: int, *, warm_max: int, floor: float):
     return lambda s: min(1.0, (s + 1) / warm) * (floor + (1 - floor) / 2 * (1 + np.cos(np.pi * min(1.0, s / steps))))
 
 
+# The noise schedule: SD's scaled-linear betas rescaled to zero SNR at t = T, v-prediction, trailing timesteps
+# (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", sec. 3.1-3.3). With SD's own
+# schedule the last training step keeps sqrt(alpha_bar_T) = 0.068 of the image; on a 16x16 latent that leak is
+# enough to find the shape, so the UNet learned to place it where the noise suggests and ignored the position words
+# (every position prompt gave the same layout for a seed). At zero SNR the first sampling step sees pure noise and
+# must take the layout from the text.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+def sample_timesteps(step: int, batch: int, g, *, curriculum: int):
+    """Training timesteps (batch,) int64. Layout is decided in the last ~10 % of the noise levels, which uniform
+    sampling visits rarely: the first ``curriculum`` steps train only t in [900, 1000) (text -> layout), later
+    half of each batch is drawn from [600, 1000) and half uniformly (details need the low-noise steps)."""
+    import torch
+
+    if step < curriculum:
+        return torch.randint(900, 1000, (batch,), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    high = torch.randint(600, 1000, (batch,), generator=g)
+    return torch.where(torch.rand(batch, generator=g) < 0.5, high, t)
+
+
 def to_tensor(images: np.ndarray):
     import torch
 
@@ -58,11 +84,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=4000, help="text encoder + UNet optimiser steps")
+    ap.add_argument("--unet-steps", type=int, default=6500, help="text encoder + UNet optimiser steps")
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--images", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--curriculum", type=int, default=600, help="first UNet steps at high noise only")
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="a pipeline folder this recipe wrote with the same --seed: reuse its VAE, skip stage 1")
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything (< 1 minute), for tests")
     a = ap.parse_args()
 
@@ -76,8 +105,9 @@ def main() -> None:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     if a.smoke:
-        a.images, a.vae_steps, a.unet_steps, a.batch = 256, 5, 3, 16
-    log: dict = {"settings": vars(a) | {"out": str(a.out)}, "vae": [], "unet": []}
+        a.images, a.vae_steps, a.unet_steps, a.batch, a.curriculum = 256, 5, 3, 16, 1
+    log: dict = {"settings": vars(a) | {"out": str(a.out), "vae_from": a.vae_from and str(a.vae_from)},
+                 "noise_schedule": NOISE_SCHEDULE, "vae": [], "unet": []}
     work = a.out.with_name(a.out.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -95,15 +125,88 @@ def main() -> None:
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("vae", vae), ("text", text), ("unet", unet))}
     log["params"] = n_params
     print(f"data {len(captions)} images, params {n_params}", flush=True)
-    g = torch.Generator().manual_seed(a.seed)
+    g = torch.Generator().manual_seed(a.seed)  # stage 1's draws
+    g_unet = torch.Generator().manual_seed(a.seed + 1)  # stage 2's: independent of whether stage 1 ran
 
     # -- stage 1: VAE -------------------------------------------------------------------------------------------
+    if a.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(a.vae_from / "vae")
+        log["vae_stage"] = f"reused from {a.vae_from}"
+    else:
+        train_vae(vae, x_all, a.vae_steps, g, log)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    z_all = means * scaling  # (N, 4, 16, 16), unit variance: what the UNet learns to denoise
+    log["scaling_factor"] = scaling
+
+    # -- stage 2: text encoder + UNet ----------------------------------------------------------------------------
+    sched = DDPMScheduler(**NOISE_SCHEDULE)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.unet_steps, warm_max=100, floor=0.1))
+    unet.train()
+    text.train()
+    t0 = time.time()
+    g = g_unet
+    for step in range(a.unet_steps):
+        idx = torch.randint(0, len(z_all), (a.batch,), generator=g)
+        z0, ids = z_all[idx], ids_all[idx].clone()
+        drop = torch.rand(a.batch, generator=g) < 0.1  # classifier-free guidance: learn the unconditional too
+        ids[drop] = empty_ids
+        noise = torch.randn(z0.shape, generator=g)
+        t = sample_timesteps(step, a.batch, g, curriculum=a.curriculum)
+        zt = sched.add_noise(z0, noise, t)
+        cond = text(input_ids=ids).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022): at zero SNR, v = -x0, a finite target
+        loss = F.mse_loss(pred, sched.get_velocity(z0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched_lr.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(list(ema.parameters()) + list(ema_text.parameters()), params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if step % 200 == 0 or step == a.unet_steps - 1:
+            log["unet"].append({"step": step, "loss": float(loss.detach()), "lr": sched_lr.get_last_lr()[0], "t": time.time() - t0})
+            print(f"unet {step} loss {log['unet'][-1]['loss']:.4f} {time.time() - t0:.0f}s", flush=True)
+    log["unet_minutes"] = (time.time() - t0) / 60
+
+    # -- save ---------------------------------------------------------------------------------------------------
+    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tok, unet=ema.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    shutil.rmtree(a.out, ignore_errors=True)
+    pipe.save_pretrained(a.out, safe_serialization=True)
+    shutil.rmtree(a.out / "tokenizer")
+    shutil.copytree(tok_dir, a.out / "tokenizer")  # CLIP's vocab.json + merges.txt, as SD folders carry them
+    log["minutes_total"] = (time.time() - t_start) / 60
+    (a.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"saved {a.out} after {log['minutes_total']:.1f} min, {a.unet_steps} UNet steps", flush=True)
+
+
+def train_vae(vae, x_all, steps: int, g, log: dict) -> None:
+    """Stage 1: reconstruction + a tiny KL term, shape pixels weighted up."""
+    import torch
+    import torch.nn.functional as F
+
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     # decay to 5 %: the late small steps are what make the small shapes' edges and colours sharp
-    vae_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.vae_steps, warm_max=50, floor=0.05))
+    vae_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warm_max=50, floor=0.05))
     vae.train()
     t0 = time.time()
-    for step in range(a.vae_steps):
+    for step in range(steps):
         idx = torch.randint(0, len(x_all), (32,), generator=g)
         x = x_all[idx]
         post = vae.encode(x).latent_dist
@@ -118,65 +221,10 @@ def main() -> None:
         loss.backward()
         opt.step()
         vae_lr.step()
-        if step % 100 == 0 or step == a.vae_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log["vae"].append({"step": step, "mse": float(F.mse_loss(rec, x).detach()), "kl": float(kl.detach()), "t": time.time() - t0})
             print(f"vae {step} mse {log['vae'][-1]['mse']:.5f} kl {log['vae'][-1]['kl']:.1f} {time.time() - t0:.0f}s", flush=True)
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        means = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
-    scaling = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling)
-    z_all = means * scaling  # (N, 4, 16, 16), unit variance: what the UNet learns to denoise
-    log["scaling_factor"] = scaling
-
-    # -- stage 2: text encoder + UNet ----------------------------------------------------------------------------
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    ema_text = copy.deepcopy(text).requires_grad_(False)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.unet_steps, warm_max=100, floor=0.1))
-    unet.train()
-    text.train()
-    t0 = time.time()
-    for step in range(a.unet_steps):
-        idx = torch.randint(0, len(z_all), (a.batch,), generator=g)
-        z0, ids = z_all[idx], ids_all[idx].clone()
-        drop = torch.rand(a.batch, generator=g) < 0.1  # classifier-free guidance: learn the unconditional too
-        ids[drop] = empty_ids
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (a.batch,), generator=g)
-        zt = sched.add_noise(z0, noise, t)
-        cond = text(input_ids=ids).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched_lr.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(list(ema.parameters()) + list(ema_text.parameters()), params):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        if step % 200 == 0 or step == a.unet_steps - 1:
-            log["unet"].append({"step": step, "loss": float(loss.detach()), "lr": sched_lr.get_last_lr()[0], "t": time.time() - t0})
-            print(f"unet {step} loss {log['unet'][-1]['loss']:.4f} {time.time() - t0:.0f}s", flush=True)
-
-    # -- save ---------------------------------------------------------------------------------------------------
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                            beta_schedule="scaled_linear", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text.eval(), tokenizer=tok, unet=ema.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    shutil.rmtree(a.out, ignore_errors=True)
-    pipe.save_pretrained(a.out, safe_serialization=True)
-    shutil.rmtree(a.out / "tokenizer")
-    shutil.copytree(tok_dir, a.out / "tokenizer")  # CLIP's vocab.json + merges.txt, as SD folders carry them
-    log["minutes_total"] = (time.time() - t_start) / 60
-    (a.out / "train_log.json").write_text(json.dumps(log, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"saved {a.out} after {log['minutes_total']:.1f} min, {a.unet_steps} UNet steps", flush=True)
+    log["vae_minutes"] = (time.time() - t0) / 60
 
 
 if __name__ == "__main__":
