@@ -18,7 +18,12 @@ class PNDM(SchedulerBase):
         super().__init__(config)
         if config.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"pndm: prediction_type={config.prediction_type!r}; expected one of ['epsilon', 'v_prediction']")
-        self.alphas_cumprod = C.alphas_cumprod(config, bool(config.rescale_betas_zero_snr))
+        if config.rescale_betas_zero_snr:
+            # PLMS's transfer (eq. 9) divides by sqrt(alpha_bar_t), which a zero-terminal-SNR schedule makes 0 at
+            # t = T; diffusers' PNDMScheduler has no such option and would sample another schedule than the model's.
+            raise ConfigError("pndm cannot sample this model's zero-terminal-SNR schedule (rescale_betas_zero_snr): "
+                              "choose --scheduler ddim, euler, euler_a, dpmpp_2m, unipc or lcm")
+        self.alphas_cumprod = C.alphas_cumprod(config)
         self.final_alpha_cumprod = np.float32(1.0) if self.opt("set_alpha_to_one") else self.alphas_cumprod[0]
         self._ets: list[np.ndarray] = []
         self._counter = 0

@@ -196,3 +196,12 @@ def test_stochastic_scheduler_without_noise_is_a_clear_error():
 
     with pytest.raises(EdgediffError, match="needs a noise source"):
         s.step(np.zeros((1, 4, 2, 2), np.float32), 0, np.zeros((1, 4, 2, 2), np.float32), None)
+
+
+def test_pndm_refuses_a_zero_terminal_snr_schedule():
+    """PLMS divides by sqrt(alpha_bar_T) = 0 there: one line naming the schedulers that can, not a NaN at step 1."""
+    cfg = SchedulerConfig.from_dict({**SD, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+                                     "timestep_spacing": "trailing"})
+    with pytest.raises(ConfigError, match="pndm cannot sample .* zero-terminal-SNR .* dpmpp_2m"):
+        make_scheduler("pndm", cfg)
+    make_scheduler("dpmpp_2m", cfg).set_timesteps(20)
