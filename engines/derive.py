@@ -25,6 +25,7 @@ from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import BundleIntegrityError, EngineError, InputError, ParityError
 
 from .graphs import save_model
+from .isolate import run_isolated
 
 Feeds = dict[str, np.ndarray]
 
@@ -113,9 +114,11 @@ def derive(parent: Bundle, out: str | Path, *, step: str, transform: Transform, 
             if not feeds:
                 raise EngineError(f"internal: no parity inputs for {name}")
             progress(f"{name}: parity on {len(feeds)} real input(s)")
-            receipts[name] = parity(parent.model_path(name), dst, feeds, precision=result.precision,
-                                    provider=result.provider, optimized=bool(result.optimized_for), tolerance=tolerance,
-                                    reference=f"parent bundle {parent.digest[:12]} ({comp.precision}, ONNX Runtime CPU)")
+            # in a child process: a parity session that exhausts memory is one line, not a CLI killed mid-write
+            receipts[name] = run_isolated(
+                parity, parent.model_path(name), dst, feeds, what=f"{name}: the parity check at {_shapes(feeds[0])}",
+                precision=result.precision, provider=result.provider, optimized=bool(result.optimized_for),
+                tolerance=tolerance, reference=f"parent bundle {parent.digest[:12]} ({comp.precision}, ONNX Runtime CPU)")
             if not receipts[name].passed:
                 r = receipts[name]
                 value = r.max_rel if r.metric == "max_rel" else r.rel_l2
