@@ -41,6 +41,7 @@ TOLERANCE = {
     "int8-weights": 0.15,
     "fp8-qdq": 0.15,
     "int4-weights": 0.15,
+    "int8-storage": 0.05,
 }
 METRIC = {p: ("max_rel" if p in ("fp32", "mixed-fp16", "fp16") else "rel_l2") for p in TOLERANCE}
 

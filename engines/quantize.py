@@ -13,6 +13,9 @@ Modes (one per call), all with fp32 graph inputs/outputs so the runtime's loop d
   is produced and structurally validated here (``qdq_rules``), and parity is measured where it can run.
 - ``int4-weights``: block-wise (32) symmetric weight-only INT4 of the MatMul weights as blocked
   DequantizeLinear (opset 21), for memory-bound Jetsons; convolutions stay in their precision.
+- ``int8-storage``: the large Conv/MatMul/Gemm weights stored INT8 (symmetric, per output channel) and
+  dequantized to fp32 as each node runs; fp32 arithmetic (``weight_storage``). For low memory: applies to
+  optimized bundles too (optimize first, then this), which keep their fused graphs.
 """
 from __future__ import annotations
 
@@ -32,12 +35,16 @@ from .derive import Result, begin, derive
 from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
+from .weight_storage import store_weights_int8
 
-MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights")
+MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
 PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-weights", "fp8": "fp8-qdq",
-             "int4-weights": "int4-weights"}
+             "int4-weights": "int4-weights", "int8-storage": "int8-storage"}
 DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
-                      "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",)}
+                      "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",),
+                      "int8-storage": ("unet",)}
+# modes that rewrite weights only and keep every node: they apply to graphs ONNX Runtime has already fused
+AFTER_OPTIMIZE = ("int8-storage",)
 FP16_MAX = 65504.0
 FP16_HEADROOM = 4.0  # keep a node fp32 when its calibrated |output| exceeds 65504 / 4: unseen prompts go higher
 PARITY_PROMPT = "a photo of a red apple on a wooden table"
@@ -81,7 +88,7 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         comp = m.components[n]
         if comp.precision != "fp32":
             raise EngineError(f"{parent.root}: {n} is already {comp.precision}; quantize the fp32 bundle it came from")
-        if comp.optimized_for:
+        if comp.optimized_for and mode not in AFTER_OPTIMIZE:
             raise EngineError(f"{parent.root}: {n} was optimized for {comp.optimized_for!r} (fused ONNX Runtime ops); "
                               "quantize the exported bundle, then optimize the result")
     if isinstance(calib_prompts, (str, Path)):
@@ -116,11 +123,13 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
             raise EngineError(f"internal: no calibration inputs captured for {name}")
         with _quiet_quantizer():  # onnxruntime.quantization logs advice to the root logger and prints progress
             model, precision = _QUANTIZERS[mode](graph, feeds, name, progress)
-        if mode in ("int8", "fp8"):
-            problems = qdq_rules.violations(model, "int8" if mode == "int8" else "fp8")
+        if mode in ("int8", "fp8", "int8-storage"):
+            problems = qdq_rules.violations(model, "fp8" if mode == "fp8" else "int8")
             if problems:
                 raise EngineError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {problems[0]}")
-        return model, Result(precision=precision)
+        optimized_for = m.components[name].optimized_for  # only AFTER_OPTIMIZE modes get here with one
+        return model, Result(precision=precision, optimized_for=optimized_for,
+                             provider="cuda" if optimized_for == "cuda" else "cpu")
 
     extra = f" --calib-size {len(prompts)} --steps {steps}" if needs_calib else ""
     return derive(parent, out, step=f"quantize --{mode} --components {','.join(names)}{extra}", transform=transform,
@@ -246,6 +255,16 @@ def _int4_weights(graph: Path, feeds, name: str, progress):
         return q.model.model, PRECISION["int4-weights"]
 
 
+def _int8_storage(graph: Path, feeds, name: str, progress):
+    model = load_model(graph)
+    stored = store_weights_int8(model)
+    if not stored.tensors:
+        raise EngineError(f"{name}: no Conv/MatMul/Gemm weight of >= 4096 fp32 elements to store as INT8")
+    progress(f"{name}: {stored.tensors} weights stored INT8, {stored.bytes_before / 1e6:.0f} MB -> "
+             f"{stored.bytes_after / 1e6:.0f} MB")
+    return model, PRECISION["int8-storage"]
+
+
 def _fp16(graph: Path, feeds, name: str, progress):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -279,4 +298,4 @@ def activation_peaks(graph: Path, feeds, workdir: Path) -> dict[str, float]:
 
 
 _QUANTIZERS = {"fp16": _fp16, "int8": _int8, "int8-weights": _int8_weights, "fp8": _fp8,
-               "int4-weights": _int4_weights}
+               "int4-weights": _int4_weights, "int8-storage": _int8_storage}

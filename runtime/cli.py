@@ -141,6 +141,8 @@ def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: b
 @click.option("--int8-weights", "mode", flag_value="int8-weights", help="Dynamic INT8 (weights only stored INT8).")
 @click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 Q/DQ for Ada/Hopper TensorRT, calibrated.")
 @click.option("--int4-weights", "mode", flag_value="int4-weights", help="Block-wise INT4 MatMul weights.")
+@click.option("--int8-storage", "mode", flag_value="int8-storage",
+              help="Weights stored INT8, dequantized per node at run time (fp32 math; low memory; after optimize).")
 @click.option("--components", default=None, help="Comma-separated (default: unet; all four for --fp16).")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line.")
 @click.option("--calib-size", type=int, default=None, help="Number of calibration prompts (default: all given).")
