@@ -35,6 +35,7 @@ from .derive import Result, begin, derive
 from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
+from .attention import attention_projections
 from .weight_storage import store_weights_int8
 
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
@@ -43,6 +44,7 @@ PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-wei
 DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
                       "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",),
                       "int8-storage": ("unet",)}
+QUANT_TARGETS = ("tensorrt", "cpu")
 # modes that rewrite weights only and keep every node: they apply to graphs ONNX Runtime has already fused
 AFTER_OPTIMIZE = ("int8-storage",)
 FP16_MAX = 65504.0
@@ -72,12 +74,18 @@ CALIB_PROMPTS = (
 def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: Sequence[str] | None = None,
                     calib_prompts: Sequence[str] | str | Path | None = None, calib_size: int | None = None,
                     steps: int | None = None, height: int | None = None, width: int | None = None,
-                    overwrite: bool = False, tolerance: float | None = None,
+                    overwrite: bool = False, tolerance: float | None = None, target: str = "tensorrt",
                     progress: Callable[[str], None] = lambda msg: None) -> Path:
     """Write a quantized copy of the bundle ``src`` to ``out``. Calibration runs the bundle's own pipeline on
-    ``calib_size`` prompts (from ``calib_prompts``: a file, a list, or the generic set) at ``steps`` steps."""
+    ``calib_size`` prompts (from ``calib_prompts``: a file, a list, or the generic set) at ``steps`` steps.
+    ``target`` (``int8`` only): ``tensorrt`` quantizes every convolution and weight MatMul; ``cpu`` leaves the
+    attention projections float so that ``optimize --target cpu`` can still fuse attention."""
     if mode not in MODES:
         raise InputError(f"unknown precision {mode!r}; expected one of {list(MODES)}")
+    if target not in QUANT_TARGETS:
+        raise InputError(f"--target {target!r}; expected one of {list(QUANT_TARGETS)}")
+    if target != "tensorrt" and mode != "int8":
+        raise InputError(f"--target {target} applies to --int8 only")
     parent = begin(src, out, overwrite=overwrite, tolerance=tolerance)
     m = parent.manifest
     names = list(components or DEFAULT_COMPONENTS[mode])
@@ -122,7 +130,10 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         if needs_calib and not feeds:
             raise EngineError(f"internal: no calibration inputs captured for {name}")
         with _quiet_quantizer():  # onnxruntime.quantization logs advice to the root logger and prints progress
-            model, precision = _QUANTIZERS[mode](graph, feeds, name, progress)
+            if mode == "int8" and target == "cpu":
+                model, precision = _static(graph, feeds, name, progress, fp8=False, attention_float=True)
+            else:
+                model, precision = _QUANTIZERS[mode](graph, feeds, name, progress)
         if mode in ("int8", "fp8", "int8-storage"):
             problems = qdq_rules.violations(model, "fp8" if mode == "fp8" else "int8")
             if problems:
@@ -132,6 +143,7 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
                              provider="cuda" if optimized_for == "cuda" else "cpu")
 
     extra = f" --calib-size {len(prompts)} --steps {steps}" if needs_calib else ""
+    extra += f" --target {target}" if target != "tensorrt" else ""
     return derive(parent, out, step=f"quantize --{mode} --components {','.join(names)}{extra}", transform=transform,
                   components=names, parity_feeds=parity_feeds, overwrite=overwrite, tolerance=tolerance, progress=progress)
 
@@ -191,7 +203,7 @@ def _fp8(graph: Path, feeds, name: str, progress) -> object:
     return _static(graph, feeds, name, progress, fp8=True)
 
 
-def _static(graph: Path, feeds, name: str, progress, *, fp8: bool):
+def _static(graph: Path, feeds, name: str, progress, *, fp8: bool, attention_float: bool = False):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
@@ -210,6 +222,10 @@ def _static(graph: Path, feeds, name: str, progress, *, fp8: bool):
         # alone is the largest single error source measured on the UNet (docs/engines.md), for ~1 % of its time.
         convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # nodes are topologically sorted
         nodes = [n for n in nodes if not convs or n not in (convs[0], convs[-1])]
+        if attention_float:  # ONNX Runtime's CPU attention fusion needs float projections (engines.attention)
+            projections = attention_projections(model)
+            nodes = [n for n in nodes if n not in projections]
+            progress(f"{name}: {len(projections)} attention projections stay float")
         del model
         try:
             quantize_static(

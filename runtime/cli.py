@@ -149,9 +149,12 @@ def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: b
 @click.option("--steps", type=int, default=20, show_default=True, help="Step count to calibrate for.")
 @click.option("--size", default=None, help="WIDTHxHEIGHT to calibrate at (default: the model's native size).")
 @click.option("--tolerance", type=float, default=None, help="Accept a larger parity error than the precision's default.")
+@click.option("--target", default="tensorrt", show_default=True,
+              help="--int8 for tensorrt, or cpu: attention projections stay float so optimize --target cpu fuses them.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
 def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, calib_prompts: Path | None,
-             calib_size: int | None, steps: int, size: str | None, tolerance: float | None, overwrite: bool) -> None:
+             calib_size: int | None, steps: int, size: str | None, tolerance: float | None, target: str,
+             overwrite: bool) -> None:
     """Write a reduced-precision copy of BUNDLE to OUT; calibrated on real pipeline runs, parity-checked."""
     from .engines.quantize import MODES, quantize_bundle
     from .errors import InputError
@@ -163,7 +166,7 @@ def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, 
     click.echo(f"quantizing {bundle} -> {out} ({mode})", err=True)
     quantize_bundle(bundle, out, mode=mode, components=names, calib_prompts=calib_prompts, calib_size=calib_size,
                     steps=steps, height=height, width=width, overwrite=overwrite, tolerance=tolerance,
-                    progress=_engine_progress)
+                    target=target, progress=_engine_progress)
     click.echo(f"wrote {out}")
 
 

@@ -176,3 +176,40 @@ def test_cli_errors_are_one_red_line(tiny_sd1_bundle, tmp_path):
                                   str(tmp_path / "missing.txt")])
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1] == f"error: calibration prompt file not found: {tmp_path / 'missing.txt'}"
+
+
+def test_int8_for_cpu_keeps_attention_fusable(tiny_sd1_bundle, tmp_path):
+    """--target cpu leaves the attention projections float, so optimize --target cpu still fuses attention after
+    quantization; the TensorRT layout quantizes them and the fusion finds nothing (docs/engines.md)."""
+    from edgediff.engines.attention import attention_projections
+    from edgediff.engines.optimize import optimize_bundle
+
+    exported = _onnx(tiny_sd1_bundle / "unet/model.onnx")
+    projections = attention_projections(exported)
+    blocks = sum(n.op_type == "Softmax" for n in exported.graph.node)
+    assert blocks > 0 and len(projections) == 4 * blocks  # q, k, v, out per attention
+    assert all(p.endswith(("to_q/MatMul", "to_k/MatMul", "to_v/MatMul", "to_out.0/MatMul")) for p in projections)
+
+    fused = {}
+    for target in ("cpu", "tensorrt"):
+        q = quantize_bundle(tiny_sd1_bundle, tmp_path / f"q-{target}", mode="int8", target=target, tolerance=0.6, **FAST)
+        model = _onnx(q / "unet/model.onnx")
+        producers = {o: n for n in model.graph.node for o in n.output}
+        weights_dq = {n.name for n in model.graph.node
+                      if n.op_type == "MatMul" and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"}
+        if target == "cpu":
+            assert not weights_dq & projections and weights_dq  # feed-forward MatMuls are still INT8
+            assert "--target cpu" in Bundle.open(q).manifest.provenance.transforms[0]
+        else:
+            assert projections <= weights_dq
+        opt = optimize_bundle(q, tmp_path / f"o-{target}", target="cpu")
+        ops = [n.op_type for n in _onnx(opt / "unet/model.onnx").graph.node]
+        fused[target] = ops.count("Attention") + ops.count("MultiHeadAttention")
+    assert fused["cpu"] == blocks and fused["tensorrt"] == 0
+
+
+def test_quantize_target_errors(tiny_sd1_bundle, tmp_path):
+    with pytest.raises(InputError, match="--target 'gpu'; expected one of"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", target="gpu")
+    with pytest.raises(InputError, match="--target cpu applies to --int8 only"):
+        quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="fp8", target="cpu")
