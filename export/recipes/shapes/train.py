@@ -84,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=3000, help="text encoder + UNet optimiser steps")
+    ap.add_argument("--unet-steps", type=int, default=10000, help="text encoder + UNet optimiser steps")
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--images", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=32)
