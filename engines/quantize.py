@@ -36,7 +36,7 @@ from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, sav
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 from .attention import attention_projections
-from .weight_storage import store_weights_int8
+from .weight_storage import MIN_ELEMENTS, store_weights_int8
 
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
 PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-weights", "fp8": "fp8-qdq",
@@ -275,7 +275,7 @@ def _int8_storage(graph: Path, feeds, name: str, progress):
     model = load_model(graph)
     stored = store_weights_int8(model)
     if not stored.tensors:
-        raise EngineError(f"{name}: no Conv/MatMul/Gemm weight of >= 4096 fp32 elements to store as INT8")
+        raise EngineError(f"{name}: no Conv/MatMul/Gemm weight of >= {MIN_ELEMENTS} fp32 elements to store as INT8")
     progress(f"{name}: {stored.tensors} weights stored INT8, {stored.bytes_before / 1e6:.0f} MB -> "
              f"{stored.bytes_after / 1e6:.0f} MB")
     return model, PRECISION["int8-storage"]
