@@ -27,6 +27,7 @@ from edgediff.errors import BackendUnavailable, EngineError, InputError
 
 from .derive import Result, begin, derive
 from .graphs import load_model, save_model, set_static_dims
+from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
 
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -84,8 +85,14 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     h = static.height if static else None
     w = static.width if static else None
     prompts = list(PARITY_PROMPTS) * (static.images if static else 1)
-    got = capture(parent.root, prompts, steps=3, height=h, width=w, images_per_call=static.images if static else 1,
-                  guidance_scale=7.5 if (static is None or static.cfg) else 1.0)
+    # Each memory-hungry step runs in its own process (engines.isolate): what a step's sessions and graph copies
+    # leave in this process's heap (glibc keeps freed memory) would otherwise add up across steps. An SD-1.5
+    # UNet at 512x512 needs ~7 GiB to capture, 13.7 GiB (dynamic) / 17.3 GiB (static) to fuse and save, and ~5 GiB
+    # to check: in one process, static 512x512 was killed by the OOM killer on a 23 GiB machine.
+    got = run_isolated(capture, parent.root, prompts, steps=3, height=h, width=w,
+                       images_per_call=static.images if static else 1,
+                       guidance_scale=7.5 if (static is None or static.cfg) else 1.0,
+                       what="capturing real inputs for the parity check")
     feeds = {name: got.feeds.get(name, []) for name in m.components}
     if "vae_encoder" in m.components:
         feeds["vae_encoder"] = vae_encoder_feeds(got)
@@ -94,22 +101,33 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         result = Result(precision=m.components[name].precision,
                         optimized_for=target if target in ("cpu", "cuda") else "",
                         provider="cuda" if target == "cuda" else "cpu")
-        if static is None and target == "tensorrt":
-            return _ort_offline(graph, target, name), result
-        model = load_model(graph)
-        if static is not None:
-            set_static_dims(model, _static_dims(name, model, static, bundle))
-        if target in ("cpu", "cuda"):
-            model = _fuse(model, name, target)
         with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
-            raw = Path(d) / "model.onnx"
-            save_model(model, raw)
-            del model  # one copy of the weights at a time: an SD-1.5 UNet is 3.4 GB
-            return _ort_offline(raw, target, name), result
+            done = run_isolated(_transform_graph, graph, Path(d), name=name, target=target, static=static,
+                                bundle_root=bundle.root, what=f"{name}: optimize --target {target}")
+            return load_model(done), result
 
     step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
     return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
                   overwrite=overwrite, tolerance=tolerance, progress=progress)
+
+
+def _transform_graph(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
+                     bundle_root: Path) -> Path:
+    """Fix the static dims, fuse and let ONNX Runtime optimize ``graph``; the result is saved under ``work`` and its
+    path returned. Runs in a child process (see optimize_bundle)."""
+    done = work / "done" / "model.onnx"
+    if static is None and target == "tensorrt":
+        return _ort_offline(graph, target, name, done)
+    model = load_model(graph)
+    if static is not None:
+        set_static_dims(model, _static_dims(name, model, static, Bundle.open(bundle_root)))
+    if target in ("cpu", "cuda"):
+        model = _fuse(model, name, target)
+    raw = work / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    save_model(model, raw)
+    del model  # one copy of the weights at a time: an SD-1.5 UNet is 3.4 GB
+    return _ort_offline(raw, target, name, done)
 
 
 def _static_dims(name: str, model, s: Static, bundle: Bundle) -> dict[str, dict[int, int]]:
@@ -150,30 +168,29 @@ def _fuse(model, name: str, target: str):
     return fused.model
 
 
-def _ort_offline(src: Path, target: str, name: str):
-    """Let ONNX Runtime optimize the graph file ``src`` for ``target`` and return the saved result (what it would
-    otherwise redo at every session start)."""
+def _ort_offline(src: Path, target: str, name: str, done: Path) -> Path:
+    """Let ONNX Runtime optimize the graph file ``src`` for ``target`` (what it would otherwise redo at every session
+    start) and save the result as ``done``, weights beside it when ``src`` keeps them outside. Returns ``done``."""
     import onnxruntime as ort
 
     from edgediff.backends.ort import OrtOptions
 
     from .graphs import EXTERNAL_DATA_NAME
 
-    with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
-        done = Path(d) / "out.onnx"
-        extra = {"session.optimized_model_external_initializers_file_name": "out.onnx_data",
-                 "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} \
-            if (Path(src).parent / EXTERNAL_DATA_NAME).exists() else {}
-        options = OrtOptions(graph_optimization_level=SAVE_LEVEL[target], optimized_model_filepath=str(done),
-                             extra_session_config=extra)
-        provider = "cuda" if target == "cuda" else "cpu"
-        try:
-            session = ort.InferenceSession(str(src), options.session_options(), providers=options.providers(provider))
-            del session
-        except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"{name}: ONNX Runtime could not optimize the graph for {target}: {text}") from None
-        return load_model(done)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"session.optimized_model_external_initializers_file_name": done.name + "_data",
+             "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} \
+        if (Path(src).parent / EXTERNAL_DATA_NAME).exists() else {}
+    options = OrtOptions(graph_optimization_level=SAVE_LEVEL[target], optimized_model_filepath=str(done),
+                         extra_session_config=extra)
+    provider = "cuda" if target == "cuda" else "cpu"
+    try:
+        session = ort.InferenceSession(str(src), options.session_options(), providers=options.providers(provider))
+        del session
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{name}: ONNX Runtime could not optimize the graph for {target}: {text}") from None
+    return done
 
 
 def _require_cuda() -> None:

@@ -32,7 +32,7 @@ from edgediff.bundle.reader import Bundle
 from edgediff.errors import EngineError, InputError
 
 from .derive import Result, begin, derive
-from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_bytes
+from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, weights_bytes
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 from .attention import attention_projections
@@ -178,10 +178,7 @@ def _cleaned(graph: Path, d: Path) -> Path:
     """The graph after ONNX Runtime's portable (basic) clean-up: constants folded, so weights are initializers."""
     from .optimize import _ort_offline
 
-    path = d / "clean.onnx"
-    model = _ort_offline(graph, "tensorrt", graph.parent.name)
-    save_model(model, path)
-    return path
+    return _ort_offline(graph, "tensorrt", graph.parent.name, d / "clean" / "model.onnx")
 
 
 def _has_external_data(graph: Path) -> bool:
