@@ -345,15 +345,28 @@ def bench(args, **options) -> None:
 @click.option("--backend", default="cpu", show_default=True)
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Another bundle (e.g. the fp32 parent): also report mean PSNR against its images, same seeds.")
-def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference) -> None:
+@click.option("--autoencode", is_flag=True,
+              help="Judge the VAE round trip of the ground-truth images of the same scenes instead of generations: "
+                   "the ceiling of any denoiser through this bundle's VAE (PSNR is against the ground truth).")
+def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference, autoencode) -> None:
     """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy."""
-    from .bench.shapes.evaluate import ATTRIBUTES, EvalSettings, evaluate
+    from .bench.shapes.evaluate import ATTRIBUTES, EvalSettings, evaluate, evaluate_autoencoder
     from .errors import InputError
     from .pipeline import Pipeline
 
     if n < 1:
         raise InputError(f"--n {n}; must be at least 1")
+    if autoencode and reference is not None:
+        raise InputError("--autoencode compares with the ground truth; drop --reference")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
+    if autoencode:
+        click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + "   PSNR vs ground truth"
+                   + "   (VAE round trip of ground-truth images)")
+        for sp in (["train", "heldout"] if split == "both" else [split]):
+            r = evaluate_autoencoder(pipe, sp, n, seed)
+            click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
+                       + f"   {r['psnr']:.1f} dB")
+        return
     ref = Pipeline.load(reference, backend=backend) if reference is not None else None
     settings = EvalSettings(n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
     click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + ("   PSNR vs reference" if ref else ""))

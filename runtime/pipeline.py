@@ -177,6 +177,31 @@ class Pipeline:
         timings = watch.totals()
         return GenerationResult(images=out, seeds=seeds, timings=timings, spans=tuple(watch.spans), parameters=params)
 
+    def autoencode(self, images) -> np.ndarray:
+        """The VAE round trip of ``images`` ((N, H, W, 3) uint8): encoder mean -> decoder, as (N, H, W, 3) uint8.
+        It shows what the decoder can draw of a given image, so it bounds the quality of anything a denoiser makes
+        through this VAE (``edgediff eval-default --autoencode`` judges it on ground-truth scenes)."""
+        arr = np.asarray(images)
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or not arr.shape[0]:
+            raise InputError(f"autoencode takes (N, H, W, 3) uint8 images, not {arr.dtype} {arr.shape}")
+        h, w = arr.shape[1:3]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise InputError(f"image size {h}x{w}: height and width must be multiples of {self.size_multiple} "
+                             "for this model")
+        m = self.bundle.manifest
+        if "vae_encoder" not in m.components:
+            raise BundleError(f"{self.bundle.root} has no vae_encoder; re-export the bundle to include it")
+        x = np.ascontiguousarray((arr.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2))  # (N, 3, H, W)
+        with self._call_lock or nullcontext():
+            with self.components.use("vae_encoder") as enc:
+                out = self._run(enc, {"sample": x})[0]
+            # the posterior mean (first half of the diagonal Gaussian's parameters); scaling and shift cancel out
+            z = out[:, :m.latent_channels] if out.shape[1] == 2 * m.latent_channels else out
+            with self.components.use("vae_decoder") as dec:
+                decoded = self._run(dec, {"latent_sample": np.ascontiguousarray(z)})[0]
+        self._finite(decoded, "vae_decode", "vae_decoder")
+        return img.to_uint8(decoded)
+
     # -- stages ----------------------------------------------------------------------------------------------
     def _negatives(self, negative_prompt, count: int) -> list[str]:
         if negative_prompt is None:

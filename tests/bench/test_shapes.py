@@ -87,3 +87,18 @@ def test_evaluate_against_a_reference_reports_psnr(tiny_sd1_bundle):
     with Pipeline.load(tiny_sd1_bundle) as p:
         r = evaluate(p, "heldout", EvalSettings(n=3, steps=1, batch=2), reference=p)
     assert r["n"] == 3 and r["psnr"] == 100.0 and 0 <= r["all"] <= 1
+
+
+def test_cli_eval_default_autoencode(tiny_sd1_bundle):
+    """--autoencode prints the round trip's table; with --reference it is one line naming the conflict."""
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    r = CliRunner().invoke(main, ["eval-default", "--autoencode", "--n", "3", "--split", "heldout"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.output.splitlines() if line.startswith("heldout")]
+    assert len(rows) == 1 and rows[0][1] == "3" and rows[0][-1] == "dB"
+    assert "VAE round trip" in r.output
+    r = CliRunner().invoke(main, ["eval-default", "--autoencode", "--reference", str(tiny_sd1_bundle)])
+    assert r.exit_code != 0 and "drop --reference" in r.output and "Traceback" not in r.output

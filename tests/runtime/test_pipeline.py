@@ -127,3 +127,23 @@ def test_result_contract(ours_sd1):
     assert r.images[0].size == (16, 16) and r.images[0].mode == "RGB"
     assert {"tokenize", "text_encoder", "unet", "scheduler", "vae_decode", "total"} <= set(r.timings)
     assert len([s for s in r.spans if s.name == "unet"]) == 2
+
+
+def test_autoencode_matches_diffusers_vae_round_trip(tiny_sd1_source, ours_sd1):
+    """encoder mean -> decoder, as diffusers' AutoencoderKL computes it, to uint8 like the pipelines' images."""
+    from edgediff.errors import InputError
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_sd1_source / "vae", local_files_only=True)
+    images = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        theirs = vae.decode(vae.encode(x).latent_dist.mean).sample
+    theirs = ((theirs / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round()
+    mine = ours_sd1.autoencode(images)
+    assert mine.shape == images.shape and mine.dtype == np.uint8
+    assert np.max(np.abs(mine.astype(np.float64) - theirs)) <= 1  # float32 rounding at .5 may flip one level
+    assert mine.std() > 1  # the comparison means something
+
+    for bad in (images[0], images.astype(np.float32), images[:, :15], images[:0]):
+        with pytest.raises(InputError, match="autoencode takes|multiples of"):
+            ours_sd1.autoencode(bad)
