@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgediff.bundle.reader import Bundle
@@ -33,18 +34,35 @@ def test_smoke_training_exports_to_a_loadable_bundle(tmp_path):
 
 
 @pytest.mark.slow
-def test_vae_from_gives_the_weights_of_a_full_run(tmp_path):
-    """Stage 2 draws from its own generator, so training it on a VAE that stage 1 wrote earlier reproduces the
-    full run's text encoder and UNet byte for byte (the shipped model was trained this way)."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+def test_reused_stages_give_the_weights_of_a_full_run(tmp_path):
+    """Each stage draws from its own generator, so stage 2 on a VAE written earlier (--vae-from), and the whole
+    pipeline assembled from earlier stages (--vae-from + --unet-from), reproduce a full run byte for byte -- the
+    shipped model was assembled this way. Stage 1b (decoder refinement) leaves the encoder, hence what stage 2
+    trains on, unchanged: a run without it has the same encoder and UNet, and another decoder."""
+    from safetensors.numpy import load_file
+
+    runs = {"full": [], "resumed": ["--vae-from", "full"], "assembled": ["--vae-from", "full", "--unet-from", "full"],
+            "no-1b": ["--decoder-steps", "0"]}
     recipe = [sys.executable, "-m", "edgediff.export.recipes.shapes.train", "--smoke"]
-    for args in (["--out", str(full)], ["--out", str(resumed), "--vae-from", str(full)]):
-        r = subprocess.run(recipe + args, capture_output=True, text=True, timeout=600)
+    for out, args in runs.items():
+        args = [str(tmp_path / x) if x == "full" else x for x in args]
+        r = subprocess.run(recipe + ["--out", str(tmp_path / out)] + args, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                 "vae/diffusion_pytorch_model.safetensors"):
-        assert (full / part).read_bytes() == (resumed / part).read_bytes(), part
-    assert "reused" in json.loads((resumed / "train_log.json").read_text())["vae_stage"]
+    parts = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+             "vae/diffusion_pytorch_model.safetensors")
+    for out in ("resumed", "assembled"):
+        for part in parts:
+            assert (tmp_path / "full" / part).read_bytes() == (tmp_path / out / part).read_bytes(), (out, part)
+    full_log = json.loads((tmp_path / "full" / "train_log.json").read_text())
+    assembled_log = json.loads((tmp_path / "assembled" / "train_log.json").read_text())
+    assert "reused" in assembled_log["vae_stage"] and "reused" in assembled_log["unet_stage"]
+    assert assembled_log["decoder"] == full_log["decoder"] and full_log["decoder"][-1]["step"] == 2  # 3 steps
+
+    assert (tmp_path / "full" / parts[0]).read_bytes() == (tmp_path / "no-1b" / parts[0]).read_bytes()
+    with_1b, without = (load_file(str(tmp_path / out / parts[2])) for out in ("full", "no-1b"))
+    for name, w in with_1b.items():
+        same = np.array_equal(w, without[name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
 
 
 def test_timestep_curriculum():
@@ -58,3 +76,21 @@ def test_timestep_curriculum():
     assert late.min() < 600 and late.max() <= 999 and late.dtype == torch.int64
     # half the batch from [600, 1000) plus the uniform half's share of it: ~70 % high-noise
     assert 0.6 < (late >= 600).float().mean() < 0.8
+
+
+def test_vae_loss_gives_shape_and_background_half_each():
+    """A small cross (1.7 % of the pixels) weighs as much in the VAE's loss as its background, like a large one."""
+    torch = pytest.importorskip("torch")
+    from edgediff.bench.shapes.dataset import Scene, render
+    from edgediff.export.recipes.shapes.train import shape_balanced_weight, to_tensor
+
+    scenes = [Scene("cross", "green", "small", "middle center", "gray"),
+              Scene("square", "red", "large", "top left", "white")]
+    x = to_tensor(np.stack([render(s) for s in scenes]))
+    w = shape_balanced_weight(x)
+    assert w.shape == (2, 1, 64, 64)
+    fg = w > 1
+    assert 0.01 < fg[0].float().mean() < 0.03 and 0.05 < fg[1].float().mean() < 0.12
+    for i in range(2):
+        assert float((w[i] * fg[i]).sum() / w[i].sum()) == pytest.approx(0.5, abs=1e-3)
+    assert torch.all(w[~fg] == 1)
