@@ -36,6 +36,7 @@ from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, wei
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 from .attention import attention_projections
+from .conditioning import conditioning_only
 from .weight_storage import MIN_ELEMENTS, store_weights_int8
 
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
@@ -219,6 +220,10 @@ def _static(graph: Path, feeds, name: str, progress, *, fp8: bool, attention_flo
         # alone is the largest single error source measured on the UNet (docs/engines.md), for ~1 % of its time.
         convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # nodes are topologically sorted
         nodes = [n for n in nodes if not convs or n not in (convs[0], convs[-1])]
+        # Layers fed only by the timestep or the text (engines.conditioning) run on a few vectors and shift the
+        # whole image when wrong: they stay float too.
+        conditioning = conditioning_only(model)
+        nodes = [n for n in nodes if n not in conditioning]
         if attention_float:  # ONNX Runtime's CPU attention fusion needs float projections (engines.attention)
             projections = attention_projections(model)
             nodes = [n for n in nodes if n not in projections]

@@ -8,6 +8,7 @@ import pytest
 
 from edgediff.bundle.reader import Bundle
 from edgediff.engines import qdq_rules
+from edgediff.engines.conditioning import conditioning_only
 from edgediff.engines.quantize import quantize_bundle
 from edgediff.errors import EngineError, InputError, OutputExistsError, ParityError
 from edgediff.pipeline import Pipeline
@@ -42,6 +43,22 @@ def test_int8_is_explicit_qdq_in_tensorrt_layout(int8):
     assert producers.get(convs[0].input[1]) is None and producers.get(convs[-1].input[1]) is None
     assert all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:-1])
     assert "--int8" in b.manifest.provenance.transforms[0] and "--calib-size 2 --steps 3" in b.manifest.provenance.transforms[0]
+
+
+def test_layers_that_see_only_the_conditioning_stay_float(int8, tiny_sd1_bundle):
+    """Time-embedding and text-only layers (K, V of cross-attention) are found from the graph and left float: a
+    few vectors' worth of compute, and an error there shifts the whole image (docs/engines.md)."""
+    exported = _onnx(tiny_sd1_bundle / "unet/model.onnx")
+    cond = conditioning_only(exported)
+    for part in ("time_embedding/linear_1/", "time_embedding/linear_2/", "time_emb_proj/", "attn2/to_k/",
+                 "attn2/to_v/"):
+        assert any(part in n for n in cond), part
+    assert not [n for n in cond if any(p in n for p in ("attn1/", "attn2/to_q", "attn2/to_out", "conv", "ff."))]
+    model = _onnx(int8 / "unet/model.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    kept = [n for n in model.graph.node if n.name in cond]
+    assert len(kept) == len(cond) and all(n.input[1] not in producers for n in kept)  # float initializers
+    assert conditioning_only(_onnx(tiny_sd1_bundle / "text_encoder/model.onnx")) == set()
 
 
 def test_int8_bundle_generates_close_to_fp32(int8, tiny_sd1_bundle):
@@ -200,8 +217,8 @@ def test_int8_for_cpu_keeps_attention_fusable(tiny_sd1_bundle, tmp_path):
         if target == "cpu":
             assert not weights_dq & projections and weights_dq  # feed-forward MatMuls are still INT8
             assert "--target cpu" in Bundle.open(q).manifest.provenance.transforms[0]
-        else:
-            assert projections <= weights_dq
+        else:  # all but those that see only the text (K, V of cross-attention: engines.conditioning)
+            assert projections - conditioning_only(exported) <= weights_dq
         opt = optimize_bundle(q, tmp_path / f"o-{target}", target="cpu")
         ops = [n.op_type for n in _onnx(opt / "unet/model.onnx").graph.node]
         fused[target] = ops.count("Attention") + ops.count("MultiHeadAttention")
