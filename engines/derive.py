@@ -131,7 +131,7 @@ def derive(parent: Bundle, out: str | Path, *, step: str, transform: Transform, 
                           transforms=(*m.provenance.transforms, step))
         manifest = describe(tmp, prov, parity=receipts, precision=precision)
         comps = {n: dataclasses.replace(c, optimized_for=optimized_for.get(n, "")) for n, c in manifest.components.items()}
-        write_manifest(tmp, dataclasses.replace(manifest, components=comps))
+        write_manifest(tmp, dataclasses.replace(manifest, components=comps, defaults=m.defaults))
     return out
 
 

@@ -8,6 +8,7 @@ never leaves a half bundle at OUT.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -18,7 +19,7 @@ from typing import Callable
 from edgediff import __version__
 from edgediff.bundle import layout
 from edgediff.bundle.describe import describe
-from edgediff.bundle.manifest import ParityReceipt, Provenance
+from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenance
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import ExportError, ParityError, missing
 
@@ -45,8 +46,10 @@ def export_pipeline(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Progress = _quiet,
+    defaults: GenerationDefaults = GenerationDefaults(),
 ) -> Path:
-    """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``."""
+    """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``. ``defaults``
+    records the steps / guidance the model should run with when a call names none."""
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
@@ -66,7 +69,8 @@ def export_pipeline(
         receipts = _export_all(comps, source, tmp, opset, progress)
         t0 = time.perf_counter()
         _copy_side_files(source.root, tmp, comps)
-        write_manifest(tmp, describe(tmp, _provenance(source), parity=receipts))  # last: the commit marker
+        manifest = dataclasses.replace(describe(tmp, _provenance(source), parity=receipts), defaults=defaults)
+        write_manifest(tmp, manifest)  # last: the commit marker
     progress("write", "bundle", time.perf_counter() - t0)
     return out
 

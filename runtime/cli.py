@@ -51,8 +51,20 @@ def main() -> None:
 @click.option("--opset", default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (.bin/.ckpt) weights. Only for sources you trust.")
-def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool) -> None:
+@click.option("--default-steps", type=int, default=None,
+              help="Record the step count this model should run with when a call names none.")
+@click.option("--default-guidance", type=float, default=None,
+              help="Record the guidance scale this model should run with when a call names none.")
+def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool, default_steps, default_guidance) -> None:
     """Export a diffusers pipeline folder SRC to an ONNX bundle OUT (needs the [export] extra)."""
+    from .bundle.manifest import GenerationDefaults
+    from .errors import BundleError, InputError
+
+    try:
+        defaults = GenerationDefaults(steps=default_steps, guidance_scale=default_guidance)
+    except BundleError as exc:  # checked before minutes of export
+        raise InputError(str(exc).replace("defaults.steps", "--default-steps")
+                         .replace("defaults.guidance_scale", "--default-guidance")) from None
     try:
         from .export.pipeline_export import export_pipeline
     except ImportError as exc:  # edgediff.export is installed with the package; torch may not be
@@ -64,7 +76,8 @@ def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool
         click.echo(f"  {stage:<7} {component:<13} {seconds:7.2f} s", err=True)
 
     click.echo(f"exporting {src} -> {out}", err=True)
-    export_pipeline(src, out, opset=opset, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+    export_pipeline(src, out, opset=opset, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+                    defaults=defaults)
     click.echo(f"wrote {out}")
 
 
@@ -84,6 +97,10 @@ def inspect(bundle: Path, verify: bool) -> None:
                f"  sha256 {b.digest[:16]}")
     click.echo(f"family   {m.family}  prediction {m.prediction_type}  default {m.default_width}x{m.default_height}  "
                f"latents {m.latent_channels}ch /{m.vae_scale_factor}  scaling_factor {m.scaling_factor:g}")
+    if m.defaults.steps is not None or m.defaults.guidance_scale is not None:
+        click.echo(f"defaults steps {m.defaults.steps if m.defaults.steps is not None else '-'}  guidance "
+                   f"{m.defaults.guidance_scale if m.defaults.guidance_scale is not None else '-'}  (recommended; "
+                   "used when a call names none)")
     click.echo(f"source   {m.provenance.source_class or '?'} {m.provenance.source}  by {m.provenance.exporter}")
     for step in m.provenance.transforms:
         click.echo(f"derived  {step}")
@@ -254,8 +271,10 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default: 25).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale; <= 1 turns it off.")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (default: the bundle's recommended count, else 25).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale; <= 1 turns it off (default: the bundle's, else 7.5).")
 @click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, unipc.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (image k uses seed+k).")
 @click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
@@ -270,14 +289,14 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
              backend, rng, low_memory, overwrite) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_atomic
-    from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+    from .pipeline import Pipeline
 
     height, width = _parse_size(size)
     paths = image_paths(output, max(1, num_images))
     check_writable(paths, overwrite)
     bundle = model if model is not None else _default_bundle()
     pipe = Pipeline.load(bundle, backend=backend, scheduler=scheduler, low_memory=low_memory)
-    steps = DEFAULT_STEPS if steps is None else steps
+    steps = pipe.default_steps if steps is None else steps
     with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
         done = [0]
 
@@ -287,7 +306,7 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
             done[0] = i
 
         result = pipe(prompt, negative, num_inference_steps=steps,
-                      guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance, height=height, width=width,
+                      guidance_scale=pipe.default_guidance if guidance is None else guidance, height=height, width=width,
                       num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image, strength=strength,
                       callback=on_step)
     for k, (image, path) in enumerate(zip(result.images, paths)):
@@ -338,8 +357,8 @@ def bench(args, **options) -> None:
               help="A shapes bundle (default: the built-in model).")
 @click.option("--n", type=int, default=200, show_default=True, help="Prompts per split.")
 @click.option("--split", type=click.Choice(["heldout", "train", "both"]), default="both", show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Default: the bundle's recommended count, else 20.")
+@click.option("--guidance", type=float, default=None, help="Default: the bundle's recommended scale, else 5.0.")
 @click.option("--scheduler", default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", default="cpu", show_default=True)
@@ -359,6 +378,10 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, ref
     if autoencode and reference is not None:
         raise InputError("--autoencode compares with the ground truth; drop --reference")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
+    recommended = pipe.bundle.manifest.defaults
+    steps = steps if steps is not None else recommended.steps or EvalSettings.steps
+    guidance = guidance if guidance is not None else (
+        recommended.guidance_scale if recommended.guidance_scale is not None else EvalSettings.guidance)
     if autoencode:
         click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + "   PSNR vs ground truth"
                    + "   (VAE round trip of ground-truth images)")
@@ -369,6 +392,8 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, ref
         return
     ref = Pipeline.load(reference, backend=backend) if reference is not None else None
     settings = EvalSettings(n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
+    click.echo(f"{steps} steps, guidance {guidance:g}, scheduler {scheduler or 'bundle default'}, seeds {seed}.."
+               f"{seed + n - 1}")
     click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + ("   PSNR vs reference" if ref else ""))
     for sp in (["train", "heldout"] if split == "both" else [split]):
         r = evaluate(pipe, sp, settings, reference=ref)

@@ -97,14 +97,26 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def default_steps(self) -> int:
+        """The bundle's recommended step count, else DEFAULT_STEPS."""
+        d = self.bundle.manifest.defaults.steps
+        return DEFAULT_STEPS if d is None else d
+
+    @property
+    def default_guidance(self) -> float:
+        """The bundle's recommended guidance scale, else DEFAULT_GUIDANCE."""
+        d = self.bundle.manifest.defaults.guidance_scale
+        return DEFAULT_GUIDANCE if d is None else d
+
     # -- generation ------------------------------------------------------------------------------------------
     def __call__(
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -119,7 +131,12 @@ class Pipeline:
         output_type: str = "pil",
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
-        PIL image) this is img2img: the image is noised to ``strength`` and denoised from there."""
+        PIL image) this is img2img: the image is noised to ``strength`` and denoised from there. Steps and guidance
+        left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``)."""
+        if num_inference_steps is None:
+            num_inference_steps = self.default_steps
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
         with self._call_lock or nullcontext():
             return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                                   num_images_per_prompt, seed, rng, latents, image, strength, scheduler, callback,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -118,6 +119,22 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """The settings the model's producer recommends, used when a call names none (diffusers leaves these to model
+    cards: a distilled model wants 4 steps and no guidance, the built-in shapes model 20 steps at guidance 5).
+    Either may be None: the runtime's own default then applies."""
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        s, g = self.steps, self.guidance_scale
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 1000):
+            raise BundleError(f"defaults.steps {s!r}; expected an integer from 1 to 1000")
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < 1e6):
+            raise BundleError(f"defaults.guidance_scale {g!r}; expected a finite number >= 0")
+
+
+@dataclass(frozen=True)
 class Manifest:
     family: str
     prediction_type: str  # epsilon | v_prediction | sample (what the denoiser predicts)
@@ -132,6 +149,7 @@ class Manifest:
     provenance: Provenance
     shift_factor: float | None = None  # reserved (VAEs with a shift, e.g. SD3/FLUX); None = no shift
     format_version: int = FORMAT_VERSION
+    defaults: GenerationDefaults = GenerationDefaults()  # recommended steps / guidance (none: the runtime's)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -186,6 +204,7 @@ class Manifest:
                 provenance=_provenance(data["provenance"]),
                 shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
                 format_version=version,
+                defaults=_defaults(data.get("defaults") or {}),
             )
         except BundleError:
             raise
@@ -201,6 +220,15 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError("manifest must be a JSON object")
         return cls.from_dict(data)
+
+
+def _defaults(d: Mapping[str, Any]) -> GenerationDefaults:
+    unknown = sorted(set(d) - {"steps", "guidance_scale"})
+    if unknown:  # written by a newer edgediff: what this one knows still applies
+        warnings.warn(f"manifest defaults: ignoring unknown keys {unknown}; this edgediff reads 'steps' and "
+                      "'guidance_scale'", stacklevel=2)
+    g = d.get("guidance_scale")
+    return GenerationDefaults(steps=d.get("steps"), guidance_scale=None if g is None else float(g))
 
 
 def _provenance(d: Mapping[str, Any]) -> Provenance:

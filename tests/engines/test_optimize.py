@@ -134,3 +134,15 @@ def test_static_bundle_names_its_only_size_and_batch(tiny_sd1_bundle, tmp_path):
             p(["a", "b"], num_inference_steps=1)
         with pytest.raises(InputError, match="1 image\\(s\\) without guidance need batch 1"):
             p("a", num_inference_steps=1, guidance_scale=1.0)
+
+
+def test_derived_bundle_keeps_the_recommended_defaults(bundle_copy, tmp_path):
+    import dataclasses
+
+    from edgediff.bundle.manifest import GenerationDefaults
+    from edgediff.bundle.writer import write_manifest
+
+    m = Bundle.open(bundle_copy).manifest
+    write_manifest(bundle_copy, dataclasses.replace(m, defaults=GenerationDefaults(steps=4, guidance_scale=0.0)))
+    out = optimize_bundle(bundle_copy, tmp_path / "opt", target="tensorrt")
+    assert Bundle.open(out).manifest.defaults == GenerationDefaults(steps=4, guidance_scale=0.0)

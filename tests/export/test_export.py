@@ -74,6 +74,21 @@ def test_cli_export_and_inspect(tiny_sd1_source, tmp_path):
     r = run_cli("inspect", out, "--verify")
     assert r.exit_code == 0, r.output
     assert "parity ok" in r.output and "verified" in r.output and "unet" in r.output
+    assert "defaults" not in r.output  # none recorded
+
+
+def test_cli_export_records_recommended_defaults(tiny_sd1_source, tmp_path):
+    from edgediff.bundle.manifest import GenerationDefaults
+
+    out = tmp_path / "b"
+    r = run_cli("export", tiny_sd1_source, out, "--default-steps", "4", "--default-guidance", "0")
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(out).manifest.defaults == GenerationDefaults(steps=4, guidance_scale=0.0)
+    for args, message in ((["--default-steps", "0"], "--default-steps 0; expected an integer from 1 to 1000"),
+                          (["--default-guidance", "-2"], "--default-guidance -2.0; expected a finite number")):
+        r = run_cli("export", tiny_sd1_source, tmp_path / "c", *args)
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "c").exists()
 
 
 def test_flipped_byte_fails_verify_and_load(bundle_copy):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from edgediff.bundle.checksums import sha256_file
-from edgediff.bundle.manifest import MANIFEST_NAME, Manifest
+from edgediff.bundle.manifest import MANIFEST_NAME, GenerationDefaults, Manifest
 from edgediff.bundle.reader import Bundle
 from edgediff.bundle.safety import check_external_data, resolve_inside
 from edgediff.cli import main
@@ -146,3 +146,19 @@ def test_large_file_hashes_are_cached_on_disk_and_edits_invalidate(tmp_path, mon
     assert checksums.sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest()
     monkeypatch.setenv("EDGEDIFF_HASH_CACHE", "0")
     assert checksums._disk_dir() is None
+
+
+def test_recommended_defaults_round_trip_and_are_checked(tiny_sd1_bundle):
+    data = json.loads((tiny_sd1_bundle / MANIFEST_NAME).read_text())
+    data.pop("defaults", None)  # manifests written before the field existed
+    assert Manifest.from_dict(data).defaults == GenerationDefaults()
+    data["defaults"] = {"steps": 4, "guidance_scale": 0.0}
+    m = Manifest.from_dict(data)
+    assert m.defaults == GenerationDefaults(4, 0.0)
+    assert Manifest.from_json(m.to_json()).defaults == GenerationDefaults(4, 0.0)
+    for bad, message in (({"steps": 0}, "from 1 to 1000"), ({"steps": 2.5}, "from 1 to 1000"),
+                         ({"guidance_scale": -1}, "finite number >= 0"), ({"guidance_scale": "nan"}, "finite")):
+        with pytest.raises(BundleError, match=message):
+            Manifest.from_dict({**data, "defaults": bad})
+    with pytest.warns(UserWarning, match="ignoring unknown keys \\['scheduler'\\]"):
+        assert Manifest.from_dict({**data, "defaults": {"steps": 4, "scheduler": "lcm"}}).defaults.steps == 4

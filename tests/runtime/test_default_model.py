@@ -39,6 +39,8 @@ def test_shipped_bundle_is_complete_and_small():
     assert b.verify() == []
     assert all(c.parity is not None and c.parity.passed for c in b.manifest.components.values())
     assert sum(f.size for f in b.manifest.all_files()) <= 25 * 2**20
+    # the settings eval-default measured it at, used by generate when a call names none
+    assert (b.manifest.defaults.steps, b.manifest.defaults.guidance_scale) == (20, 5.0)
     assert (parse_prompt(CASES[-1][0]).colour, parse_prompt(CASES[-1][0]).shape) in HELDOUT
 
 

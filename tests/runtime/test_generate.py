@@ -219,3 +219,30 @@ def test_cli_help_and_version():
     assert cli("--version").output.startswith("edgediff, version")
     r = cli("--help")
     assert r.exit_code == 0 and "generate" in r.output and "export" in r.output and "inspect" in r.output
+
+
+def test_bundle_recommended_defaults_apply_when_a_call_names_none(bundle_copy, tmp_path):
+    import dataclasses
+
+    from edgediff.bundle.manifest import GenerationDefaults
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+
+    m = Bundle.open(bundle_copy).manifest
+    write_manifest(bundle_copy, dataclasses.replace(m, defaults=GenerationDefaults(steps=3, guidance_scale=1.0)))
+    with Pipeline.load(bundle_copy) as p:
+        assert (p.default_steps, p.default_guidance) == (3, 1.0)
+        r = p("a cat", seed=0, scheduler="euler")  # one UNet call per step (the fixture's PNDM makes 4 of 3)
+        assert r.parameters["steps"] == 3 and r.parameters["guidance_scale"] == 1.0
+        assert len([s for s in r.spans if s.name == "unet"]) == 3
+        r = p("a cat", seed=0, num_inference_steps=2, guidance_scale=7.5)  # the call's own win
+        assert r.parameters["steps"] == 2 and r.parameters["guidance_scale"] == 7.5
+    out = tmp_path / "o.png"
+    r = cli("generate", "a cat", "-m", bundle_copy, "-o", out, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Image.open(out).text["parameters"])["steps"] == 3
+    r = cli("inspect", bundle_copy)
+    assert "defaults steps 3  guidance 1.0" in r.output
+    write_manifest(bundle_copy, m)  # no defaults recorded: the runtime's own
+    with Pipeline.load(bundle_copy) as p:
+        assert (p.default_steps, p.default_guidance) == (25, 7.5)
