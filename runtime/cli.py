@@ -306,7 +306,7 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
             done[0] = i
 
         result = pipe(prompt, negative, num_inference_steps=steps,
-                      guidance_scale=pipe.default_guidance if guidance is None else guidance, height=height, width=width,
+                      guidance_scale=guidance, height=height, width=width,  # None: the bundle's, in the pipeline
                       num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image, strength=strength,
                       callback=on_step)
     for k, (image, path) in enumerate(zip(result.images, paths)):
