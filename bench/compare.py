@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgediff.errors import InputError, MissingDependency
 
-from .runner import PROMPT, BenchConfig
+from .runner import BenchConfig
 
 
 class DiffusersWorker:
@@ -28,7 +28,7 @@ class DiffusersWorker:
         self.versions = json.loads(hello)
 
     def run(self, cfg: BenchConfig, height: int, width: int, seed: int) -> dict:
-        req = dict(prompt=PROMPT, steps=cfg.steps, guidance=cfg.guidance, height=height, width=width,
+        req = dict(prompt=cfg.prompt, steps=cfg.steps, guidance=cfg.guidance, height=height, width=width,
                    batch=cfg.batch, seed=seed, scheduler=cfg.scheduler)
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
@@ -53,7 +53,7 @@ def compare(cfg: BenchConfig, pipe, source: Path) -> dict:
         ours_runs, theirs_runs = [], []
         for r in range(cfg.runs + 1):
             seed = cfg.seed + r
-            res = pipe(PROMPT, **{**cfg.call_kwargs(), "seed": seed})
+            res = pipe(cfg.prompt, **{**cfg.call_kwargs(), "seed": seed})
             unet = [s.seconds for s in res.spans if s.name == "unet"]
             ours = dict(res.timings, unet_per_call=sum(unet) / len(unet))
             theirs = worker.run(cfg, h, w, seed)

@@ -32,8 +32,11 @@ class BenchConfig:
     runs: int = 3
     seed: int = 0
     low_memory: bool = False
+    prompt: str = ""  # "" = prompt_for(bundle)
 
     def __post_init__(self) -> None:
+        if not self.prompt:
+            object.__setattr__(self, "prompt", prompt_for(self.bundle))
         if self.runs < 1:
             raise InputError(f"--runs {self.runs}; must be at least 1")
         if self.warmup < 0:
@@ -45,6 +48,15 @@ class BenchConfig:
 
 
 PROMPT = "a photograph of an astronaut riding a horse"
+# The built-in model's 24-token tokenizer knows only its captions: the SD prompt would be cut (with a warning)
+BUILTIN_PROMPT = "a small red circle in the top left corner on a white background"
+
+
+def prompt_for(bundle: str) -> str:
+    """The fixed prompt every measurement of ``bundle`` uses: the README's for the built-in model, else PROMPT."""
+    from edgediff.builtin_model import default_bundle
+
+    return BUILTIN_PROMPT if Path(bundle).resolve() == Path(default_bundle()).resolve() else PROMPT
 
 
 @dataclass
@@ -79,10 +91,10 @@ def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
         pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, low_memory=cfg.low_memory)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pipe(PROMPT, **cfg.call_kwargs())
+    pipe(cfg.prompt, **cfg.call_kwargs())
     first = time.perf_counter() - t0
     for _ in range(max(0, cfg.warmup - 1)):  # the first image above counts as one warm-up
-        pipe(PROMPT, **cfg.call_kwargs())
+        pipe(cfg.prompt, **cfg.call_kwargs())
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     overhead_us: list[float] = []
     overhead_frac: list[float] = []
@@ -90,7 +102,7 @@ def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
     spans = []
     with PeakRss() as mem:
         for r in range(cfg.runs):
-            res = pipe(PROMPT, **{**cfg.call_kwargs(), "seed": cfg.seed + 1000 * (r + 1)})
+            res = pipe(cfg.prompt, **{**cfg.call_kwargs(), "seed": cfg.seed + 1000 * (r + 1)})
             spans = res.spans
             totals.append(res.timings["total"])
             for s in ("tokenize", "text_encoder", "vae_decode", "postprocess", "total"):
@@ -132,7 +144,7 @@ def op_profile(cfg: BenchConfig, top: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         opts = OrtOptions(enable_profiling=True, profile_file_prefix=os.path.join(tmp, "ort"))
         pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, options=opts)
-        pipe(PROMPT, **cfg.call_kwargs())
+        pipe(cfg.prompt, **cfg.call_kwargs())
         path = pipe.components.get("unet").end_profiling()
         events = json.loads(Path(path).read_text())
         pipe.close()
@@ -152,7 +164,7 @@ def cold_start(cfg: BenchConfig) -> dict:
         "import time, json, sys; t=[time.time()]\n"
         "from edgediff import Pipeline; import edgediff.pipeline; t.append(time.time())\n"
         f"p = Pipeline.load({cfg.bundle!r}, backend={cfg.backend!r}, low_memory={cfg.low_memory!r}); t.append(time.time())\n"
-        f"p({PROMPT!r}, **{cfg.call_kwargs()!r}); t.append(time.time())\n"
+        f"p({cfg.prompt!r}, **{cfg.call_kwargs()!r}); t.append(time.time())\n"
         "print(json.dumps(t))\n"
     )
     start = time.time()

@@ -104,3 +104,19 @@ def test_session_levels_compares_creation_and_run(tiny_sd1_bundle):
     assert r.returncode == 0, r.stderr
     row = [line for line in r.stdout.splitlines() if "level=all" in line][0].split()
     assert row[0] == "tiny-sd1" and float(row[2]) > 0 and row[3] == "1.000"
+
+
+def test_builtin_model_is_benched_with_a_prompt_it_can_read(tiny_sd1_bundle, tmp_path):
+    """The SD prompt would be cut by the built-in model's 24-token tokenizer (a warning in every run): it gets the
+    README's prompt; other bundles keep the fixed SD one. The prompt is recorded in the JSON row."""
+    import warnings
+
+    from edgediff.bench.runner import BUILTIN_PROMPT, PROMPT, prompt_for
+    from edgediff.builtin_model import default_bundle
+
+    assert prompt_for(str(default_bundle())) == BUILTIN_PROMPT and prompt_for(str(tiny_sd1_bundle)) == PROMPT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a truncation warning fails the run
+        r = bench("--steps", "2", "--runs", "1", "--warmup", "0", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["config"]["prompt"] == BUILTIN_PROMPT
