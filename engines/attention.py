@@ -8,6 +8,8 @@ pattern, so a Q/DQ pair on any projection hides the attention from it (docs/engi
 """
 from __future__ import annotations
 
+from .graphs import constant_names
+
 # ops between a projection and the attention products that only move, scale or split the data
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Mul", "Div", "Cast", "Split", "Slice",
                         "Flatten"})
@@ -16,8 +18,7 @@ LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Mul", "
 def attention_projections(model) -> set[str]:
     """Names of the weight MatMul/Gemm nodes that compute Q, K, V or the output projection of an attention."""
     graph = model.graph
-    constants = {t.name for t in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = constant_names(graph)
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:

@@ -8,6 +8,8 @@ Conv/MatMul/Gemm whose data input does not depend on the latent input.
 """
 from __future__ import annotations
 
+from .graphs import constant_names
+
 WEIGHT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 SHAPE_OPS = frozenset({"Shape", "Size"})
 
@@ -18,8 +20,7 @@ def conditioning_only(model, latent_input: str = "sample") -> set[str]:
     graph = model.graph
     if latent_input not in {i.name for i in graph.input}:
         return set()
-    constants = {t.name for t in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = constant_names(graph)
     spatial = {latent_input}
     for n in graph.node:  # nodes are topologically sorted in a valid ONNX graph
         # Shape/Size read only the metadata: the timestep is expanded to the latent batch through Shape(sample)

@@ -55,3 +55,8 @@ def set_static_dims(model, dims: Mapping[str, Mapping[int, int]]) -> None:
                                   f"{value}")
             d.Clear()
             d.dim_value = value
+
+
+def constant_names(graph) -> set[str]:
+    """Names of the tensors whose values are fixed in ``graph``: initializers and Constant node outputs."""
+    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}

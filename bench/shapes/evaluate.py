@@ -33,7 +33,7 @@ def evaluate(pipe, split: str, s: EvalSettings, reference=None) -> dict:
     quantized bundle) also the mean PSNR of this pipeline's images against the reference's for the same prompts
     and seeds."""
     scenes = eval_scenes(split, s.n, s.seed)
-    hits = {a: 0 for a in ATTRIBUTES}
+    checks: list[dict[str, bool]] = []
     psnrs: list[float] = []
     for start in range(0, len(scenes), s.batch):
         chunk = scenes[start:start + s.batch]
@@ -41,13 +41,11 @@ def evaluate(pipe, split: str, s: EvalSettings, reference=None) -> dict:
                   seed=[s.seed + start + k for k in range(len(chunk))], output_type="pil")
         prompts = [canonical_caption(sc) for sc in chunk]
         result = pipe(prompts, **kw)
-        for sc, image in zip(chunk, result.images):
-            for k, ok in judge(np.asarray(image)).check(sc).items():
-                hits[k] += ok
+        checks += [judge(np.asarray(image)).check(sc) for sc, image in zip(chunk, result.images)]
         if reference is not None:
             for a, b in zip(result.images, reference(prompts, **kw).images):
                 psnrs.append(psnr(np.asarray(a), np.asarray(b)))
-    out = {"split": split, "n": len(scenes), **{a: hits[a] / len(scenes) for a in ATTRIBUTES}}
+    out = _summary(split, checks)
     if reference is not None:
         out["psnr"] = float(np.mean(psnrs))
     return out
@@ -58,17 +56,20 @@ def evaluate_autoencoder(pipe, split: str, n: int, seed: int = 0, batch: int = 8
     scenes ``evaluate`` prompts for: the ceiling of any denoiser through this bundle's VAE. Also the mean PSNR of
     the round trips against the ground truth."""
     scenes = eval_scenes(split, n, seed)
-    hits = {a: 0 for a in ATTRIBUTES}
+    checks: list[dict[str, bool]] = []
     psnrs: list[float] = []
     for start in range(0, len(scenes), batch):
         chunk = scenes[start:start + batch]
         truth = np.stack([render(sc) for sc in chunk])  # (B, 64, 64, 3) uint8
         for sc, t, image in zip(chunk, truth, pipe.autoencode(truth)):
-            for k, ok in judge(image).check(sc).items():
-                hits[k] += ok
+            checks.append(judge(image).check(sc))
             psnrs.append(psnr(image, t))
-    return {"split": split, "n": len(scenes), **{a: hits[a] / len(scenes) for a in ATTRIBUTES},
-            "psnr": float(np.mean(psnrs))}
+    return {**_summary(split, checks), "psnr": float(np.mean(psnrs))}
+
+
+def _summary(split: str, checks: list[dict[str, bool]]) -> dict:
+    """Accuracy per attribute over the judged images (one ``Verdict.check`` dict each)."""
+    return {"split": split, "n": len(checks), **{a: sum(c[a] for c in checks) / len(checks) for a in ATTRIBUTES}}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
