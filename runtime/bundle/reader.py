@@ -7,13 +7,16 @@ graph is refused with its name instead of being half-loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import read_json
+from ..defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ..errors import BundleError, BundleIntegrityError, BundleNotFound, ConfigError
 from . import layout
+from .derived import latent_multiple
 from .checksums import sha256_bytes, sha256_file
 from .describe import describe
 from .manifest import MANIFEST_NAME, Component, FileEntry, Manifest, Provenance
@@ -60,6 +63,28 @@ class Bundle:
         except ConfigError as exc:
             raise BundleError(str(exc)) from None
         return cls(root=root, manifest=manifest, model_index=model_index, derived=derived, digest=digest)
+
+    # -- derived values (one source each) -------------------------------------------------------------------
+    @cached_property
+    def unet_config(self) -> dict[str, Any]:
+        return self.config(layout.config_path("unet"))
+
+    @cached_property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE factor x the UNet's downsampling)."""
+        return latent_multiple(self.manifest.vae_scale_factor, self.unet_config.get("block_out_channels", [0]))
+
+    @property
+    def default_steps(self) -> int:
+        """The bundle's recommended step count, else the runtime's DEFAULT_STEPS."""
+        d = self.manifest.defaults.steps
+        return DEFAULT_STEPS if d is None else d
+
+    @property
+    def default_guidance(self) -> float:
+        """The bundle's recommended guidance scale, else the runtime's DEFAULT_GUIDANCE."""
+        d = self.manifest.defaults.guidance_scale
+        return DEFAULT_GUIDANCE if d is None else d
 
     # -- access ----------------------------------------------------------------------------------------------
     def component(self, name: str) -> Component:

@@ -1,0 +1,9 @@
+"""The runtime's own generation defaults: one place, used when neither the call nor the bundle names a value.
+
+A bundle may record the values its producer recommends (``edgediff export --default-steps/--default-guidance``,
+``Manifest.defaults``); ``Bundle.default_steps`` / ``Bundle.default_guidance`` resolve the two in that order.
+"""
+from __future__ import annotations
+
+DEFAULT_STEPS = 25  # diffusers' StableDiffusionPipeline uses 50; 25 with a multistep solver matches it closely
+DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
