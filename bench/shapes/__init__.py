@@ -1,1 +1,2 @@
-"""The built-in default model's world: procedural 64x64 scenes with captions, and a pixel judge of adherence."""
+"""The built-in default model's eval: prompts from its scene world (export/recipes/shapes/dataset.py) and a pixel judge
+of adherence."""

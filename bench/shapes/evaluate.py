@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import Scene, all_scenes, canonical_caption, render
+from edgediff.export.recipes.shapes.dataset import Scene, all_scenes, canonical_caption, render
 from .judge import judge
 
 ATTRIBUTES = ("colour", "shape", "position", "size", "all")

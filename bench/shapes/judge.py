@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SIZE, SIZES, Scene
+from edgediff.export.recipes.shapes.dataset import BACKGROUNDS, COLOURS, POSITIONS, SIZE, SIZES, Scene
 
 _COLOUR_NAMES = list(COLOURS)
 _COLOUR_RGB = np.array([COLOURS[c] for c in _COLOUR_NAMES], np.float32)

@@ -1,39 +1,13 @@
-"""The default model's world: dataset determinism and splits, caption parsing, and the pixel judge (>= 99 % per
-attribute on ground-truth images, clean and with generation-like blur and noise)."""
+"""The default model's eval: the pixel judge (>= 99 % per attribute on ground-truth images, clean and with
+generation-like blur and noise), PSNR, and the evaluation itself -- all without torch. (The scene world it judges,
+export/recipes/shapes/dataset.py, is tested in tests/export/test_shapes_dataset.py.)"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgediff.bench.shapes.dataset import (COLOURS, HELDOUT, SHAPES, all_scenes, canonical_caption, make_dataset,
-                                           parse_prompt, render)
 from edgediff.bench.shapes.judge import judge
-
-
-def test_dataset_is_deterministic():
-    a, ca, sa = make_dataset(3, 50)
-    b, cb, sb = make_dataset(3, 50)
-    assert np.array_equal(a, b) and ca == cb and sa == sb
-    c, cc, _ = make_dataset(4, 50)
-    assert not np.array_equal(a, c) and ca != cc
-    assert a.shape == (50, 64, 64, 3) and a.dtype == np.uint8
-
-
-def test_heldout_combinations_never_in_training():
-    train, held = all_scenes("train"), all_scenes("heldout")
-    assert not {(s.colour, s.shape) for s in train} & HELDOUT
-    assert {(s.colour, s.shape) for s in held} == set(HELDOUT)
-    assert {s.colour for s in train} == set(COLOURS) and {s.shape for s in train} == set(SHAPES)
-    _, _, scenes = make_dataset(0, 500, "train")
-    assert not any(s.heldout for s in scenes)
-
-
-def test_captions_parse_back():
-    _, caps, scenes = make_dataset(5, 300)
-    for c, s in zip(caps, scenes):
-        assert parse_prompt(c) == s, c
-    for s in all_scenes("heldout")[:50]:
-        assert parse_prompt(canonical_caption(s)) == s
+from edgediff.export.recipes.shapes.dataset import all_scenes, make_dataset
 
 
 def _blur_noise(x: np.ndarray, rng) -> np.ndarray:
@@ -63,11 +37,17 @@ def test_judge_on_empty_image():
     assert v.shape is None and not any(v.check(all_scenes("train")[0]).values())
 
 
-def test_render_draws_the_right_colour():
-    s = all_scenes("train")[0]
-    img = render(s)
-    cx, cy = s.center()
-    assert tuple(img[int(cy), int(cx)]) == pytest.approx(COLOURS[s.colour], abs=2)
+def test_eval_imports_no_torch():
+    """eval-default runs where torch is not installed: the eval, and the dataset it imports from the export package,
+    must not pull torch in (nor may the export package's __init__ files)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgediff.bench.shapes.evaluate, edgediff.bench.shapes.judge; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'diffusers'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_psnr():

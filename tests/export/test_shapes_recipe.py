@@ -81,7 +81,7 @@ def test_timestep_curriculum():
 def test_vae_loss_gives_shape_and_background_half_each():
     """A small cross (1.7 % of the pixels) weighs as much in the VAE's loss as its background, like a large one."""
     torch = pytest.importorskip("torch")
-    from edgediff.bench.shapes.dataset import Scene, render
+    from edgediff.export.recipes.shapes.dataset import Scene, render
     from edgediff.export.recipes.shapes.train import shape_balanced_weight, to_tensor
 
     scenes = [Scene("cross", "green", "small", "middle center", "gray"),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgediff.bench.shapes.dataset import HELDOUT, parse_prompt
 from edgediff.bench.shapes.judge import judge
 from edgediff.builtin_model import default_bundle
 from edgediff.bundle.reader import Bundle
+from edgediff.export.recipes.shapes.dataset import HELDOUT, parse_prompt
 from edgediff.pipeline import Pipeline
 
 # (prompt, seed): training-distribution and held-out colour/shape pairs, every position row and both sizes.

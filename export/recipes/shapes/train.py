@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgediff.bench.shapes.dataset import make_dataset
+from edgediff.export.recipes.shapes.dataset import make_dataset
 
 
 def build_models(vocab_size: int, bos: int, eos: int, pad: int, max_len: int):

@@ -1,6 +1,9 @@
 """Procedural 64x64 scenes: one shape of a named colour and size at a 3x3 grid position on a plain background,
 with varied natural captions. Seeded; no downloads. Some (colour, shape) pairs never occur in training: they are
-held out to test compositional generalisation (every colour and every shape still appears in training)."""
+held out to test compositional generalisation (every colour and every shape still appears in training).
+
+The training recipe renders from it and the torch-free eval (``edgediff.bench.shapes``) judges against it, so it
+imports numpy only: no torch, here or in the package ``__init__`` files above it."""
 from __future__ import annotations
 
 import itertools
