@@ -50,6 +50,11 @@ class OutputExistsError(EdgediffError, FileExistsError):
     """Refusing to overwrite something the user already has; pass --overwrite to replace it."""
 
 
+class OutputWriteError(EdgediffError, OSError):
+    """An output cannot be written (read-only or full disk, a pseudo file system, a name too long); nothing was
+    left half-written."""
+
+
 class BackendUnavailable(EdgediffError):
     """The requested backend/provider is not installed or not usable on this machine."""
 

@@ -19,6 +19,16 @@ def to_float(decoded: np.ndarray) -> np.ndarray:
     return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
 
+MAX_INIT_PIXELS = 64 * 2**20  # 8192 x 8192: far beyond any model's size, far below what exhausts memory
+
+
+def _check_pixels(size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > MAX_INIT_PIXELS:
+        raise InputError(f"init image is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is "
+                         f"{MAX_INIT_PIXELS / 1e6:.0f} megapixels: downscale it first")
+
+
 def load_image(source, *, multiple: int):
     """An init image (path or PIL image) -> (1, 3, H, W) float32 in [-1, 1], H and W rounded down to ``multiple``
     (diffusers' VaeImageProcessor.preprocess: resize with Lanczos, normalize)."""
@@ -30,11 +40,16 @@ def load_image(source, *, multiple: int):
             raise InputError(f"init image not found: {path}")
         try:
             with Image.open(path) as im:
+                _check_pixels(im.size)  # from the header, before decoding a decompression bomb
                 im.load()
                 img = im.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"cannot read init image {path}: {exc.__class__.__name__}; use a PNG or JPEG") from None
+        except Image.DecompressionBombError:
+            raise InputError(f"init image {path} is too large to decode safely; use one of at most "
+                             f"{MAX_INIT_PIXELS // 10**6} megapixels") from None
     elif isinstance(source, Image.Image):
+        _check_pixels(source.size)
         img = source.convert("RGB")
     else:
         raise InputError(f"image must be a path or a PIL.Image, not {type(source).__name__}")

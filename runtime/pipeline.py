@@ -17,18 +17,20 @@ import numpy as np
 
 from . import images as img
 from . import validation as check
-from .bundle.manifest import SUPPORTED_FAMILIES
+from .bundle import layout
 from .bundle.reader import Bundle
 from .components import Components
+from .conditioning import Conditioning, TextConditioner
 from .errors import BundleError, Cancelled, InputError, NonFiniteError
+from .families import text_conditioner
 from .noise import NoiseSource, make_noise, seeds_for
+from .request import GenerationRequest
 from .schedulers import make_scheduler, name_for_class
 from .schedulers.config import SchedulerConfig
+from .stages import run_component
 from .timing import Span, Stopwatch
-from .tokenizer import ClipTokenizer
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
+__all__ = ["Pipeline", "GenerationResult", "GenerationRequest", "Conditioning"]
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]  # (step done, total steps, timestep, latents)
 
@@ -41,30 +43,20 @@ class GenerationResult:
     spans: tuple[Span, ...] = ()  # raw per-stage/per-step spans, for the bench harness and traces
     parameters: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
 
-
-@dataclass(frozen=True)
-class Conditioning:
-    """Everything the denoiser gets besides the latents and the timestep. SDXL's pooled text embeddings and time
-    ids, or LCM's guidance embedding, become more entries of ``extra`` — the loop does not change."""
-
-    encoder_hidden_states: np.ndarray  # (2N, seq, D) float32 [uncond; cond] when guided, else (N, seq, D)
-    guided: bool
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    def image_parameters(self, k: int, **more: Any) -> dict[str, Any]:
+        """The parameters that reproduce image ``k`` alone (its own seed), plus ``more`` (e.g. the backend)."""
+        return dict(self.parameters, seed=self.seeds[k], **more)
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, components: Components, tokenizer: ClipTokenizer, scheduler_config: SchedulerConfig,
-                 default_scheduler: str, unet_config: dict[str, Any]):
+    def __init__(self, bundle: Bundle, components: Components, conditioner: TextConditioner,
+                 scheduler_config: SchedulerConfig, default_scheduler: str):
         self.bundle = bundle
         self.components = components
-        self.tokenizer = tokenizer
+        self.conditioner = conditioner
         self.scheduler_config = scheduler_config
         self.default_scheduler = default_scheduler
-        m = bundle.manifest
-        down = 2 ** (len(unet_config.get("block_out_channels", [0])) - 1)
-        # The exported UNet upsamples by fixed factors, so latent sides must divide by its downsampling factor.
-        self.size_multiple = m.vae_scale_factor * down
-        self._unet_config = unet_config
+        self.size_multiple = bundle.size_multiple
         self._call_lock = threading.Lock() if components.low_memory else None
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -73,20 +65,19 @@ class Pipeline:
              options: Any = None, verify: bool = True) -> "Pipeline":
         """Open a bundle. ``backend``: "cpu", "cuda", "tensorrt" (ONNX Runtime providers). ``scheduler``: a name
         from ``edgediff.schedulers.SCHEDULERS``; default: the bundle's own."""
+        if not isinstance(path, (str, Path)):
+            raise InputError(f"Pipeline.load takes a bundle folder path, not {type(path).__name__}")
+        low_memory = check.flag(low_memory, what="low_memory")
+        verify = check.flag(verify, what="verify")
         bundle = Bundle.open(path)
-        family = bundle.manifest.family
-        if family not in SUPPORTED_FAMILIES:
-            raise BundleError(f"{bundle.root}: family {family!r} is not supported by this runtime yet "
-                              f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
-        sched_cfg = SchedulerConfig.from_dict(bundle.config("scheduler/scheduler_config.json"),
-                                              source=f"{bundle.root}/scheduler/scheduler_config.json")
-        default = name_for_class(bundle.config("scheduler/scheduler_config.json").get("_class_name", "PNDMScheduler"))
+        conditioner = text_conditioner(bundle)  # refuses families this runtime cannot run, before any session
+        raw = bundle.config(layout.SCHEDULER_CONFIG)
+        sched_cfg = SchedulerConfig.from_dict(raw, source=f"{bundle.root}/{layout.SCHEDULER_CONFIG}")
+        default = name_for_class(raw.get("_class_name", "PNDMScheduler"))
         if scheduler is not None:
             make_scheduler(scheduler, sched_cfg)  # fail now, listing the names, not at the first call
-        tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir(), max_length=bundle.manifest.text_max_length)
-        unet_config = bundle.config("unet/config.json")
         components = Components(bundle, backend, options, low_memory=low_memory, verify=verify)
-        return cls(bundle, components, tokenizer, sched_cfg, scheduler or default, unet_config)
+        return cls(bundle, components, conditioner, sched_cfg, scheduler or default)
 
     def close(self) -> None:
         self.components.close()
@@ -99,15 +90,13 @@ class Pipeline:
 
     @property
     def default_steps(self) -> int:
-        """The bundle's recommended step count, else DEFAULT_STEPS."""
-        d = self.bundle.manifest.defaults.steps
-        return DEFAULT_STEPS if d is None else d
+        """The bundle's recommended step count, else the runtime's DEFAULT_STEPS."""
+        return self.bundle.default_steps
 
     @property
     def default_guidance(self) -> float:
-        """The bundle's recommended guidance scale, else DEFAULT_GUIDANCE."""
-        d = self.bundle.manifest.defaults.guidance_scale
-        return DEFAULT_GUIDANCE if d is None else d
+        """The bundle's recommended guidance scale, else the runtime's DEFAULT_GUIDANCE."""
+        return self.bundle.default_guidance
 
     # -- generation ------------------------------------------------------------------------------------------
     def __call__(
@@ -124,75 +113,113 @@ class Pipeline:
         rng: str | NoiseSource = "numpy",
         latents: np.ndarray | None = None,
         image: Any = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         scheduler: str | None = None,
         callback: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
         output_type: str = "pil",
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
-        PIL image) this is img2img: the image is noised to ``strength`` and denoised from there. Steps and guidance
-        left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``)."""
-        if num_inference_steps is None:
-            num_inference_steps = self.default_steps
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance
-        with self._call_lock or nullcontext():
-            return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                  num_images_per_prompt, seed, rng, latents, image, strength, scheduler, callback,
-                                  cancel, output_type)
+        PIL image) this is img2img: the image is noised to ``strength`` (default 0.8) and denoised from there.
+        Steps and guidance left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``).
+        Every argument is checked before any work (``request``); ``callback(step, total, t, latents)`` is called
+        after each step and ``cancel()`` before each."""
+        callback = check.hook(callback, what="callback")
+        cancel = check.hook(cancel, what="cancel")
+        req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, height=height, width=width,
+                           num_images_per_prompt=num_images_per_prompt, seed=seed, rng=rng, latents=latents,
+                           image=image, strength=strength, scheduler=scheduler, output_type=output_type)
+        return self.generate(req, callback=callback, cancel=cancel)
 
-    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                  num_images_per_prompt, seed, rng, latents, image, strength, scheduler, callback, cancel, output_type):
+    def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
+                width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
+                scheduler=None, output_type="pil") -> GenerationRequest:
+        """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
+        raises InputError naming the first bad one. Nothing is loaded or run."""
         m = self.bundle.manifest
-        watch = Stopwatch()
-        # 1. validate everything before any work
         prompts = check.prompts(prompt)
-        negatives = self._negatives(negative_prompt, len(prompts))
-        steps = check.steps(num_inference_steps, max_steps=self.scheduler_config.num_train_timesteps)
-        g = check.guidance(guidance_scale)
+        steps = check.steps(self.default_steps if num_inference_steps is None else num_inference_steps,
+                            max_steps=self.scheduler_config.num_train_timesteps)
+        g = check.guidance(self.default_guidance if guidance_scale is None else guidance_scale)
         n = check.count(num_images_per_prompt)
-        if output_type not in ("pil", "np"):
-            raise InputError(f"output_type={output_type!r}; expected one of ['pil', 'np']")
-        sched = make_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+        output_type = check.output_type(output_type)
+        scheduler = scheduler or self.default_scheduler
+        make_scheduler(scheduler, self.scheduler_config).set_timesteps(steps)  # unknown name or bad count: now
+        guided = g > 1.0
+        negatives = self._negatives(negative_prompt, len(prompts)) if guided else None
         init = None
         if image is not None:
-            strength = check.strength(strength)
+            if latents is not None:
+                raise InputError("latents= is for text-to-image; with image= the starting latents come from the "
+                                 "image: drop one of them")
+            strength = check.strength(0.8 if strength is None else strength)  # diffusers' img2img default
             init = img.load_image(image, multiple=self.size_multiple)
+            if height is not None or width is not None:
+                ih, iw = init.shape[2], init.shape[3]
+                if (height, width) != (ih, iw):
+                    raise InputError(f"height/width {width}x{height} differ from the init image's {iw}x{ih}; "
+                                     "img2img keeps the image's size: drop height/width or resize the image")
             height, width = init.shape[2], init.shape[3]
-        h, w = check.size(height, width, multiple=self.size_multiple, default=self._static_size() or
-                          (m.default_height, m.default_width))
+        elif strength is not None:
+            raise InputError("strength only applies to img2img: give an init image (image= / --init-image) or "
+                             "drop strength")
+        h, w = check.size(height, width, multiple=self.size_multiple,
+                          default=self._static_size() or (m.default_height, m.default_width))
         total = len(prompts) * n
-        guided = g > 1.0
         self._check_static(h, w, total * (2 if guided else 1), total, guided)
         self._check_memory(total * (2 if guided else 1), h, w)
         seeds = seeds_for(seed, total)
-        noise = make_noise(rng, seeds) if isinstance(rng, str) else rng
+        if isinstance(rng, str):
+            noise = make_noise(rng, seeds)
+        elif callable(getattr(rng, "standard_normal", None)):
+            noise = rng
+        else:
+            raise InputError(f"rng must be 'numpy', 'torch' or a NoiseSource (an object with standard_normal(shape)), "
+                             f"not {type(rng).__name__}")
         shape = (total, m.latent_channels, h // m.vae_scale_factor, w // m.vae_scale_factor)
+        lat = None if latents is None else self._initial_latents(latents, shape)
+        return GenerationRequest(prompts=tuple(prompts), negatives=None if negatives is None else tuple(negatives),
+                                 steps=steps, guidance_scale=g, height=h, width=w, images_per_prompt=n, seeds=seeds,
+                                 noise=noise, scheduler=scheduler, output_type=output_type, latents=lat,
+                                 init_image=init, strength=strength if init is not None else None,
+                                 rng=rng if isinstance(rng, str) else "custom")
 
+    def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
+                 cancel: Callable[[], bool] | None = None) -> GenerationResult:
+        """Run a validated request (from ``request``)."""
+        with self._call_lock or nullcontext():
+            return self._generate(req, callback, cancel)
+
+    def _generate(self, req: GenerationRequest, callback, cancel) -> GenerationResult:
+        m = self.bundle.manifest
+        watch = Stopwatch()
+        sched = make_scheduler(req.scheduler, self.scheduler_config)
+        shape = (req.total_images, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
         with watch.span("total"):
-            # 2. text conditioning
-            cond = self._encode(prompts, negatives if guided else None, n, watch)
-            # 3. timesteps and initial latents
-            sched.set_timesteps(steps)
-            if init is None:
-                x = self._initial_latents(latents, shape, noise) * np.float32(sched.init_noise_sigma)
+            # 1. text conditioning (the family's conditioner)
+            cond = self.conditioner(req, self.components, watch)
+            # 2. timesteps and initial latents
+            sched.set_timesteps(req.steps)
+            if req.init_image is None:
+                x = req.latents if req.latents is not None else req.noise.standard_normal(shape)  # (N, C, h, w)
+                x = x * np.float32(sched.init_noise_sigma)
             else:
-                x = self._img2img_latents(init, sched, steps, strength, total, noise, watch)
-            # 4. denoise
-            x = self._denoise(x, cond, sched, g, noise, callback, cancel, watch)
-            # 5. decode
+                x = self._img2img_latents(req, sched, watch)
+            # 3. denoise
+            x = self._denoise(x, cond, sched, req, callback, cancel, watch)
+            # 4. decode
             with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
                 z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
                 decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
-            self._finite(decoded, "vae_decode", "vae_decoder")
+            self._check_not_constant(decoded)
             with watch.span("postprocess"):
-                out = self._postprocess(decoded, output_type)
-        params = dict(prompt=prompts, negative_prompt=negatives if guided else None, steps=steps,
-                      scheduler=sched.name, guidance_scale=g, height=h, width=w, strength=strength if init is not None else None,
-                      bundle=self.bundle.digest)
-        timings = watch.totals()
-        return GenerationResult(images=out, seeds=seeds, timings=timings, spans=tuple(watch.spans), parameters=params)
+                out = self._postprocess(decoded, req.output_type)
+        params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
+                      steps=req.steps, scheduler=sched.name, guidance_scale=req.guidance_scale, height=req.height,
+                      width=req.width, strength=req.strength, bundle=self.bundle.digest)
+        return GenerationResult(images=out, seeds=req.seeds, timings=watch.totals(), spans=tuple(watch.spans),
+                                parameters=params)
 
     def autoencode(self, images) -> np.ndarray:
         """The VAE round trip of ``images`` ((N, H, W, 3) uint8): encoder mean -> decoder, as (N, H, W, 3) uint8.
@@ -216,7 +243,6 @@ class Pipeline:
             z = out[:, :m.latent_channels] if out.shape[1] == 2 * m.latent_channels else out
             with self.components.use("vae_decoder") as dec:
                 decoded = self._run(dec, {"latent_sample": np.ascontiguousarray(z)})[0]
-        self._finite(decoded, "vae_decode", "vae_decoder")
         return img.to_uint8(decoded)
 
     # -- stages ----------------------------------------------------------------------------------------------
@@ -230,48 +256,40 @@ class Pipeline:
             raise InputError(f"negative_prompt has {len(negs)} entries for {count} prompts; give one, or one per prompt")
         return negs
 
-    def _encode(self, prompts: list[str], negatives: list[str] | None, n: int, watch: Stopwatch) -> Conditioning:
-        texts = prompts if negatives is None else negatives + prompts  # diffusers' order: [uncond; cond]
-        with watch.span("tokenize"):
-            ids = self.tokenizer.encode(texts)  # (T, L) int64
-        with self.components.use("text_encoder") as te, watch.span("text_encoder"):
-            hidden = self._run(te, {"input_ids": ids})[0]  # (T, L, D) float32
-        hidden = np.repeat(hidden, n, axis=0)  # each prompt's embedding for each of its n images, as diffusers does
-        return Conditioning(encoder_hidden_states=np.ascontiguousarray(hidden), guided=negatives is not None)
-
-    def _initial_latents(self, latents, shape, noise: NoiseSource) -> np.ndarray:
-        if latents is None:
-            return noise.standard_normal(shape)  # (N, C, H/f, W/f) float32
+    def _initial_latents(self, latents, shape) -> np.ndarray:
         x = np.asarray(latents)
         if x.shape != shape:
             raise InputError(f"latents have shape {x.shape}; expected {shape} for this size and number of images")
         if not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"latents must be floating point, not {x.dtype}")
+        if not np.isfinite(x).all():
+            raise InputError("latents contain NaN/Inf; pass finite values (or no latents: they are drawn from the seed)")
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def _img2img_latents(self, init, sched, steps: int, strength: float, total: int, noise: NoiseSource, watch) -> np.ndarray:
+    def _img2img_latents(self, req: GenerationRequest, sched, watch: Stopwatch) -> np.ndarray:
         m = self.bundle.manifest
         # diffusers' get_timesteps: skip the first (1 - strength) of the schedule
-        init_steps = min(int(steps * strength), steps)
+        init_steps = min(int(req.steps * req.strength), req.steps)
         if init_steps < 1:
-            raise InputError(f"strength={strength} with {steps} steps runs no denoising step; raise either")
-        t_start = steps - init_steps
+            raise InputError(f"strength={req.strength} with {req.steps} steps runs no denoising step; raise either")
+        t_start = req.steps - init_steps
         sched.set_begin_index(t_start * sched.order)
         with self.components.use("vae_encoder") as enc, watch.span("vae_encode"):
-            out = self._run(enc, {"sample": np.repeat(init, total, axis=0)})[0]
+            out = self._run(enc, {"sample": np.repeat(req.init_image, req.total_images, axis=0)})[0]
         if out.shape[1] == 2 * m.latent_channels:  # diagonal Gaussian parameters: sample it with our noise
             mean, logvar = np.split(out, 2, axis=1)
             std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-            z = mean + std * noise.standard_normal(mean.shape)
+            z = mean + std * req.noise.standard_normal(mean.shape)
         else:  # optimum's vae_encoder already returns a sample
             z = out
         z = (z - np.float32(m.shift_factor or 0.0)) * np.float32(m.scaling_factor)
-        eps = noise.standard_normal(z.shape)
+        eps = req.noise.standard_normal(z.shape)
         return sched.add_noise(z.astype(np.float32), eps, sched.begin_index)
 
-    def _denoise(self, x, cond: Conditioning, sched, g: float, noise, callback, cancel, watch: Stopwatch) -> np.ndarray:
+    def _denoise(self, x, cond: Conditioning, sched, req: GenerationRequest, callback, cancel,
+                 watch: Stopwatch) -> np.ndarray:
         total = len(sched.timesteps)
-        precision = self.bundle.component("unet").precision
+        g = np.float32(req.guidance_scale)
         with self.components.use("unet") as unet:
             for i in range(sched.begin_index, total):
                 if cancel is not None and cancel():
@@ -284,15 +302,15 @@ class Pipeline:
                     feeds = {"sample": x_in, "timestep": np.full((x_in.shape[0],), t, np.float32),
                              "encoder_hidden_states": cond.encoder_hidden_states, **cond.extra}
                     with watch.span("unet", i):
-                        eps = self._run(unet, feeds)[0]  # (2N or N, C, h, w) float32
+                        eps = self._run(unet, feeds)[0]  # (2N or N, C, h, w) float32, checked finite
                     with watch.span("scheduler", i):
                         if cond.guided:  # classifier-free guidance (Ho & Salimans 2022): e_u + g (e_c - e_u)
                             eps_u, eps_c = np.split(eps, 2)
-                            eps = eps_u + np.float32(g) * (eps_c - eps_u)
-                        x = sched.step(eps, i, x, noise)
-                    if not np.isfinite(x).all():
-                        raise NonFiniteError(f"latents became NaN/Inf at step {i + 1} of {total} (unet precision "
-                                             f"{precision}); try an fp32 bundle or another scheduler")
+                            eps = eps_u + g * (eps_c - eps_u)
+                        x = sched.step(eps, i, x, req.noise)
+                    if not np.isfinite(x).all():  # the denoiser's output was finite: the update overflowed
+                        raise NonFiniteError(f"the {sched.name} scheduler produced NaN/Inf at step {i + 1} of {total} "
+                                             "from finite model outputs; try another scheduler or fewer steps")
                 if callback is not None:
                     callback(i + 1, total, float(t), x)
         return x
@@ -306,18 +324,20 @@ class Pipeline:
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _run(self, backend, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Cast feeds to the graph's declared dtypes and outputs back to float32."""
-        specs = {s.name: s for s in backend.inputs}
-        cast = {k: np.ascontiguousarray(v, dtype=specs[k].dtype) if k in specs else v for k, v in feeds.items()}
-        outs = backend.run(cast)
-        return [np.asarray(outs[s.name], dtype=np.float32) if outs[s.name].dtype.kind == "f" else outs[s.name]
-                for s in backend.outputs]
+        """Run a component; NaN/Inf in its outputs is reported by that component."""
+        return run_component(backend, feeds, precision=self.bundle.component(backend.component).precision)
 
-    def _finite(self, arr: np.ndarray, stage: str, component: str) -> None:
-        if not np.isfinite(arr).all():
-            precision = self.bundle.component(component).precision
-            raise NonFiniteError(f"{stage} produced NaN/Inf ({component} precision {precision}); "
-                                 "this would be a black image: use an fp32 VAE")
+    def _check_not_constant(self, decoded: np.ndarray) -> None:
+        """A decoder that saturates (every pixel at -1 or +1) or returns one flat colour is broken, not an image:
+        refuse it rather than write an all-black, all-white or flat PNG. Judged on the uint8 pixels the user gets."""
+        pixels = img.to_uint8(decoded)  # (N, H, W, 3) uint8
+        flat = [k for k in range(len(pixels)) if (pixels[k] == pixels[k, :1, :1]).all()]
+        if flat:
+            rgb = tuple(int(v) for v in pixels[flat[0], 0, 0])
+            precision = self.bundle.component("vae_decoder").precision
+            raise NonFiniteError(f"vae_decoder returned a constant image (every pixel RGB {rgb}) for image "
+                                 f"{flat[0]}: the decoder is broken, not the prompt (precision {precision}); verify "
+                                 "the bundle (edgediff inspect --verify) or use an fp32 VAE")
 
     def _static_size(self) -> tuple[int, int] | None:
         """(height, width) when the denoiser's spatial dims are fixed (``edgediff optimize --static``)."""
@@ -342,10 +362,11 @@ class Pipeline:
 
     def _check_memory(self, batch: int, h: int, w: int) -> None:
         f = self.bundle.manifest.vae_scale_factor
-        heads = self._unet_config.get("attention_head_dim", 8)
+        unet_config = self.bundle.unet_config
+        heads = unet_config.get("attention_head_dim", 8)
         heads = max(heads) if isinstance(heads, (list, tuple)) else heads
         need = check.activation_bytes(batch=batch, latent_h=h // f, latent_w=w // f, attention_heads=int(heads),
-                                      channels=self._unet_config.get("block_out_channels", [320]))
+                                      channels=unet_config.get("block_out_channels", [320]))
         have = check.available_memory()
         if have is not None and need > have:
             raise InputError(f"{w}x{h} with batch {batch} needs about {need / 2**30:.1f} GiB for the denoiser's "

@@ -5,10 +5,13 @@ import math
 import os
 from typing import Sequence
 
+import numpy as np
+
 from .errors import InputError
 
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens (~300 characters); refuse absurd inputs before tokenizing them
 MAX_IMAGES = 64
+OUTPUT_TYPES = ("pil", "np")
 
 
 def prompts(value, *, what: str = "prompt") -> list[str]:
@@ -19,6 +22,11 @@ def prompts(value, *, what: str = "prompt") -> list[str]:
     for p in items:
         if len(p) > MAX_PROMPT_CHARS:
             raise InputError(f"{what} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS} (CLIP reads ~77 tokens)")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8 (a shell's \xff, a bad API string)
+            raise InputError(f"{what} is not valid Unicode text (an undecodable byte at character {exc.start}); "
+                             "pass UTF-8 text") from None
     return list(items)
 
 
@@ -48,6 +56,26 @@ def strength(s) -> float:
     if not (0.0 < s <= 1.0) or math.isnan(s):
         raise InputError(f"strength={s}; must be in (0, 1] (1 ignores the init image entirely)")
     return s
+
+
+def flag(value, *, what: str) -> bool:
+    """A boolean option: True or False only ("no" is a true string in Python; refuse it rather than guess)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{what} must be True or False, not {value!r}")
+    return bool(value)
+
+
+def hook(fn, *, what: str):
+    """An optional callable (callback, cancel): None or something that can be called."""
+    if fn is not None and not callable(fn):
+        raise InputError(f"{what} must be callable (or None), not {type(fn).__name__}")
+    return fn
+
+
+def output_type(value) -> str:
+    if value not in OUTPUT_TYPES:
+        raise InputError(f"output_type={value!r}; expected one of {list(OUTPUT_TYPES)}")
+    return value
 
 
 def count(n) -> int:

@@ -1,37 +1,36 @@
-"""The one scheduler protocol. The denoising loop talks to every scheduler through it, indexed by step.
-
-    sched = make_scheduler("euler", config)      # config: SchedulerConfig read from scheduler_config.json
-    sched.set_timesteps(num_inference_steps)
-    x = x * sched.init_noise_sigma
-    for i in range(sched.begin_index, len(sched.timesteps)):
-        eps = unet(sched.scale_model_input(x, i), sched.timesteps[i])
-        x = sched.step(eps, i, x, noise)
-
-A scheduler instance holds the state of one generation (multistep history): make one per call, never share it
-between threads.
-"""
+"""State every scheduler has: its config, timesteps, begin index. Subclasses implement the math."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ..noise import NoiseSource
+from ..errors import EdgediffError
+from .config import SchedulerConfig
 
 
-class Scheduler(Protocol):
-    name: str  # registry name: "pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "unipc"
-    timesteps: np.ndarray  # (N,) the model's timestep input per step, as diffusers feeds it to the UNet
-    init_noise_sigma: float  # initial latents = standard normal * init_noise_sigma
-    order: int  # diffusers' order: img2img skips `t_start * order` entries
-    begin_index: int  # first index to run (0, or set by set_begin_index for img2img)
+class SchedulerBase:
+    name: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, Any]] = {}  # diffusers' constructor defaults for keys the config may omit
+    order: int = 1
 
-    def set_timesteps(self, num_inference_steps: int) -> None: ...
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.timesteps = np.zeros((0,), np.int64)
+        self.init_noise_sigma = 1.0
+        self.begin_index = 0
+        self.num_inference_steps = 0
 
-    def set_begin_index(self, begin_index: int) -> None: ...
+    def opt(self, key: str) -> Any:
+        """The effective value of config ``key``: the file's, else this scheduler's diffusers default."""
+        return self.config.get(key, self.DEFAULTS)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray: ...
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = int(begin_index)
 
-    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: NoiseSource | None = None) -> np.ndarray: ...
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        return sample
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray: ...
+    def _check_ready(self, i: int) -> None:
+        if not 0 <= i < len(self.timesteps):
+            raise EdgediffError(f"{self.name}: step index {i} outside [0, {len(self.timesteps)}); call set_timesteps first")

@@ -98,11 +98,9 @@ def test_callback_and_cancel(pipe):
              callback=lambda i, n, t, x: seen.append(i))
 
 
-def test_non_finite_latents_raise_instead_of_black_image(pipe):
-    from edgediff.errors import NonFiniteError
-
+def test_non_finite_latents_are_refused_as_input(pipe):
     bad = np.full((1, 4, 8, 8), np.nan, np.float32)
-    with pytest.raises(NonFiniteError, match="step 1"):
+    with pytest.raises(InputError, match="latents contain NaN/Inf"):
         pipe("x", num_inference_steps=2, latents=bad, scheduler="euler")
 
 
@@ -127,7 +125,29 @@ BAD = [
     (dict(scheduler="heun"), ConfigError, "unknown scheduler 'heun'"),
     (dict(rng="mt"), InputError, "unknown rng 'mt'"),
     (dict(num_images_per_prompt=0), InputError, "num_images_per_prompt"),
+    (dict(rng=None), InputError, "rng must be"),
+    (dict(rng=object()), InputError, "rng must be"),
+    (dict(callback=5), InputError, "callback must be callable"),
+    (dict(cancel=True), InputError, "cancel must be callable"),
+    (dict(strength=0.5), InputError, "strength only applies to img2img"),
+    (dict(image="INIT", latents=np.zeros((1, 4, 4, 4), np.float32)), InputError, "latents= is for text-to-image"),
+    (dict(prompt="red \udcff circle"), InputError, "not valid Unicode text"),
+    (dict(negative_prompt="\ud800"), InputError, "negative_prompt is not valid Unicode"),
+    (dict(image="BOMB"), InputError, "megapixels|too large"),
+    (dict(output_type="latent"), InputError, "output_type"),
 ]
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (a decompression bomb's header; no pixel data needed)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("kwargs,exc,match", BAD, ids=[m for _, _, m in BAD])
@@ -138,6 +158,9 @@ def test_bad_input_raises_typed_error(pipe, tmp_path, kwargs, exc, match):
         kwargs["image"] = tmp_path / "init.png"
     elif kwargs.get("image") == "MISSING":
         kwargs["image"] = tmp_path / "missing.png"
+    elif kwargs.get("image") == "BOMB":
+        _png_header_only(tmp_path / "bomb.png", 16000, 16000)
+        kwargs["image"] = tmp_path / "bomb.png"
     prompt = kwargs.pop("prompt", "a prompt")
     with pytest.raises(exc, match=match):
         pipe(prompt, **{"num_inference_steps": 2, **kwargs})
@@ -149,9 +172,19 @@ def test_unreadable_init_image(pipe, tmp_path):
         pipe("x", image=tmp_path / "bad.png", num_inference_steps=2)
 
 
+def test_init_image_over_the_pixel_limit_is_refused_before_decoding(pipe, tmp_path):
+    _png_header_only(tmp_path / "big.png", 9000, 9000)  # under PIL's own bomb limit, over ours
+    with pytest.raises(InputError, match="81 megapixels"):
+        pipe("x", image=tmp_path / "big.png", num_inference_steps=2)
+
+
 def test_bad_bundle_and_backend(tmp_path, tiny_sd1_bundle):
     with pytest.raises(BundleNotFound):
         Pipeline.load(tmp_path / "nope")
+    with pytest.raises(InputError, match="bundle folder path, not NoneType"):
+        Pipeline.load(None)
+    with pytest.raises(InputError, match="low_memory must be True or False, not 'no'"):
+        Pipeline.load(tiny_sd1_bundle, low_memory="no")
     with pytest.raises(InputError, match="unknown backend 'gpu'"):
         Pipeline.load(tiny_sd1_bundle, backend="gpu")
     from edgediff.errors import BackendUnavailable
@@ -196,6 +229,11 @@ CLI_BAD = [
     (["--rng", "mt"], "unknown rng"),
     (["--init-image", "/nonexistent.png"], "init image not found"),
     (["--init-image", "INIT", "--strength", "2"], "strength=2.0"),
+    (["--strength", "0.5"], "strength only applies to img2img"),
+    (["--num-images", "0"], "num_images_per_prompt=0"),
+    (["--size", "0x16"], "expected WIDTHxHEIGHT"),
+    (["-o", "/proc/edgediff-out.png"], "cannot write to /proc"),
+    (["-o", "LONGNAME"], "too long"),
 ]
 
 
@@ -203,11 +241,54 @@ CLI_BAD = [
 def test_cli_bad_input_is_one_line(tiny_sd1_bundle, tmp_path, args, match):
     Image.new("RGB", (16, 16), "red").save(tmp_path / "init.png")
     args = [str(tmp_path / "init.png") if a == "INIT" else a for a in args]
+    args = [str(tmp_path / ("x" * 300 + ".png")) if a == "LONGNAME" else a for a in args]
     r = cli("generate", "x", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", *args)
     assert r.exit_code != 0
     lines = [l for l in r.output.splitlines() if l.strip() and "denoising" not in l]
     assert lines[-1].startswith("error: ") and match in lines[-1], r.output
     assert "Traceback" not in r.output
+
+
+def test_cli_non_utf8_prompt_is_one_line(tiny_sd1_bundle, tmp_path):
+    r = cli("generate", "red \udcff circle", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--steps", "1")
+    assert r.exit_code == 2 and "error: prompt is not valid Unicode text" in r.output, r.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_huge_image_count_is_refused_at_once(tiny_sd1_bundle, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    r = cli("generate", "x", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--num-images", "1000000")
+    assert r.exit_code == 2 and "between 1 and 64" in r.output
+    assert time.perf_counter() - t0 < 5  # refused before a million paths are built (38 s before the fix)
+
+
+def test_cli_full_disk_is_found_before_the_work(tiny_sd1_bundle, tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    from edgediff import outputs
+
+    real = _shutil.disk_usage
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    calls = []
+    monkeypatch.setattr(Pipeline, "generate", lambda self, *a, **k: calls.append(1))
+    r = cli("generate", "x", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--num-images", "4")
+    assert r.exit_code != 0 and "MiB free" in r.output and not calls  # nothing generated, nothing written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_png_honours_the_umask(tiny_sd1_bundle, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        r = cli("generate", "x", "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--steps", "1", "--seed", "0")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE((tmp_path / "o.png").stat().st_mode) == 0o644
 
 
 def test_cli_bundle_missing(tmp_path):

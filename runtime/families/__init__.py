@@ -1,0 +1,28 @@
+"""Per-family pieces of the pipeline, picked by the manifest's ``family`` when a bundle is loaded: a new family is
+an entry here, not a branch in the denoising loop."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..bundle.reader import Bundle
+from ..conditioning import TextConditioner
+from ..errors import BundleError
+from .sd import SdTextConditioner
+
+# family -> factory of its text conditioner
+CONDITIONERS: dict[str, Callable[[Bundle], TextConditioner]] = {
+    "sd1": SdTextConditioner,
+    "sd2": SdTextConditioner,
+    "sd2-v": SdTextConditioner,
+}
+SUPPORTED_FAMILIES = tuple(CONDITIONERS)
+
+
+def text_conditioner(bundle: Bundle) -> TextConditioner:
+    family = bundle.manifest.family
+    try:
+        factory = CONDITIONERS[family]
+    except KeyError:
+        raise BundleError(f"{bundle.root}: family {family!r} is not supported by this runtime yet "
+                          f"(supported: {', '.join(SUPPORTED_FAMILIES)})") from None
+    return factory(bundle)

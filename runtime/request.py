@@ -1,0 +1,46 @@
+"""One generation request: every argument of a call, validated and resolved before any work.
+
+``Pipeline.__call__`` builds it from diffusers' keyword names (``Pipeline.request``); the denoising code reads it and
+nothing else, so the same frozen object can be queued, logged, batched by a server and replayed. Callbacks and
+cancellation are not part of it: they are how one caller watches its own call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .noise import NoiseSource
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: tuple[str, ...]  # one entry per prompt
+    negatives: tuple[str, ...] | None  # one per prompt when guided; None when guidance is off
+    steps: int  # denoising steps of the whole schedule (img2img runs the last ``strength`` part of it)
+    guidance_scale: float  # > 1: classifier-free guidance, two denoiser batches per step
+    height: int  # pixels, a multiple of the bundle's size_multiple
+    width: int
+    images_per_prompt: int
+    seeds: tuple[int, ...]  # one per image, prompt-major: seeds[p * images_per_prompt + k]
+    noise: NoiseSource  # every random draw of the call comes from here, one stream per image
+    scheduler: str  # a name of edgediff.schedulers.SCHEDULERS
+    output_type: str = "pil"  # "pil" | "np"
+    latents: np.ndarray | None = None  # (N, C, H/f, W/f) float32 initial latents (txt2img only)
+    init_image: np.ndarray | None = None  # (1, 3, H, W) float32 in [-1, 1] (img2img)
+    strength: float | None = None  # img2img only: the fraction of the schedule that is run
+    rng: str = "numpy"  # the noise kind by name ("custom" for a caller's NoiseSource), for the record
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific options (SDXL's micro-conditioning, ...)
+
+    @property
+    def guided(self) -> bool:
+        return self.negatives is not None
+
+    @property
+    def total_images(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+    @property
+    def denoiser_batch(self) -> int:
+        return self.total_images * (2 if self.guided else 1)
