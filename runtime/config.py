@@ -31,17 +31,26 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str, ignore: 
 
 
 def read_json(path: Path, *, what: str) -> dict[str, Any]:
-    """Read a JSON object from ``path``; a missing or malformed file is one clear ConfigError line."""
+    """Read a JSON object from ``path``; a missing, non-UTF-8, malformed or too deeply nested file, or one that
+    holds something other than an object, is one clear ConfigError line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:  # json's guard against e.g. 100 000 nested lists
+        raise ConfigError(f"{what} {path} is nested too deeply to be a config") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"{what} {path} holds a value that cannot be read: {str(exc)[:100]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
     return data

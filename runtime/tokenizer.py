@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from .bundle.layout import TOKENIZER_FILES
 from .errors import BundleError, InputError
 
 # CLIP's pre-tokenization (transformers' CLIPTokenizer, same as OpenAI's `pat`): the special tokens, English
@@ -75,17 +76,32 @@ class ClipTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path, max_length: int | None = None) -> "ClipTokenizer":
-        """Read a tokenizer folder: ``tokenizer.json`` when present (what transformers 5 saves and loads first),
-        else CLIP's ``vocab.json`` + ``merges.txt``. Special tokens and ``model_max_length`` come from
-        ``special_tokens_map.json`` / ``tokenizer_config.json``; ``max_length`` (the text encoder's length) wins."""
-        from tokenizers import Tokenizer
-        from tokenizers.models import BPE
-
+        """Read a tokenizer folder: the files of ``TOKENIZER_FILES`` that it holds (see ``from_files``); nothing
+        else in it is read. For a bundle's tokenizer use ``from_files(bundle.tokenizer_files())``: only the
+        files its manifest pins."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"tokenizer folder not found: {path}")
-        config = _read(path / "tokenizer_config.json")
-        special = _read(path / "special_tokens_map.json")
+        return cls.from_files({n: path / n for n in TOKENIZER_FILES if (path / n).is_file()}, max_length, where=path)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, Path], max_length: int | None = None, *,
+                   where: str | Path | None = None) -> "ClipTokenizer":
+        """Build the tokenizer from exactly these files (name -> path; names from ``TOKENIZER_FILES``):
+        ``tokenizer.json`` when given (what transformers 5 saves and loads first), else CLIP's ``vocab.json`` +
+        ``merges.txt``. Special tokens and ``model_max_length`` come from ``special_tokens_map.json`` /
+        ``tokenizer_config.json``; ``max_length`` (the text encoder's length) wins. ``where`` names the folder
+        in messages."""
+        from tokenizers import Tokenizer
+        from tokenizers.models import BPE
+
+        unknown = sorted(set(files) - set(TOKENIZER_FILES))
+        if unknown:
+            raise BundleError(f"tokenizer: {unknown} are not tokenizer files; expected names from {list(TOKENIZER_FILES)}")
+        files = {name: Path(p) for name, p in files.items()}
+        path = Path(where) if where is not None else next(iter(files.values()), Path("tokenizer")).parent
+        config = _read(files.get("tokenizer_config.json"))
+        special = _read(files.get("special_tokens_map.json"))
 
         def get(key: str, default: str) -> str:
             value = _token(special.get(key)) or _token(config.get(key)) or default
@@ -103,26 +119,27 @@ class ClipTokenizer:
         elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
             raise InputError(f"max_length={max_length!r}; expected an integer >= 3 (BOS, EOS and one token)")
 
-        if (path / "tokenizer.json").is_file():
+        if "tokenizer.json" in files:
             try:
-                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+                tok = Tokenizer.from_str(_text(files["tokenizer.json"]))
+            except BundleError:
+                raise
             except Exception as exc:  # tokenizers raises a bare Exception with serde's message
-                raise BundleError(f"{path / 'tokenizer.json'} cannot be read: {_first_line(exc)}") from None
+                raise BundleError(f"{files['tokenizer.json']} cannot be read: {_first_line(exc)}") from None
             tok.post_processor = None  # BOS/EOS/padding are added by encode(), the same way for both formats
             tok.no_padding()
             tok.no_truncation()
-        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            vocab = _read(path / "vocab.json")
-            if not vocab or not all(isinstance(v, int) for v in vocab.values()):
-                raise BundleError(f"{path / 'vocab.json'} must map tokens to integer ids")
+        elif "vocab.json" in files and "merges.txt" in files:
+            vocab = _read(files["vocab.json"])
+            if not vocab or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
+                raise BundleError(f"{files['vocab.json']} must map tokens to integer ids")
             merges = []
-            lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-            for n, line in enumerate(lines, 1):
+            for n, line in enumerate(_text(files["merges.txt"]).splitlines(), 1):
                 if not line or (n == 1 and line.startswith("#version")):
                     continue
                 pair = tuple(line.split(" "))
                 if len(pair) != 2 or "".join(pair) not in vocab:
-                    raise BundleError(f"{path / 'merges.txt'} line {n}: {line!r} is not a merge of this vocab.json")
+                    raise BundleError(f"{files['merges.txt']} line {n}: {line[:80]!r} is not a merge of this vocab.json")
                 merges.append(pair)
             # CLIP's BPE: no sub-word prefix, "</w>" ends every word (transformers' CLIPTokenizer, same arguments)
             try:
@@ -141,6 +158,8 @@ class ClipTokenizer:
         cut there, with a warning naming the words dropped (diffusers logs the same)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompts must be a list of strings (one per image)")
+        for b, p in enumerate(prompts):
+            _check_unicode(p, b)
         room = self.max_length - 2
         out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)  # (B, max_length) int64
         for b, enc in enumerate(self._tok.encode_batch(list(prompts), add_special_tokens=False)):
@@ -167,13 +186,32 @@ def _token(value) -> str | None:
     return value
 
 
-def _read(path: Path) -> dict:
+def _check_unicode(prompt: str, index: int) -> None:
+    """A prompt must be Unicode text: a lone surrogate (what Python makes of non-UTF-8 bytes in a command line,
+    "\udcff", or what an API caller passes by mistake) cannot be encoded, and `tokenizers` would raise TypeError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"prompt {index} is not valid Unicode text (position {exc.start}: {prompt[exc.start]!r}, "
+                         "a byte that is not UTF-8 or a lone surrogate); pass the prompt as UTF-8 text") from None
+
+
+def _text(path: Path) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); re-export the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _read(path: Path | None) -> dict:
     """A JSON object, or {} when the file is absent (both special-token files are optional)."""
-    if not path.is_file():
+    if path is None or not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(_text(path))
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise BundleError(f"{path} is not valid JSON ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path} must hold a JSON object, not {type(data).__name__}")

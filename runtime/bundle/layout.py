@@ -5,6 +5,9 @@ MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_2_DIR = "tokenizer_2"
+# The files a tokenizer folder may hold that edgediff's tokenizer reads (runtime/tokenizer.py); nothing else in the
+# folder is read, and each of these must be pinned by the manifest to be read from a bundle.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 GRAPH_FILE = "model.onnx"  # per component folder
 
 

@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import BundleError
+from .schema import COMPONENTS, DTYPES, FAMILIES, OPTIMIZED_FOR, PRECISIONS, PREDICTION_TYPES, check_manifest
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edgediff.json"
 
-# Model families. Only the first three run today; the rest are reserved so that their bundles need no format change.
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo", "lcm")
+# The allowed values (FAMILIES, PRECISIONS, COMPONENTS, DTYPES, ...) live with the schema that checks them
+# (schema.py) and are imported from here by every reader. Of the families, these run today:
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v")
-PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
-              "int8-storage")
-OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
-# Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "int8")
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; refuse to parse a planted gigabyte
 
 Dim = int | str
 
@@ -154,10 +149,8 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise BundleError(f"family {self.family!r}; expected one of {list(FAMILIES)}")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise BundleError(
-                f"prediction_type {self.prediction_type!r}; expected one of ['epsilon', 'v_prediction', 'sample']"
-            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise BundleError(f"prediction_type {self.prediction_type!r}; expected one of {list(PREDICTION_TYPES)}")
         for name, comp in self.components.items():
             if name not in COMPONENTS:
                 raise BundleError(f"component {name!r}; expected one of {list(COMPONENTS)}")
@@ -182,61 +175,82 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
-        try:
-            version = data.get("format_version", None)
-            if version != FORMAT_VERSION:
-                raise BundleError(
-                    f"manifest format_version {version!r} is not supported by this edgediff (reads {FORMAT_VERSION}); "
-                    "upgrade edgediff or re-export the bundle"
-                )
-            comps = {name: _component(c) for name, c in data["components"].items()}
-            return cls(
-                family=data["family"],
-                prediction_type=data["prediction_type"],
-                default_height=int(data["default_height"]),
-                default_width=int(data["default_width"]),
-                latent_channels=int(data["latent_channels"]),
-                vae_scale_factor=int(data["vae_scale_factor"]),
-                scaling_factor=float(data["scaling_factor"]),
-                text_max_length=int(data["text_max_length"]),
-                components=comps,
-                files=tuple(FileEntry(**f) for f in data["files"]),
-                provenance=_provenance(data["provenance"]),
-                shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
-                format_version=version,
-                defaults=_defaults(data.get("defaults") or {}),
+        """Build a manifest from parsed JSON after checking it against the schema (schema.py): a wrong type or
+        range is one BundleError naming the field, never a TypeError or a ZeroDivisionError later."""
+        version = data.get("format_version", None) if isinstance(data, dict) else None
+        if type(version) is not int or version != FORMAT_VERSION:
+            shown = version if isinstance(version, (int, float, str, type(None))) else type(version).__name__
+            raise BundleError(
+                f"manifest format_version {shown!r} is not supported by this edgediff (reads {FORMAT_VERSION}); "
+                "upgrade edgediff or re-export the bundle"
             )
-        except BundleError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+        check_manifest(data)
+        return cls(
+            family=data["family"],
+            prediction_type=data["prediction_type"],
+            default_height=data["default_height"],
+            default_width=data["default_width"],
+            latent_channels=data["latent_channels"],
+            vae_scale_factor=data["vae_scale_factor"],
+            scaling_factor=float(data["scaling_factor"]),
+            text_max_length=data["text_max_length"],
+            components={name: _component(c) for name, c in data["components"].items()},
+            files=tuple(_file(f) for f in data["files"]),
+            provenance=_provenance(data["provenance"]),
+            shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
+            format_version=version,
+            defaults=_defaults(data.get("defaults") or {}),
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        """Parse edgediff.json (text, or the file's bytes, which must be UTF-8)."""
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"manifest is {len(text)} bytes; a manifest is a few KB (limit {MAX_MANIFEST_BYTES})")
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BundleError(f"manifest is not UTF-8 text (byte {exc.start}: {exc.reason}); re-export or "
+                                  "re-copy the bundle") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BundleError(f"manifest is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except RecursionError:  # the C parser's guard against e.g. 100 000 nested lists
+            raise BundleError("manifest is nested too deeply to be a manifest (a list or object inside itself "
+                              "thousands of times)") from None
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            raise BundleError(f"manifest holds a value JSON cannot represent here: {str(exc)[:100]}") from None
         if not isinstance(data, dict):
             raise BundleError("manifest must be a JSON object")
         return cls.from_dict(data)
 
 
 def _defaults(d: Mapping[str, Any]) -> GenerationDefaults:
-    unknown = sorted(set(d) - {"steps", "guidance_scale"})
-    if unknown:  # written by a newer edgediff: what this one knows still applies
-        warnings.warn(f"manifest defaults: ignoring unknown keys {unknown}; this edgediff reads 'steps' and "
-                      "'guidance_scale'", stacklevel=2)
     g = d.get("guidance_scale")
     return GenerationDefaults(steps=d.get("steps"), guidance_scale=None if g is None else float(g))
 
 
 def _provenance(d: Mapping[str, Any]) -> Provenance:
-    return Provenance(**{**d, "transforms": tuple(d.get("transforms", ()))})
+    known = {f.name for f in dataclasses.fields(Provenance)}
+    kw = {k: v for k, v in d.items() if k in known}  # unknown keys warned about by the schema
+    return Provenance(**{**kw, "libraries": dict(kw.get("libraries", {})), "transforms": tuple(kw.get("transforms", ()))})
+
+
+def _file(d: Mapping[str, Any]) -> FileEntry:
+    return FileEntry(path=d["path"], size=d["size"], sha256=d["sha256"])
 
 
 def _spec(d: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+
+def _receipt(d: Mapping[str, Any]) -> ParityReceipt:
+    rel_l2 = d.get("rel_l2")
+    return ParityReceipt(reference=d["reference"], max_abs=float(d["max_abs"]), max_rel=float(d["max_rel"]),
+                         tolerance=float(d["tolerance"]), inputs={k: list(v) for k, v in d.get("inputs", {}).items()},
+                         metric=d.get("metric", "max_rel"), rel_l2=None if rel_l2 is None else float(rel_l2))
 
 
 def _component(d: Mapping[str, Any]) -> Component:
@@ -244,11 +258,11 @@ def _component(d: Mapping[str, Any]) -> Component:
     return Component(
         name=d["name"],
         model=d["model"],
-        files=tuple(FileEntry(**f) for f in d["files"]),
+        files=tuple(_file(f) for f in d["files"]),
         inputs=tuple(_spec(s) for s in d["inputs"]),
         outputs=tuple(_spec(s) for s in d["outputs"]),
         precision=d.get("precision", "fp32"),
-        parity=None if parity is None else ParityReceipt(**{k: v for k, v in parity.items() if k != "passed"}),
+        parity=None if parity is None else _receipt(parity),
         optimized_for=d.get("optimized_for", ""),
     )
 

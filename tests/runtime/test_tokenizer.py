@@ -107,6 +107,12 @@ def _copy(tok_dir, tmp_path, drop=()):
     (lambda d: (d / "vocab.json").write_text('{"a": "x"}'), "integer ids"),
     (lambda d: (d / "tokenizer.json").write_text('{"version": "1.0"}'), "tokenizer.json cannot be read"),
     (lambda d: [(d / n).unlink() for n in ("vocab.json",)], "no tokenizer files"),
+    (lambda d: (d / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe a\n"), r"merges.txt is not UTF-8 text \(byte 14"),
+    (lambda d: (d / "vocab.json").write_bytes(b'{"a\xff": 1}'), "vocab.json is not UTF-8 text"),
+    (lambda d: (d / "tokenizer.json").write_bytes(b'{"\xc3": 1}'), "tokenizer.json is not UTF-8 text"),
+    (lambda d: (d / "tokenizer_config.json").write_bytes(b"\xff"), "tokenizer_config.json is not UTF-8 text"),
+    (lambda d: (d / "vocab.json").write_text("[" * 100_000 + "]" * 100_000), "vocab.json is not valid JSON"),
+    (lambda d: (d / "vocab.json").write_text('{"a": true}'), "integer ids"),
 ])
 def test_broken_folders(tok_dir, tmp_path, edit, match):
     d = _copy(tok_dir, tmp_path)
@@ -132,3 +138,44 @@ def test_merges_not_fitting_vocab(tok_dir, tmp_path, merges, match):
     (d / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
     with pytest.raises(BundleError, match=match):
         ClipTokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("prompt, position", [("red \udcff circle", 4), ("\ud800", 0), ("ok", None)])
+def test_prompt_that_is_not_unicode_text(tok_dir, prompt, position):
+    """A non-UTF-8 byte in a command line arrives as a lone surrogate ("\\udcff"); an API caller can pass one too.
+    `tokenizers` raised TypeError on it; it is an InputError naming the position."""
+    tok = ClipTokenizer.from_dir(tok_dir)
+    if position is None:
+        tok.encode(["fine", prompt])
+        return
+    with pytest.raises(InputError, match=rf"prompt 1 is not valid Unicode text \(position {position}"):
+        tok.encode(["fine", prompt])
+
+
+def test_non_unicode_prompt_through_the_api_and_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.builtin_model import default_bundle
+    from edgediff.cli import main
+    from edgediff.pipeline import Pipeline
+
+    with Pipeline.load(default_bundle()) as p, pytest.raises(InputError, match="not valid Unicode text"):
+        p("red \udcff circle", num_inference_steps=1)
+    out = tmp_path / "o.png"
+    r = CliRunner().invoke(main, ["generate", "red \udcff circle", "--steps", "1", "-o", str(out)])
+    assert r.exit_code == 2 and "not valid Unicode text" in r.output and "internal error" not in r.output, r.output
+    assert not out.exists()
+
+
+def test_from_files_reads_only_the_files_given(tok_dir, tmp_path):
+    """A bundle hands the tokenizer its pinned files by name: a tokenizer.json planted next to them is not read."""
+    d = _copy(tok_dir, tmp_path)
+    names = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+    want = ClipTokenizer.from_dir(d).encode(["a small red circle"])
+    (d / "tokenizer.json").write_text("this file is never read")
+    with pytest.raises(BundleError, match="tokenizer.json cannot be read"):
+        ClipTokenizer.from_dir(d)  # proof that a folder scan would read it
+    got = ClipTokenizer.from_files({n: d / n for n in names if (d / n).exists()}).encode(["a small red circle"])
+    assert (got == want).all()
+    with pytest.raises(BundleError, match="not tokenizer files"):
+        ClipTokenizer.from_files({"added_tokens.json": d / "vocab.json"})
