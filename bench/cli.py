@@ -1,122 +1,221 @@
-"""``edgediff bench [sweep] [BUNDLE] ...``: measure one configuration, or the cartesian product of comma lists."""
+"""``edgediff bench``: a click group, parsing and printing only. ``edgediff bench [BUNDLE]`` measures one
+configuration (the ``run`` command); ``sweep``, ``cold-start``, ``memory-modes`` and ``session-levels`` are its other
+commands. Every option is parsed by the CLI's shared types (``edgediff.cli_types``); the measuring modules are
+imported inside the commands, so that ``edgediff bench --help`` stays quick."""
 from __future__ import annotations
 
-import itertools
-import time
 from pathlib import Path
-from typing import Sequence
 
 import click
 
-from edgediff.errors import InputError
+from edgediff.cli_types import NAMES, POSITIVE_INT, SIZE, STEPS, ListType
+from edgediff.defaults import DEFAULT_GUIDANCE
 
-from . import report
-from .environment import record
-from .runner import BenchConfig, cold_start, measure
+from .memory_modes import MODES  # a table (stdlib imports only): the --modes choices
 
-
-def _list(name: str, value: str | None, cast) -> list:
-    if value is None:
-        return [None]
-    items = [v.strip() for v in str(value).split(",")]
-    if not items or any(not v for v in items):
-        raise InputError(f"--{name} {value!r}: empty entry; give a comma-separated list such as 4,20")
-    try:
-        return [cast(v) for v in items]
-    except ValueError:
-        raise InputError(f"--{name} {value!r}: not a list of {cast.__name__} values") from None
+DEFAULT_COMMAND = "run"
 
 
-def _size(v: str) -> tuple[int, int]:
-    parts = v.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(v)
-    return int(parts[1]), int(parts[0])
+class BenchGroup(click.Group):
+    """A group whose first argument may be a bundle instead of a command: ``edgediff bench [BUNDLE] [OPTIONS]`` is
+    ``edgediff bench run [BUNDLE] [OPTIONS]`` (a bundle folder named like a command is given as ``./NAME``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
 
 
-_size.__name__ = "WIDTHxHEIGHT"
+class One(click.ParamType):
+    """A single value of ``item``. A comma list is refused with the command that takes lists, instead of being
+    read as something else."""
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+        self.name = item.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "," in value:
+            self.fail(f"{value!r} is a list; use `edgediff bench sweep` for a cartesian product", param, ctx)
+        return self.item.convert(value, param, ctx)
 
 
-def run_bench(args: Sequence[str], *, backend, steps, size, batch, guidance, scheduler, warmup, runs, seed, low_memory,
-              compare, reference, profile_ops, cold, json_path, csv_path, plot_path, trace_path) -> str:
-    from edgediff import Pipeline
-    from edgediff.backends import BACKENDS
+@click.group(cls=BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def bench() -> None:
+    """Measure bundles: latency per stage, throughput, memory, with the environment they ran in.
 
-    args = list(args)
-    sweep = bool(args) and args[0] == "sweep"
-    if sweep:
-        args = args[1:]
-    if len(args) > 1 and not sweep:
-        raise InputError(f"expected at most one BUNDLE, got {args}; compare bundles with `edgediff bench sweep B1 B2 ...`")
-    if args:
-        bundles = args
-    else:
-        from edgediff.builtin_model import default_bundle
+    `edgediff bench [BUNDLE] [OPTIONS]` measures one configuration (the `run` command; default bundle: the built-in
+    model). `edgediff bench COMMAND --help` describes each command.
+    """
 
-        bundles = [str(default_bundle())]
-    for p in (json_path, csv_path, plot_path, trace_path):
-        if p is not None and not Path(p).parent.is_dir():
-            raise InputError(f"cannot write {p}: folder {Path(p).parent} does not exist")
-    lists = dict(backend=_list("backend", backend, str), steps=_list("steps", steps, int), size=_list("size", size, _size),
-                 batch=_list("batch", batch, int), scheduler=_list("scheduler", scheduler, str))
-    if not sweep:
-        many = [k for k, v in lists.items() if len(v) > 1]
-        if many:
-            raise InputError(f"--{many[0]} has several values; use `edgediff bench sweep` for a cartesian product")
-    for b in lists["backend"]:
-        if b not in BACKENDS:
-            raise InputError(f"unknown backend {b!r}; expected one of {sorted(BACKENDS)}")
-    from edgediff.bundle.reader import Bundle
 
-    variants = [Bundle.open(b) for b in bundles]  # every bundle is checked before the first measurement
-    rows, last_spans, first = [], [], None
-    # Bundles one after another (each closed before the next loads: an SD-1.5 bundle and its variants do not fit in
-    # memory together); within a bundle, the cartesian product of the lists.
-    for variant in variants:
-        pipes: dict = {}
-        try:
-            for b, st, sz, bt, sc in itertools.product(*lists.values()):
-                h, w = sz if sz else (None, None)
-                cfg = BenchConfig(bundle=str(variant.root), backend=b, steps=st or 20, height=h, width=w,
-                                  batch=bt or 1, guidance=guidance, scheduler=sc, warmup=warmup, runs=runs, seed=seed,
-                                  low_memory=low_memory)
-                load = None
-                if b not in pipes:
-                    t0 = time.perf_counter()
-                    pipes[b] = Pipeline.load(variant.root, backend=b, low_memory=low_memory)
-                    load = time.perf_counter() - t0
-                row = measure(cfg, pipe=pipes[b], profile_ops=profile_ops)
-                row.load_seconds = load if load is not None else float("nan")  # loaded once per backend
-                row.variant = report.variant_info(variant)
-                if cold:
-                    row.cold_start = cold_start(cfg)
-                if compare:
-                    from .compare import compare as run_compare
+def _measurement_options(f):
+    """Options shared by `run` and `sweep`: how each configuration is measured and where the reports go."""
+    options = [
+        click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True,
+                     help="CFG scale (> 1: two UNet batches)."),
+        click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="Generations before the timed ones (the first image counts as one)."),
+        click.option("--runs", type=POSITIVE_INT, default=3, show_default=True, help="Timed generations."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--low-memory", is_flag=True),
+        click.option("--compare", type=click.Choice(["diffusers"]), default=None,
+                     help="Also run diffusers/PyTorch (separate process) and print ours/theirs ratios."),
+        click.option("--reference", type=click.Path(path_type=Path), default=None,
+                     help="diffusers folder for --compare (default: the source the bundle records)."),
+        click.option("--profile-ops", type=click.IntRange(min=0), default=0,
+                     help="Top-N denoiser operators from the backend's profiler."),
+        click.option("--cold-start", "cold", is_flag=True,
+                     help="Also measure a fresh process per configuration: imports, load, first image."),
+        click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+                     help="Results as JSON (bench/schema.json); replaced if it exists."),
+        click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None),
+        click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                     help="Latency by stage as a PNG (needs the [bench] extra)."),
+        click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
+                     help="Chrome/Perfetto trace of the last generation."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-                    src = Path(reference) if reference else Path(pipes[b].bundle.manifest.provenance.source or "")
-                    if not str(src) or str(src) == ".":
-                        raise InputError("the bundle does not record its source pipeline; pass --reference DIR")
-                    row.compare = run_compare(cfg, pipes[b], src)
-                rows.append(row.to_dict())
-                last_spans = row.trace_spans
-        finally:
-            if first is None and pipes:
-                first = next(iter(pipes.values()))
-                first_providers = sorted(pipes)
-            for p in pipes.values():
-                p.close()
-    env = record(providers=first_providers, bundle_digest=first.bundle.digest,
-                 precision=first.bundle.component("unet").precision)
-    doc = report.document(rows, env)
+
+@bench.command("run")
+@click.argument("bundles", nargs=-1, metavar="[BUNDLE]", type=click.Path(path_type=Path))
+@click.option("--backend", type=One(click.STRING), default="cpu", show_default=True)
+@click.option("--steps", type=One(STEPS), default=None, help="Default: the bundle's recommended step count.")
+@click.option("--size", type=One(SIZE), default=None, help="WIDTHxHEIGHT; default: the model's native size.")
+@click.option("--batch", type=One(POSITIVE_INT), default=1, show_default=True, help="Images per prompt.")
+@click.option("--scheduler", type=One(click.STRING), default=None, help="Default: the bundle's scheduler.")
+@_measurement_options
+def run(bundles, backend, steps, size, batch, scheduler, **options) -> None:
+    """Measure one configuration of BUNDLE (default: the built-in model)."""
+    from edgediff.errors import InputError
+
+    if len(bundles) > 1:
+        raise InputError(f"expected at most one BUNDLE, got {len(bundles)}; compare bundles with "
+                         "`edgediff bench sweep B1 B2 ...`")
+    from .sweep import Axes
+
+    _measure(bundles, Axes(backend=[backend], steps=[steps], size=[size], batch=[batch], scheduler=[scheduler]),
+             **options)
+
+
+@bench.command("sweep")
+@click.argument("bundles", nargs=-1, metavar="[BUNDLE]...", type=click.Path(path_type=Path))
+@click.option("--backend", type=NAMES, default="cpu", show_default=True, help="Backends, comma-separated.")
+@click.option("--steps", type=ListType(STEPS), default=None,
+              help="Step counts, e.g. 4,20; default: each bundle's recommended count.")
+@click.option("--size", type=ListType(SIZE), default=None,
+              help="WIDTHxHEIGHT list, e.g. 512x512,768x768; default: the model's native size.")
+@click.option("--batch", type=ListType(POSITIVE_INT), default="1", show_default=True, help="Images per prompt.")
+@click.option("--scheduler", type=NAMES, default=None, help="Schedulers; default: the bundle's.")
+@_measurement_options
+def sweep(bundles, backend, steps, size, batch, scheduler, **options) -> None:
+    """Measure every BUNDLE (default: the built-in model) over the cartesian product of the lists; with several
+    bundles, also the ratios of each to the first."""
+    from .sweep import Axes
+
+    _measure(bundles, Axes(backend=backend, steps=steps or [None], size=size or [None], batch=batch,
+                           scheduler=scheduler or [None]), **options)
+
+
+def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, **settings) -> None:
+    from . import report
+    from .sweep import Settings, run as run_sweep
+
+    outputs = {"--json": json_path, "--csv": csv_path, "--plot": plot_path, "--trace": trace_path}
+    report.check_writable(outputs)  # before the bench, which may take an hour, not after it
+    result = run_sweep(_bundles_or_builtin(bundles), axes, Settings(**settings))
     if json_path:
-        report.write_json(json_path, doc)
+        report.write_json(json_path, report.document(result.rows, result.environment))
     if csv_path:
-        report.write_csv(csv_path, rows)
+        report.write_csv(csv_path, result.rows)
     if plot_path:
-        report.write_plot(plot_path, rows)
+        report.write_plot(plot_path, result.rows)
     if trace_path:
         from .trace import write_trace
 
-        write_trace(trace_path, last_spans)
-    return report.table(rows) + report.variants_table(rows) + f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime " \
-        f"{env['packages']['onnxruntime']}, bundle {env['bundle'][:16]}\nnot measured: {'; '.join(env['not_measured'])}"
+        write_trace(trace_path, result.spans)
+    env = result.environment
+    click.echo(report.table(result.rows) + report.variants_table(result.rows) +
+               f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime {env['packages']['onnxruntime']}, "
+               f"bundle {env['bundle'][:16]}\nnot measured: {'; '.join(env['not_measured'])}")
+
+
+@bench.command("cold-start")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", default="cpu", show_default=True)
+@click.option("--steps", type=STEPS, default=None, help="Default: the bundle's recommended step count.")
+@click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT; default: the model's native size.")
+@click.option("--batch", type=POSITIVE_INT, default=1, show_default=True)
+@click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True)
+@click.option("--scheduler", default=None)
+@click.option("--runs", type=POSITIVE_INT, default=3, show_default=True, help="Fresh processes, one after another.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--low-memory", is_flag=True)
+def cold_start(bundle, backend, steps, size, batch, guidance, scheduler, runs, seed, low_memory) -> None:
+    """Time a fresh process from start to first image of BUNDLE (default: the built-in model): interpreter and
+    imports, pipeline load, first image, each RUNS times."""
+    from dataclasses import asdict
+
+    from edgediff.bundle.reader import Bundle
+
+    from . import report
+    from .runner import BenchConfig, cold_start as one_cold_start
+    from .sweep import check_backends
+
+    check_backends([backend])
+    b = Bundle.open(_bundles_or_builtin([bundle] if bundle else [])[0])
+    height, width = size if size else (None, None)
+    cfg = BenchConfig(bundle=str(b.root), backend=backend, steps=steps if steps is not None else b.default_steps,
+                      height=height, width=width, batch=batch, guidance=guidance, scheduler=scheduler, warmup=0,
+                      runs=runs, seed=seed, low_memory=low_memory)
+    click.echo(report.cold_start_table(asdict(cfg), [one_cold_start(cfg) for _ in range(runs)]))
+
+
+@bench.command("memory-modes")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT; default: the model's native size.")
+@click.option("--steps", type=STEPS, default=2, show_default=True, help="Enough for the peak: every step is alike.")
+@click.option("--modes", type=ListType(click.Choice(list(MODES))), default=",".join(MODES),
+              help="Comma-separated, run in this order (repeats allowed); default: all.")
+def memory_modes(bundle, size, steps, modes) -> None:
+    """Peak host memory and UNet step time of BUNDLE under each ONNX Runtime session setting, each in a fresh
+    process (peak RSS is a per-process high-water mark)."""
+    from edgediff.bundle.reader import Bundle
+    from edgediff.errors import BackendError
+
+    from . import memory_modes as mm
+
+    root = str(Bundle.open(bundle).root)  # a bad bundle is one line here, not one failed process per mode
+    height, width = size if size else (None, None)
+    failed = 0
+    for mode in modes:
+        row = mm.measure(root, mode, height, width, steps)
+        failed += "error" in row
+        click.echo(mm.line(row))
+    if failed:
+        raise BackendError(f"{failed} of {len(modes)} modes failed (their errors are above)")
+
+
+@bench.command("session-levels")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--component", default="unet", show_default=True)
+@click.option("--size", type=SIZE, default="256x256", show_default=True, help="WIDTHxHEIGHT of the feeds.")
+@click.option("--repeat", type=POSITIVE_INT, default=2, show_default=True, help="Rounds; the median is reported.")
+def session_levels(bundles, component, size, repeat) -> None:
+    """Session creation and one run of a component's graph under ONNX Runtime's optimization levels, for each BUNDLE
+    side by side (ratios to the first configuration)."""
+    from . import session_levels as sl
+
+    height, width = size
+    click.echo(sl.table(sl.measure(bundles, component, height, width, repeat)))
+
+
+def _bundles_or_builtin(bundles) -> list:
+    if bundles:
+        return list(bundles)
+    from edgediff.builtin_model import default_bundle
+
+    return [default_bundle()]

@@ -12,13 +12,18 @@ from edgediff.errors import InputError, MissingDependency
 from .runner import BenchConfig
 
 
+def check_reference(source: Path) -> None:
+    """Refuse a reference the worker could not run, before anything is measured."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
+        raise MissingDependency("--compare diffusers needs torch and diffusers (in their own process): "
+                                "pip install torch==2.13.0 'edgediff[export]'")
+    if not (Path(source) / "model_index.json").is_file():
+        raise InputError(f"--reference {source} is not a diffusers pipeline folder (no model_index.json)")
+
+
 class DiffusersWorker:
     def __init__(self, source: Path):
-        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
-            raise MissingDependency("--compare diffusers needs torch and diffusers (in their own process): "
-                                    "pip install torch==2.13.0 'edgediff[export]'")
-        if not (Path(source) / "model_index.json").is_file():
-            raise InputError(f"--reference {source} is not a diffusers pipeline folder (no model_index.json)")
+        check_reference(source)
         self.proc = subprocess.Popen([sys.executable, "-m", "edgediff.bench.diffusers_worker", str(source)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         hello = self.proc.stdout.readline()

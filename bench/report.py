@@ -4,13 +4,39 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from edgediff.errors import MissingDependency
+from edgediff.errors import InputError, MissingDependency
 from edgediff.outputs import write_atomic
 
 SCHEMA_VERSION = 1
+
+
+def check_writable(outputs: Mapping[str, Path | None]) -> None:
+    """Refuse, before anything is measured, a report that could not be written afterwards (option -> path; None:
+    not asked for). Existing files are replaced, atomically, as a re-run of the same bench expects."""
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        try:
+            if path.is_dir():
+                raise InputError(f"{option} {path} is a folder; give a file name")
+            if not path.parent.is_dir():
+                raise InputError(f"{option} {path}: folder {path.parent} does not exist")
+            # The temp file write_atomic will make beside the target, made and removed: the one test that a read-only
+            # mount, /proc or a name too long refuse as the real write would (os.access says yes to root everywhere)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise InputError(f"{option} {str(path)[:80]} cannot be written: {exc.strerror or exc}; choose another "
+                             "path") from None
+    if outputs.get("--plot") is not None:
+        _pyplot()  # matplotlib is an extra: say so now, not after the bench
 
 
 def document(rows: Sequence[dict], environment: dict) -> dict:
@@ -97,6 +123,23 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def cold_start_table(config: dict, runs: Sequence[dict]) -> str:
+    """``edgediff bench cold-start``: each phase of a fresh process over ``runs`` (``runner.cold_start`` dicts)."""
+    from .stats import summarize
+
+    c = config
+    size = f"{c['width']}x{c['height']}" if c["width"] else "native"
+    out = [f"cold start of {Path(c['bundle']).name}: {c['backend']}  steps {c['steps']}  size {size}  batch {c['batch']}"
+           f"  guidance {c['guidance']}  scheduler {c['scheduler'] or 'bundle default'}  ({len(runs)} fresh processes)",
+           f"  {'phase':<24}{'min':>10}{'p50':>10}{'max':>10}{'mean ± std':>20}   (s)"]
+    phases = {"interpreter + imports": "process_to_imports", "load (sessions)": "load", "first image": "first_image",
+              "total": "total"}
+    for label, key in phases.items():
+        s = summarize([r[key] for r in runs])
+        out.append(f"  {label:<24}{s.min:>10.3f}{s.p50:>10.3f}{s.max:>10.3f}{s.mean:>12.3f} ± {s.std:<7.3f}")
+    return "\n".join(out)
+
+
 def flat(row: dict) -> dict:
     out = {f"config.{k}": v for k, v in row["config"].items()}
     for stage, s in row["stages"].items():
@@ -129,13 +172,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
 
 def write_plot(path: Path, rows: Sequence[dict]) -> None:
     """Stacked per-stage latency bars, one per configuration."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependency("--plot needs matplotlib: pip install 'edgediff[bench]'") from None
+    plt = _pyplot()
     labels, parts = [], {s: [] for s in ("text_encoder", "unet", "scheduler", "vae_decode", "other")}
     for row in rows:
         c, st = row["config"], row["stages"]
@@ -161,3 +198,14 @@ def write_plot(path: Path, rows: Sequence[dict]) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_atomic(Path(path), buf.getvalue(), overwrite=True)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependency("--plot needs matplotlib: pip install 'edgediff[bench]'") from None
+    return plt

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgediff.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from edgediff.errors import InputError
 
 from .memory import PeakRss
@@ -22,11 +23,11 @@ STAGES = ("tokenize", "text_encoder", "unet", "scheduler", "vae_decode", "postpr
 class BenchConfig:
     bundle: str
     backend: str = "cpu"
-    steps: int = 20
+    steps: int = DEFAULT_STEPS  # the CLI passes the bundle's own (Bundle.default_steps) when --steps is not given
     height: int | None = None
     width: int | None = None
     batch: int = 1
-    guidance: float = 7.5
+    guidance: float = DEFAULT_GUIDANCE
     scheduler: str | None = None
     warmup: int = 1
     runs: int = 3
@@ -37,8 +38,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.prompt:
             object.__setattr__(self, "prompt", prompt_for(self.bundle))
-        if self.runs < 1:
-            raise InputError(f"--runs {self.runs}; must be at least 1")
+        # Refused, never replaced: a config records what was measured
+        for name in ("steps", "batch", "runs"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} {getattr(self, name)}; must be at least 1")
         if self.warmup < 0:
             raise InputError(f"--warmup {self.warmup}; must be 0 or more")
 

@@ -1,6 +1,6 @@
 """Session creation time and run time of one graph under ONNX Runtime's optimization levels, side by side.
 
-    python -m edgediff.bench.session_levels BUNDLE_A [BUNDLE_B ...] [--component unet] [--size 256x256] [--repeat 2]
+    edgediff bench session-levels BUNDLE_A [BUNDLE_B ...] [--component unet] [--size 256x256] [--repeat 2]
 
 For each bundle the component's graph is opened at the level the runtime would use (``disable`` for graphs saved by
 ``edgediff optimize --target cpu``, ``all`` otherwise) and, for pre-optimized graphs, also at ``all``; each
@@ -9,8 +9,9 @@ machine hits every configuration alike. Ratios are against the first configurati
 """
 from __future__ import annotations
 
-import argparse
 import time
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -31,29 +32,24 @@ def _feeds(component, height: int, width: int, factor: int, batch: int = 2) -> d
     return feeds
 
 
-def main() -> None:
+def measure(bundles: Sequence[str | Path], component: str, height: int, width: int,
+            repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """configuration label -> [(create seconds, run seconds)] per round."""
     import onnxruntime as ort
 
     from edgediff.backends.ort import OrtOptions
     from edgediff.bundle.reader import Bundle
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundles", nargs="+")
-    ap.add_argument("--component", default="unet")
-    ap.add_argument("--size", default="256x256")
-    ap.add_argument("--repeat", type=int, default=2)
-    a = ap.parse_args()
-    w, h = (int(v) for v in a.size.lower().split("x"))
     configs = []
-    for path in a.bundles:
+    for path in bundles:
         b = Bundle.open(path)
-        comp = b.component(a.component)
+        comp = b.component(component)
         levels = ["disable", "all"] if comp.optimized_for else ["all"]
         for level in levels:
-            configs.append((f"{b.root.name} level={level}", b.model_path(a.component), level,
-                            _feeds(comp, h, w, b.manifest.vae_scale_factor)))
+            configs.append((f"{b.root.name} level={level}", b.model_path(component), level,
+                            _feeds(comp, height, width, b.manifest.vae_scale_factor)))
     results: dict[str, list[tuple[float, float]]] = {c[0]: [] for c in configs}
-    for _ in range(a.repeat):
+    for _ in range(repeat):
         for label, graph, level, feeds in configs:
             t0 = time.perf_counter()
             s = ort.InferenceSession(str(graph), OrtOptions(graph_optimization_level=level).session_options(),
@@ -63,14 +59,17 @@ def main() -> None:
             t2 = time.perf_counter()
             results[label].append((t1 - t0, t2 - t1))
             del s
+    return results
+
+
+def table(results: dict[str, list[tuple[float, float]]]) -> str:
+    """Medians per configuration, and their ratios to the first configuration."""
+    repeat = len(next(iter(results.values())))
     base_create = base_run = None
-    print(f"{'configuration':<40}{'create (s)':>12}{'ratio':>8}{'run (s)':>10}{'ratio':>8}   median of {a.repeat}")
+    out = [f"{'configuration':<40}{'create (s)':>12}{'ratio':>8}{'run (s)':>10}{'ratio':>8}   median of {repeat}"]
     for label, rows in results.items():
         create = float(np.median([r[0] for r in rows]))
         run = float(np.median([r[1] for r in rows]))
         base_create, base_run = base_create or create, base_run or run
-        print(f"{label:<40}{create:>12.2f}{create / base_create:>8.3f}{run:>10.2f}{run / base_run:>8.3f}")
-
-
-if __name__ == "__main__":
-    main()
+        out.append(f"{label:<40}{create:>12.2f}{create / base_create:>8.3f}{run:>10.2f}{run / base_run:>8.3f}")
+    return "\n".join(out)

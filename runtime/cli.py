@@ -324,32 +324,23 @@ def _default_bundle() -> Path:
     return default_bundle()
 
 # -- bench ------------------------------------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("args", nargs=-1)
-@click.option("--backend", default="cpu", show_default=True, help="Backend(s), comma-separated in a sweep.")
-@click.option("--steps", default="20", show_default=True)
-@click.option("--size", default=None, help="WIDTHxHEIGHT (list in a sweep); default: the model's native size.")
-@click.option("--batch", default="1", show_default=True, help="Images per prompt.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="CFG scale (> 1: two UNet batches).")
-@click.option("--scheduler", default=None)
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--runs", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--low-memory", is_flag=True)
-@click.option("--compare", type=click.Choice(["diffusers"]), default=None,
-              help="Also run diffusers/PyTorch (separate process) and print ours/theirs ratios.")
-@click.option("--reference", type=click.Path(path_type=Path), default=None, help="diffusers folder for --compare.")
-@click.option("--profile-ops", type=int, default=0, help="Top-N denoiser operators from ONNX Runtime's profiler.")
-@click.option("--cold-start", "cold", is_flag=True, help="Measure a fresh process: imports, load, first image.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None)
-@click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None, help="Chrome/Perfetto trace.")
-def bench(args, **options) -> None:
-    """Benchmark a bundle: `edgediff bench [BUNDLE]`, or `edgediff bench sweep [BUNDLE] --steps 4,20 ...`."""
-    from .bench.cli import run_bench
+class _LazyCommand(click.Command):
+    """A command defined elsewhere (``module:attribute``), imported only when it runs or its help is asked for:
+    ``edgediff --help`` stays instant and the core imports no bench module until then."""
 
-    click.echo(run_bench(args, **options))
+    def __init__(self, name: str, target: str, short_help: str):
+        super().__init__(name, help=short_help, short_help=short_help)
+        self.target = target
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        import importlib
+
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr).make_context(info_name, args, parent=parent, **extra)
+
+
+main.add_command(_LazyCommand("bench", "edgediff.bench.cli:bench",
+                              "Benchmark bundles: bench [BUNDLE], sweep, cold-start, memory-modes, ..."))
 
 # -- eval-default -----------------------------------------------------------------------------------------------
 @main.command("eval-default")

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgediff.defaults import DEFAULT_STEPS
 from edgediff.export.recipes.shapes.dataset import Scene, all_scenes, canonical_caption, render
+
 from .judge import judge
 
 ATTRIBUTES = ("colour", "shape", "position", "size", "all")
@@ -14,7 +16,7 @@ ATTRIBUTES = ("colour", "shape", "position", "size", "all")
 @dataclass(frozen=True)
 class EvalSettings:
     n: int = 200
-    steps: int = 20
+    steps: int = DEFAULT_STEPS  # eval-default passes the bundle's recommended count when it has one
     guidance: float = 5.0
     scheduler: str | None = None
     seed: int = 0
