@@ -4,7 +4,8 @@ Every engine command goes through ``derive``: the parent is verified against its
 are copied byte for byte; each transformed graph is checked for parity against the parent's graph on real inputs
 (``probe.capture``) with the tolerance of its new precision, and the bundle is refused (nothing written) when it
 misses; the new manifest records precision, new checksums, the receipts and the chain of transforms. The folder
-is staged and renamed into place (``bundle.writer``), so OUT never holds half a bundle.
+is staged and renamed into place (``bundle.writer``), so OUT never holds half a bundle; each transform's scratch
+files are made inside that staging folder (``scratch``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from edgediff.errors import BundleIntegrityError, EngineError, InputError, Parit
 
 from .graphs import save_model
 from .isolate import run_isolated
+from .scratch import SCRATCH_DIR
 
 Feeds = dict[str, np.ndarray]
 
@@ -55,8 +57,9 @@ class Result:
     provider: str = "cpu"  # ONNX Runtime backend that runs the parity check
 
 
-# (component name, parent graph path, parent bundle) -> the transformed onnx.ModelProto and its Result
-Transform = Callable[[str, Path, Bundle], "tuple[object, Result]"]
+# (component name, parent graph path, parent bundle, an empty scratch folder) -> the transformed onnx.ModelProto
+# (held in memory: the scratch folder is deleted when the transform returns) and its Result
+Transform = Callable[[str, Path, Bundle, Path], "tuple[object, Result]"]
 
 
 def begin(src: str | Path, out: str | Path, *, overwrite: bool, tolerance: float | None) -> Bundle:
@@ -106,7 +109,10 @@ def derive(parent: Bundle, out: str | Path, *, step: str, transform: Transform, 
                 optimized_for[name] = comp.optimized_for
                 continue
             progress(f"{name}: {step}")
-            model, result = transform(name, parent.model_path(name), parent)
+            scratch = tmp / SCRATCH_DIR / name
+            scratch.mkdir(parents=True)
+            model, result = transform(name, parent.model_path(name), parent, scratch)
+            shutil.rmtree(tmp / SCRATCH_DIR)  # before the graph is saved: one copy of its weights on disk at a time
             dst = tmp / layout.graph_path(name)
             dst.parent.mkdir(parents=True, exist_ok=True)
             save_model(model, dst)

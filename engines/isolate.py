@@ -5,12 +5,21 @@ catch it, and the user's terminal shows only "Killed". Parity checks hold full O
 (an SD-1.5 UNet with static 512x512 shapes needed more than this 23 GiB machine has), so they run here: a child
 that dies from a signal becomes one EngineError naming the step and the signal, and an exception raised in the child
 is re-raised in the caller as it was.
+
+The child dies with its parent: a parent killed with SIGKILL (kill -9, or the OOM killer picking it) runs no
+clean-up, and a worker left running would finish minutes of work for nobody, then die on the closed pipe with a
+BrokenPipeError traceback on the user's terminal (and keep multiprocessing's resource tracker alive until then).
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import pickle
 import signal
+import sys
+import threading
+import time
 from typing import Any, Callable
 
 from edgediff.errors import EngineError
@@ -20,8 +29,11 @@ def run_isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -
     """``fn(*args, **kwargs)`` in a fresh (spawned) process; its return value or its exception. ``fn`` must be a
     module-level function and its arguments and result picklable. ``what`` names the step in the error."""
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's memory and its ONNX Runtime threads
+    # The work goes over as bytes, unpickled only once the child is tied to this process (_child): unpickling
+    # imports fn's module (ONNX Runtime, the pipeline), seconds during which a kill of this process went unseen.
+    work = pickle.dumps((fn, args, kwargs))
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
+    child = ctx.Process(target=_child, args=(send, os.getpid(), work), daemon=True)
     child.start()
     send.close()  # the child holds the only writer: recv() sees EOF when it dies
     try:
@@ -37,13 +49,42 @@ def run_isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -
     raise value
 
 
-def _child(send, fn, args, kwargs) -> None:
+def _child(send, parent: int, work: bytes) -> None:
+    _die_with(parent)
     try:
+        fn, args, kwargs = pickle.loads(work)
         result = (True, fn(*args, **kwargs))
     except BaseException as exc:  # handed to the parent, which raises it
         result = (False, exc)
     send.send(result)
     send.close()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> None:
+    """End this process when ``parent`` ends. Linux: the kernel sends SIGKILL when the parent dies
+    (PR_SET_PDEATHSIG); elsewhere a thread notices that the process was re-parented. Both are checked against the
+    parent's pid, since it may have died before this ran."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):  # no prctl in this libc: fall back to watching
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch, args=(parent,), name="edgediff-parent-watch", daemon=True).start()
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # no clean-up: the parent that would receive the result is gone
 
 
 def _death(what: str, exitcode: int | None) -> str:

@@ -17,7 +17,6 @@ sequence length is fixed already), since prompts x images-per-prompt need not eq
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,7 @@ from .derive import Result, begin, derive
 from .graphs import load_model, save_model, set_static_dims
 from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
+from .scratch import temp_files_in
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
@@ -77,7 +77,7 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     if target == "cuda":
         _require_cuda()
     if static is not None:
-        multiple = m.vae_scale_factor * 2 ** (len(parent.config("unet/config.json").get("block_out_channels", [0])) - 1)
+        multiple = parent.size_multiple
         if static.height % multiple or static.width % multiple:
             raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")
 
@@ -97,14 +97,13 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     if "vae_encoder" in m.components:
         feeds["vae_encoder"] = vae_encoder_feeds(got)
 
-    def transform(name: str, graph: Path, bundle: Bundle):
+    def transform(name: str, graph: Path, bundle: Bundle, work: Path):
         result = Result(precision=m.components[name].precision,
                         optimized_for=target if target in ("cpu", "cuda") else "",
                         provider="cuda" if target == "cuda" else "cpu")
-        with tempfile.TemporaryDirectory(prefix="edgediff-opt-") as d:
-            done = run_isolated(_transform_graph, graph, Path(d), name=name, target=target, static=static,
-                                bundle_root=bundle.root, what=f"{name}: optimize --target {target}")
-            return load_model(done), result
+        done = run_isolated(_transform_graph, graph, work, name=name, target=target, static=static,
+                            bundle_root=bundle.root, what=f"{name}: optimize --target {target}")
+        return load_model(done), result
 
     step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
     return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
@@ -114,7 +113,13 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
 def _transform_graph(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
                      bundle_root: Path) -> Path:
     """Fix the static dims, fuse and let ONNX Runtime optimize ``graph``; the result is saved under ``work`` and its
-    path returned. Runs in a child process (see optimize_bundle)."""
+    path returned. Runs in a child process (see optimize_bundle), whose temporary files go to ``work`` too."""
+    with temp_files_in(work):
+        return _transform_in(graph, work, name=name, target=target, static=static, bundle_root=bundle_root)
+
+
+def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
+                  bundle_root: Path) -> Path:
     done = work / "done" / "model.onnx"
     if static is None and target == "tensorrt":
         return _ort_offline(graph, target, name, done)

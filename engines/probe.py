@@ -47,6 +47,12 @@ class _Recorder:
     def close(self) -> None:
         self.inner.close()
 
+    def __getattr__(self, attr: str):  # whatever else the wrapped backend offers (its component name, profiling)
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(attr)
+        return getattr(inner, attr)
+
 
 def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: int | None = None,
             width: int | None = None, guidance_scale: float = 7.5, seed: int = 0, scheduler: str | None = None,

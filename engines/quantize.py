@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +36,7 @@ from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 from .attention import attention_projections
 from .conditioning import conditioning_only
+from .scratch import temp_files_in
 from .weight_storage import MIN_ELEMENTS, store_weights_int8
 
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
@@ -110,7 +110,7 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
             raise InputError(f"--calib-size {calib_size!r}; expected an integer >= 1")
         prompts = (prompts * (calib_size // len(prompts) + 1))[:calib_size]
-    steps = 20 if steps is None else steps
+    steps = parent.default_steps if steps is None else steps  # the bundle's recommended count by default
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"--steps {steps!r}; expected an integer >= 1")
 
@@ -126,15 +126,16 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         parity_feeds["vae_encoder"] = vae_encoder_feeds(held)
         calib.feeds["vae_encoder"] = vae_encoder_feeds(calib)
 
-    def transform(name: str, graph: Path, bundle: Bundle):
+    def transform(name: str, graph: Path, bundle: Bundle, work: Path):
         feeds = calib.feeds.get(name, [])
         if needs_calib and not feeds:
             raise EngineError(f"internal: no calibration inputs captured for {name}")
-        with _quiet_quantizer():  # onnxruntime.quantization logs advice to the root logger and prints progress
+        # onnxruntime.quantization logs advice to the root logger, prints progress and makes temporary folders
+        with _quiet_quantizer(), temp_files_in(work):
             if mode == "int8" and target == "cpu":
-                model, precision = _static(graph, feeds, name, progress, fp8=False, attention_float=True)
+                model, precision = _static(graph, feeds, name, progress, work, fp8=False, attention_float=True)
             else:
-                model, precision = _QUANTIZERS[mode](graph, feeds, name, progress)
+                model, precision = _QUANTIZERS[mode](graph, feeds, name, progress, work)
         if mode in ("int8", "fp8", "int8-storage"):
             problems = qdq_rules.violations(model, "fp8" if mode == "fp8" else "int8")
             if problems:
@@ -161,7 +162,7 @@ def _quiet_quantizer():
         root.setLevel(level)
 
 
-# -- the quantizers: (parent graph, calibration feeds, component, progress) -> (onnx.ModelProto, precision) -------
+# -- the quantizers: (parent graph, calibration feeds, component, progress, scratch) -> (ModelProto, precision)
 class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over captured feeds."""
 
@@ -193,87 +194,84 @@ def _structure(graph: Path):
     return onnx.load(str(graph), load_external_data=False)
 
 
-def _int8(graph: Path, feeds, name: str, progress) -> object:
-    return _static(graph, feeds, name, progress, fp8=False)
+def _int8(graph: Path, feeds, name: str, progress, work: Path) -> object:
+    return _static(graph, feeds, name, progress, work, fp8=False)
 
 
-def _fp8(graph: Path, feeds, name: str, progress) -> object:
-    return _static(graph, feeds, name, progress, fp8=True)
+def _fp8(graph: Path, feeds, name: str, progress, work: Path) -> object:
+    return _static(graph, feeds, name, progress, work, fp8=True)
 
 
-def _static(graph: Path, feeds, name: str, progress, *, fp8: bool, attention_float: bool = False):
+def _static(graph: Path, feeds, name: str, progress, work: Path, *, fp8: bool, attention_float: bool = False):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
-    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
-        clean = _cleaned(graph, Path(d))
-        big = _has_external_data(clean)
-        progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
-        out = Path(d) / "q.onnx"
-        # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
-        # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
-        model = _structure(clean)
-        inits = {t.name for t in model.graph.initializer}
-        nodes = [n.name for n in model.graph.node
-                 if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits)]
-        # The first and last convolutions (conv_in, conv_out) stay float, as is usual for INT8 CNNs: conv_out
-        # alone is the largest single error source measured on the UNet (docs/engines.md), for ~1 % of its time.
-        convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # nodes are topologically sorted
-        nodes = [n for n in nodes if not convs or n not in (convs[0], convs[-1])]
-        # Layers fed only by the timestep or the text (engines.conditioning) run on a few vectors and shift the
-        # whole image when wrong: they stay float too.
-        conditioning = conditioning_only(model)
-        nodes = [n for n in nodes if n not in conditioning]
-        if attention_float:  # ONNX Runtime's CPU attention fusion needs float projections (engines.attention)
-            projections = attention_projections(model)
-            nodes = [n for n in nodes if n not in projections]
-            progress(f"{name}: {len(projections)} attention projections stay float")
-        del model
-        try:
-            quantize_static(
-                str(clean), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=not fp8,
-                reduce_range=False,
-                activation_type=qtype, weight_type=qtype, use_external_data_format=big,
-                calibrate_method=CalibrationMethod.Distribution if fp8 else CalibrationMethod.MinMax,
-                extra_options={
-                    "ActivationSymmetric": True, "WeightSymmetric": True,  # zero-points 0, as TensorRT requires
-                    "QuantizeBias": False,  # TensorRT fuses float biases; INT32 bias DQ is not portable
-                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # K x N weight: one scale per output N
-                    "CalibTensorRangeSymmetric": True,
-                })
-        except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise EngineError(f"{name}: ONNX Runtime's quantizer failed: {text}") from None
-        return load_model(out), PRECISION["fp8" if fp8 else "int8"]
+    clean = _cleaned(graph, work)
+    big = _has_external_data(clean)
+    progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
+    out = work / "q.onnx"
+    # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
+    # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
+    model = _structure(clean)
+    inits = {t.name for t in model.graph.initializer}
+    nodes = [n.name for n in model.graph.node
+             if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits)]
+    # The first and last convolutions (conv_in, conv_out) stay float, as is usual for INT8 CNNs: conv_out
+    # alone is the largest single error source measured on the UNet (docs/engines.md), for ~1 % of its time.
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # nodes are topologically sorted
+    nodes = [n for n in nodes if not convs or n not in (convs[0], convs[-1])]
+    # Layers fed only by the timestep or the text (engines.conditioning) run on a few vectors and shift the
+    # whole image when wrong: they stay float too.
+    conditioning = conditioning_only(model)
+    nodes = [n for n in nodes if n not in conditioning]
+    if attention_float:  # ONNX Runtime's CPU attention fusion needs float projections (engines.attention)
+        projections = attention_projections(model)
+        nodes = [n for n in nodes if n not in projections]
+        progress(f"{name}: {len(projections)} attention projections stay float")
+    del model
+    try:
+        quantize_static(
+            str(clean), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=not fp8,
+            reduce_range=False,
+            activation_type=qtype, weight_type=qtype, use_external_data_format=big,
+            calibrate_method=CalibrationMethod.Distribution if fp8 else CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True, "WeightSymmetric": True,  # zero-points 0, as TensorRT requires
+                "QuantizeBias": False,  # TensorRT fuses float biases; INT32 bias DQ is not portable
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # K x N weight: one scale per output N
+                "CalibTensorRangeSymmetric": True,
+            })
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{name}: ONNX Runtime's quantizer failed: {text}") from None
+    return load_model(out), PRECISION["fp8" if fp8 else "int8"]
 
 
-def _int8_weights(graph: Path, feeds, name: str, progress):
+def _int8_weights(graph: Path, feeds, name: str, progress, work: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
-        clean = _cleaned(graph, Path(d))
-        out = Path(d) / "q.onnx"
-        big = _has_external_data(clean)
-        quantize_dynamic(str(clean), str(out), op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=big,
-                         extra_options={"MatMulConstBOnly": True})  # activation x activation MatMuls stay float
-        return load_model(out), PRECISION["int8-weights"]
+    clean = _cleaned(graph, work)
+    out = work / "q.onnx"
+    big = _has_external_data(clean)
+    quantize_dynamic(str(clean), str(out), op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
+                     weight_type=QuantType.QInt8, use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": True})  # activation x activation MatMuls stay float
+    return load_model(out), PRECISION["int8-weights"]
 
 
-def _int4_weights(graph: Path, feeds, name: str, progress):
+def _int4_weights(graph: Path, feeds, name: str, progress, work: Path):
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
-        clean = _cleaned(graph, Path(d))
-        q = MatMulNBitsQuantizer(load_model(clean), bits=4, block_size=32, is_symmetric=True,
-                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
-        q.process()
-        return q.model.model, PRECISION["int4-weights"]
+    clean = _cleaned(graph, work)
+    q = MatMulNBitsQuantizer(load_model(clean), bits=4, block_size=32, is_symmetric=True,
+                             quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model, PRECISION["int4-weights"]
 
 
-def _int8_storage(graph: Path, feeds, name: str, progress):
+def _int8_storage(graph: Path, feeds, name: str, progress, work: Path):
     model = load_model(graph)
     stored = store_weights_int8(model)
     if not stored.tensors:
@@ -283,20 +281,19 @@ def _int8_storage(graph: Path, feeds, name: str, progress):
     return model, PRECISION["int8-storage"]
 
 
-def _fp16(graph: Path, feeds, name: str, progress):
+def _fp16(graph: Path, feeds, name: str, progress, work: Path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    with tempfile.TemporaryDirectory(prefix="edgediff-q-") as d:
-        clean = _cleaned(graph, Path(d))
-        peaks = activation_peaks(clean, feeds, Path(d))
-        limit = FP16_MAX / FP16_HEADROOM
-        hot = {t for t, v in peaks.items() if v > limit}
-        model = load_model(clean)
-        blocked = [n.name for n in model.graph.node if any(o in hot for o in n.output)]
-        progress(f"{name}: {len(blocked)} node(s) stay fp32 (calibrated |activation| > {limit:.0f})")
-        converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
-                                             disable_shape_infer=weights_bytes(model) > EXTERNAL_DATA_THRESHOLD)
-        return converted, ("mixed-fp16" if blocked else "fp16")
+    clean = _cleaned(graph, work)
+    peaks = activation_peaks(clean, feeds, work)
+    limit = FP16_MAX / FP16_HEADROOM
+    hot = {t for t, v in peaks.items() if v > limit}
+    model = load_model(clean)
+    blocked = [n.name for n in model.graph.node if any(o in hot for o in n.output)]
+    progress(f"{name}: {len(blocked)} node(s) stay fp32 (calibrated |activation| > {limit:.0f})")
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
+                                         disable_shape_infer=weights_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+    return converted, ("mixed-fp16" if blocked else "fp16")
 
 
 def activation_peaks(graph: Path, feeds, workdir: Path) -> dict[str, float]:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from edgediff import __version__
 from edgediff.bundle import layout
+from edgediff.bundle.derived import latent_multiple
 from edgediff.bundle.describe import describe
 from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenance
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
@@ -112,7 +113,7 @@ def _geometries(comps: dict) -> tuple[Geometry, Geometry]:
     """Trace at the model's native size with CFG batch 2; check at batch 1 and a non-square size."""
     unet_cfg = comps["unet"].config
     size = unet_cfg.sample_size[0] if isinstance(unet_cfg.sample_size, (list, tuple)) else unet_cfg.sample_size
-    down = 2 ** (len(unet_cfg.block_out_channels) - 1)  # the UNet needs latent sides divisible by this
+    down = latent_multiple(1, unet_cfg.block_out_channels)  # latent sides must divide by this (VAE factor 1: latents)
     seq = comps["text_encoder"].config.max_position_embeddings
     trace = Geometry(batch=2, latent_h=size, latent_w=size, seq=seq)
     check = Geometry(batch=1, latent_h=size, latent_w=max(down, size - down), seq=seq)

@@ -3,6 +3,7 @@ derived bundles verify, carry parity receipts and generate."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,50 @@ def test_derived_bundle_keeps_the_recommended_defaults(bundle_copy, tmp_path):
     write_manifest(bundle_copy, dataclasses.replace(m, defaults=GenerationDefaults(steps=4, guidance_scale=0.0)))
     out = optimize_bundle(bundle_copy, tmp_path / "opt", target="tensorrt")
     assert Bundle.open(out).manifest.defaults == GenerationDefaults(steps=4, guidance_scale=0.0)
+
+
+@pytest.mark.parametrize("command", [["optimize"], ["quantize", "--int8-weights"]])
+def test_an_unwritable_output_is_one_line_before_any_work(tiny_sd1_bundle, command):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    if not Path("/sys").is_dir():
+        pytest.skip("needs /sys, which refuses new entries even to root")
+    r = CliRunner().invoke(main, [command[0], str(tiny_sd1_bundle), "/sys/edgediff-test/out", *command[1:]])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write /sys/edgediff-test/out: /sys: ") and "choose a writable" in last
+    assert "capturing" not in r.output and "parity" not in r.output  # refused before the work
+
+
+def test_a_full_disk_while_writing_is_one_line(tiny_sd1_bundle, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from edgediff.engines import derive
+    from edgediff.errors import OutputWriteError
+
+    def full(model, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(derive, "save_model", full)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*/out: .*/text_encoder/model.onnx: No space left on "
+                                               r"device; free some space .*; nothing was written to .*/out$"):
+        optimize_bundle(tiny_sd1_bundle, tmp_path / "out", target="tensorrt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_derived_bundle_honours_the_umask(cpu_opt):
+    """mkdtemp made the bundle folder 0700 and copies kept the parent's modes, whatever the umask."""
+    import os
+
+    from edgediff.bundle.writer import current_umask
+
+    mask = current_umask()
+    assert oct(cpu_opt.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    for root, dirs, files in os.walk(cpu_opt):
+        for d in dirs:
+            assert oct(os.stat(os.path.join(root, d)).st_mode & 0o777) == oct(0o777 & ~mask)
+        for f in files:
+            assert oct(os.stat(os.path.join(root, f)).st_mode & 0o777) == oct(0o666 & ~mask), f

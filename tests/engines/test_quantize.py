@@ -230,3 +230,52 @@ def test_quantize_target_errors(tiny_sd1_bundle, tmp_path):
         quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="int8", target="gpu")
     with pytest.raises(InputError, match="--target cpu applies to --int8 only"):
         quantize_bundle(tiny_sd1_bundle, tmp_path / "x", mode="fp8", target="cpu")
+
+
+@pytest.mark.parametrize("flags", [["--int8", "--fp16"], ["--fp16", "--int8-weights", "--fp16"]])
+def test_precision_flags_are_exclusive(tiny_sd1_bundle, tmp_path, flags):
+    """click keeps the last of several flags sharing one variable: `--int8 --fp16` quietly made an fp16 bundle."""
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    r = CliRunner().invoke(main, ["quantize", str(tiny_sd1_bundle), str(tmp_path / "x"), *flags])
+    first, second = flags[0], flags[1]
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"error: {first} and {second} are exclusive: a bundle has one precision; choose one"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_calibration_steps_default_to_the_bundle_s(bundle_copy, tmp_path):
+    """Calibration sees the timesteps the bundle will run at: its recommended step count, not a fixed 20."""
+    import dataclasses
+
+    from edgediff.bundle.manifest import GenerationDefaults
+    from edgediff.bundle.writer import write_manifest
+
+    m = Bundle.open(bundle_copy).manifest
+    write_manifest(bundle_copy, dataclasses.replace(m, defaults=GenerationDefaults(steps=3)))
+    out = quantize_bundle(bundle_copy, tmp_path / "q", mode="int8", calib_size=1, tolerance=0.6)
+    assert "--calib-size 1 --steps 3" in Bundle.open(out).manifest.provenance.transforms[0]
+
+
+def test_a_file_size_limit_while_writing_is_one_line(tiny_sd1_bundle, tmp_path):
+    """A disk that refuses the bytes (here a file size limit, as a full disk would with ENOSPC) is one line naming
+    the file and the cause, and leaves nothing behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():  # 8 KiB per file; without the signal ignored the kernel would kill the process instead
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-c", "from edgediff.cli import main; main()", "quantize",
+                        str(tiny_sd1_bundle), str(out), "--int8-storage"], preexec_fn=limit, capture_output=True,
+                       text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f"error: cannot write {out}: ") and "Traceback" not in r.stderr
+    assert "File too large; the file system or a file size limit (ulimit -f) refuses a file this large" in last
+    assert list(tmp_path.iterdir()) == []

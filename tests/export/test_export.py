@@ -182,3 +182,17 @@ def test_api_errors_are_typed(tmp_path):
         from edgediff.bundle.writer import check_output
 
         check_output(tmp_path / "f", overwrite=True)
+
+
+def test_export_honours_the_umask(tiny_sd1_bundle):
+    """The staging folder came from mkdtemp (0700) and was renamed into place as it was, whatever the umask."""
+    import os
+
+    from edgediff.bundle.writer import current_umask
+
+    mask = current_umask()
+    modes = {os.path.relpath(r, tiny_sd1_bundle): os.stat(r).st_mode & 0o777 for r, _, _ in os.walk(tiny_sd1_bundle)}
+    assert modes == dict.fromkeys(modes, 0o777 & ~mask)
+    files = {f: f.stat().st_mode & 0o777 for f in tiny_sd1_bundle.rglob("*") if f.is_file()}
+    assert files == dict.fromkeys(files, 0o666 & ~mask)
+
