@@ -218,7 +218,8 @@ def _int(value: Any, where: str, low: int, high: int) -> int:
 
 def _number(value: Any, where: str, *, low: float = -math.inf, high: float = math.inf, open_low: bool = False,
             open_high: bool = False) -> float:
-    ok = type(value) in (int, float) and math.isfinite(value)
+    # an int too large for a float (10**400) is refused here: math.isfinite would raise OverflowError on it
+    ok = (type(value) is float and math.isfinite(value)) or (type(value) is int and abs(value) <= 2**53)
     ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
         lo = f"> {low:g}" if open_low else f">= {low:g}"
