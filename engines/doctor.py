@@ -24,9 +24,8 @@ def report(engine_dirs: list[Path]) -> list[tuple[str, str, bool]]:
     except ImportError:
         rows.append(("onnxruntime", "not installed: pip install edgediff (or edgediff[gpu] for CUDA/TensorRT)", False))
 
+    from edgediff.backends.tensorrt import device
     from edgediff.errors import EdgediffError
-
-    from .tensorrt import device
 
     trt_version = None
     try:
@@ -45,7 +44,7 @@ def report(engine_dirs: list[Path]) -> list[tuple[str, str, bool]]:
     except Exception as exc:  # cuda-python present but no driver/device: its own error types
         rows.append(("cuda / gpu", f"no usable NVIDIA GPU ({type(exc).__name__}: {str(exc)[:120]})", False))
 
-    from .tensorrt.cache import EngineCache
+    from edgediff.backends.tensorrt.cache import EngineCache
 
     for d in engine_dirs:
         entries = EngineCache(d).entries()

@@ -242,7 +242,7 @@ def build(bundle, engine_dir, static, profile, no_cfg, opt_level, workspace, tim
 def doctor(engine_dirs) -> None:
     """What this machine can run: Python, ONNX Runtime providers, TensorRT, CUDA, GPU, cached engines."""
     from .engines.doctor import report
-    from .engines.tensorrt.cache import default_engine_dir
+    from .backends.tensorrt.cache import default_engine_dir
 
     dirs = list(engine_dirs)
     if not dirs:

@@ -27,7 +27,7 @@ class Components:
 
     def _load(self, name: str) -> Backend:
         path = self.bundle.model_path(name, verify=self.verify)
-        backend = open_backend(self.backend, path, self.bundle.component(name), self.options)
+        backend = open_backend(self.backend, self.bundle, self.bundle.component(name), path, self.options)
         return backend if self._wrap is None else self._wrap(name, backend)
 
     def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:

@@ -1,2 +1,4 @@
-"""TensorRT engines from a bundle: optimization profiles from the manifest, a safe on-disk engine cache, and the
-builder. Only ``build`` imports ``tensorrt``; profiles and cache are plain Python (tested on CPU)."""
+"""Building TensorRT engines from a bundle: optimization profiles from the manifest (profiles.py, plain Python,
+tested on CPU) and the builder (build.py, the only module here that imports ``tensorrt``). The engine cache, the
+device description and the rebuild hint belong to the runtime, which loads what is built here:
+``edgediff.backends.tensorrt``."""

@@ -8,6 +8,9 @@ builder_optimization_level, set_memory_pool_limit(WORKSPACE), create_optimizatio
 add_optimization_profile, create_timing_cache/set_timing_cache/get_timing_cache, BuilderFlag.REFIT /
 VERSION_COMPATIBLE / EXCLUDE_LEAN_RUNTIME, build_serialized_network.
 
+The engine cache it writes into, the device description and the rebuild hint come from the runtime
+(``edgediff.backends.tensorrt``): what the builder stores is exactly what the backend verifies and loads.
+
 Cannot run without an NVIDIA GPU: on this project's machines the GPU tests skip and everything around the builder
 (profiles, cache keys, the cache) is tested on CPU.
 """
@@ -18,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from edgediff.backends.tensorrt import device
+from edgediff.backends.tensorrt.cache import (EngineCache, EngineKey, EngineNotBuilt, default_engine_dir, graph_digest,
+                                              rebuild_command, write_durably)
 from edgediff.bundle.reader import Bundle
 from edgediff.errors import EngineError, EngineIncompatible, InputError
 
-from .cache import EngineCache, EngineKey, EngineNotBuilt, _write_atomic, default_engine_dir, graph_digest
 from .profiles import ShapeRange, profile_shapes
 
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -55,16 +60,9 @@ def engine_key(bundle: Bundle, name: str, *, tensorrt: str, gpu: str, compute_ca
                      flags=options.flags())
 
 
-def rebuild_command(bundle: Bundle, engine_dir: Path | None) -> str:
-    where = f" --engine-dir {engine_dir}" if engine_dir else ""
-    return f"edgediff build {bundle.root}{where} --force"
-
-
 def build_engines(bundle_path: str | Path, options: BuildOptions, *, engine_dir: str | Path | None = None,
                   components: Sequence[str] | None = None, force: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> dict[str, Path]:
-    from . import device
-
     trt = device.import_tensorrt()
     gpu = device.gpu()
     bundle = Bundle.open(bundle_path)
@@ -82,7 +80,7 @@ def build_engines(bundle_path: str | Path, options: BuildOptions, *, engine_dir:
         with cache.lock(n):  # a second builder waits here, then finds the engine built
             if not force:
                 try:
-                    cache.load(key, rebuild_command(bundle, engine_dir))
+                    cache.load(key, rebuild_command(bundle.root, engine_dir))
                     progress(f"{n}: cached {cache.plan_path(key).name}")
                     out[n] = cache.plan_path(key)
                     continue
@@ -130,7 +128,7 @@ def _build_one(trt, name: str, onnx_path: Path, shapes: dict, options: BuildOpti
                               "cap the workspace (--workspace 2)")
         raise EngineError(f"{name}: TensorRT could not build the engine: {logger.last_error or 'no message'}")
     if options.timing_cache is not None:
-        _write_atomic(Path(options.timing_cache), bytes(config.get_timing_cache().serialize()))
+        write_durably(Path(options.timing_cache), bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 

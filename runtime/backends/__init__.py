@@ -1,19 +1,27 @@
 """Backends by name. ``cpu``, ``cuda`` and ``tensorrt`` are ONNX Runtime execution providers; ``trt`` is the native
-TensorRT backend running engines built by ``edgediff build``."""
+TensorRT backend running engines built by ``edgediff build``.
+
+A factory is given the Bundle it serves, the component, the component's graph path (already resolved and, unless
+the caller turned verification off, checked against the manifest) and the backend's own options object. Backends
+that run the ONNX graph open the path; the TensorRT backend reads its engine from the bundle's engine cache.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..bundle.manifest import Component
 from ..errors import InputError
 from .base import Backend
 
-BackendFactory = Callable[[Path, Component, Any], Backend]
+if TYPE_CHECKING:
+    from ..bundle.reader import Bundle
+
+BackendFactory = Callable[["Bundle", Component, Path, Any], Backend]
 
 
 def _ort(provider: str) -> BackendFactory:
-    def make(model_path: Path, component: Component, options: Any) -> Backend:
+    def make(bundle: "Bundle", component: Component, model_path: Path, options: Any) -> Backend:
         from .ort import OrtBackend
 
         return OrtBackend(model_path, component, provider, options)
@@ -21,10 +29,10 @@ def _ort(provider: str) -> BackendFactory:
     return make
 
 
-def _trt(model_path: Path, component: Component, options: Any) -> Backend:
-    from .trt import TrtBackend  # imports tensorrt and cuda-python only when asked for
+def _trt(bundle: "Bundle", component: Component, model_path: Path, options: Any) -> Backend:
+    from .tensorrt.backend import TrtBackend  # imports tensorrt and cuda-python only when an engine is opened
 
-    return TrtBackend(model_path, component, options)
+    return TrtBackend(bundle, component, options)  # runs the cached engine, not the graph at model_path
 
 
 # "tensorrt" is ONNX Runtime's TensorRT execution provider; "trt" is the native backend (engines from edgediff build)
@@ -32,9 +40,36 @@ BACKENDS: dict[str, BackendFactory] = {"cpu": _ort("cpu"), "cuda": _ort("cuda"),
                                        "trt": _trt}
 
 
-def open_backend(name: str, model_path: Path, component: Component, options: Any = None) -> Backend:
+def open_backend(name: str, bundle: "Bundle", component: Component, model_path: Path, options: Any = None) -> Backend:
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise InputError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}") from None
-    return factory(model_path, component, options)
+    return factory(bundle, component, model_path, options)
+
+
+# -- the optional profiling capability (backends/base.py: Profiling) ---------------------------------------------
+def _ort_profiling(folder: Path) -> Any:
+    from .ort import OrtOptions
+
+    return OrtOptions(enable_profiling=True, profile_file_prefix=str(folder / "ort"))
+
+
+# backend name -> folder -> that backend's options with its operator profiler on, writing its trace under folder.
+# A backend missing here has no profiler (the native TensorRT backend).
+PROFILING: dict[str, Callable[[Path], Any]] = {"cpu": _ort_profiling, "cuda": _ort_profiling,
+                                               "tensorrt": _ort_profiling}
+
+
+def profiling_options(name: str, folder: str | Path) -> Any:
+    """Options that open backend ``name`` with its operator profiler on (its trace goes under ``folder``): the
+    backend-neutral way to ask for profiling. Read the result with ``profiler(backend).stop_profiling()``
+    (backends/base.py)."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}")
+    try:
+        make = PROFILING[name]
+    except KeyError:
+        raise InputError(f"backend {name!r} cannot profile operators; one that can: "
+                         f"{'/'.join(PROFILING)} (ONNX Runtime)") from None
+    return make(Path(folder))

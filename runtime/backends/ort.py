@@ -1,6 +1,8 @@
-"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind the Backend protocol."""
+"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind the Backend protocol, with the optional
+Profiling capability (ONNX Runtime's per-node profiler)."""
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,7 +44,9 @@ class OrtOptions:
     # re-runs level "all" on them: the CPU's NCHWc layout transforms, ~5 % faster SD-1.5 steps here, ~8 s more
     # at start (docs/engines.md). For long-running services.
     reoptimize_saved_graphs: bool = False
-    enable_profiling: bool = False  # ORT's per-node profiler; end_profiling() returns the JSON file
+    # ORT's per-node profiler (backends.profiling_options turns it on): stop_profiling() sums it per operator type,
+    # end_profiling() returns ORT's own JSON trace
+    enable_profiling: bool = False
     profile_file_prefix: str = "edgediff_ort_profile"
     log_severity_level: int = 3  # errors only: ORT's warnings are not the user's business
     # TensorRT execution provider (ORT documents these as provider options)
@@ -171,11 +175,34 @@ class OrtBackend:
         return dict(zip(self._output_names, outs))
 
     def end_profiling(self) -> str:
-        """Stop ORT's profiler and return the path of its JSON trace (needs OrtOptions(enable_profiling=True))."""
+        """Stop ORT's profiler and return the path of its JSON trace ("" when it was not on)."""
         return self.session.end_profiling()
+
+    def stop_profiling(self) -> dict[str, float]:
+        """The Profiling capability (backends/base.py): seconds per operator type, from ORT's trace."""
+        path = self.end_profiling()
+        if not path:
+            raise BackendError(f"{self.component}: the profiler was not on; open the backend with "
+                               "edgediff.backends.profiling_options(...)")
+        try:
+            events = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"{self.component}: cannot read ONNX Runtime's profile {path}: {_first_line(exc)}") from None
+        return op_seconds(events)
 
     def close(self) -> None:
         self.session = None
+
+
+def op_seconds(events: list) -> dict[str, float]:
+    """Total kernel time per operator type in an ORT trace (Chrome trace format: one "Node" event per kernel run,
+    named ``<node>_kernel_time``, ``dur`` in microseconds, the operator type in ``args.op_name``)."""
+    by_op: dict[str, float] = {}
+    for ev in events:
+        if isinstance(ev, dict) and ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op = (ev.get("args") or {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + ev.get("dur", 0) / 1e6
+    return by_op
 
 
 def _first_line(exc: Exception) -> str:

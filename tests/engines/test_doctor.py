@@ -12,7 +12,7 @@ no_trt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, re
 
 
 def test_doctor_reports_every_piece(tmp_path):
-    from edgediff.engines.tensorrt.cache import EngineCache, EngineKey
+    from edgediff.backends.tensorrt.cache import EngineCache, EngineKey
 
     EngineCache(tmp_path).store(EngineKey("unet", "a" * 64, "10.3.0", "Orin", "8.7"), b"plan")
     r = CliRunner().invoke(main, ["doctor", "--engine-dir", str(tmp_path)])

@@ -11,7 +11,7 @@ import pytest
 
 def _gpu_reason() -> str | None:
     try:
-        from edgediff.engines.tensorrt import device
+        from edgediff.backends.tensorrt import device
 
         device.import_tensorrt()
         device.gpu()
@@ -35,7 +35,7 @@ def engines(tiny_sd1_bundle, tmp_path_factory):
 
 
 def test_trt_matches_onnx_runtime_on_latents(tiny_sd1_bundle, engines):
-    from edgediff.backends.trt import TrtOptions
+    from edgediff.backends.tensorrt import TrtOptions
     from edgediff.pipeline import Pipeline
 
     kw = dict(num_inference_steps=4, height=32, width=32, seed=3, output_type="np")
@@ -50,7 +50,7 @@ def test_trt_matches_onnx_runtime_on_latents(tiny_sd1_bundle, engines):
 
 
 def test_cuda_graph_replay_equals_plain_enqueue(tiny_sd1_bundle, engines):
-    from edgediff.backends.trt import TrtOptions
+    from edgediff.backends.tensorrt import TrtOptions
     from edgediff.pipeline import Pipeline
 
     kw = dict(num_inference_steps=3, height=32, width=32, seed=1, output_type="np")
@@ -61,7 +61,7 @@ def test_cuda_graph_replay_equals_plain_enqueue(tiny_sd1_bundle, engines):
 
 
 def test_engine_for_another_gpu_is_refused(tiny_sd1_bundle, engines):
-    from edgediff.backends.trt import TrtOptions
+    from edgediff.backends.tensorrt import TrtOptions
     from edgediff.errors import EngineIncompatible
     from edgediff.pipeline import Pipeline
 

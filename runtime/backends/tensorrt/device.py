@@ -1,8 +1,11 @@
 """What this machine offers for TensorRT: the tensorrt module, CUDA through cuda-python, the GPU. Every probe
-returns facts or a one-line reason; nothing here raises on a machine without a GPU."""
+returns facts or raises one typed line (MissingDependency, EngineError) saying what is missing; importing this module
+needs neither TensorRT nor a GPU. Used by the TensorRT backend, ``edgediff build`` and ``edgediff doctor``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ...errors import EngineError, MissingDependency
 
 INSTALL_TRT = ("TensorRT is not installed: on Jetson it comes with JetPack (sudo apt install nvidia-tensorrt, "
                "then use the system python3); on x86_64 with an NVIDIA driver: pip install 'edgediff[gpu]'")
@@ -22,8 +25,6 @@ class Gpu:
 
 def import_tensorrt():
     """The tensorrt module, or raise MissingDependency with the install line."""
-    from edgediff.errors import MissingDependency
-
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -36,8 +37,6 @@ def import_tensorrt():
 
 def cudart():
     """cuda-python's runtime bindings (module path changed in cuda-python 12.6/13), or MissingDependency."""
-    from edgediff.errors import MissingDependency
-
     try:
         from cuda.bindings import runtime  # cuda-python >= 12.6
         return runtime
@@ -52,8 +51,6 @@ def cudart():
 
 def check(result, what: str):
     """cuda-python returns (error, *values): raise EngineError on an error, else return the value(s)."""
-    from edgediff.errors import EngineError
-
     err, *values = result
     if int(err) != 0:
         raise EngineError(f"CUDA: {what} failed with {err!r}")

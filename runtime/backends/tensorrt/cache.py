@@ -1,4 +1,4 @@
-"""The on-disk TensorRT engine cache.
+"""The on-disk TensorRT engine cache: its layout, its key, and both its sides.
 
 An engine (a serialized "plan") is only valid for the exact ONNX graph, TensorRT version, GPU model and compute
 capability, optimization profile and builder flags it was built with. All of these form the ``EngineKey``; its
@@ -10,6 +10,10 @@ digest names the files, so a changed input can never pick up a stale plan:
 
 A plan without its meta (a builder killed mid-write), a plan whose size or sha256 differs from its meta, or a meta
 that names another GPU/TensorRT is never deserialized: loading raises with the command that rebuilds it.
+
+The reading side (``load``/``select``, for the runtime) and the writing side (``lock``/``store``, for
+``edgediff build`` in engines/) stay one class in the core: the meta written by ``store`` is the format that ``load``
+verifies, so both live next to each other, and the writing side needs only the standard library.
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgediff import __version__
-from edgediff.errors import EngineError, EngineIncompatible
+from ..._version import __version__
+from ...errors import EngineError, EngineIncompatible
 
 META_VERSION = 1
 
@@ -58,6 +62,12 @@ class EngineKey:
 def graph_digest(component) -> str:
     """One digest over a component's graph and external-data files, from the manifest's sha256 entries."""
     return hashlib.sha256("".join(f.sha256 for f in component.files).encode()).hexdigest()
+
+
+def rebuild_command(bundle_root: str | Path, engine_dir: str | Path | None) -> str:
+    """The command quoted when a cached engine is missing or refused."""
+    where = f" --engine-dir {engine_dir}" if engine_dir else ""
+    return f"edgediff build {bundle_root}{where} --force"
 
 
 def default_engine_dir(bundle_digest: str) -> Path:
@@ -94,11 +104,11 @@ class EngineCache:
         """Write the plan, then its meta (the commit marker); both atomically. Returns the plan path."""
         self.root.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(plan).hexdigest()
-        _write_atomic(self.plan_path(key), plan)
+        write_durably(self.plan_path(key), plan)
         meta = {"meta_version": META_VERSION, "key": key.to_dict(), "key_digest": key.digest,
                 "plan_sha256": digest, "plan_bytes": len(plan), "built_by": f"edgediff {__version__}",
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": build_seconds}
-        _write_atomic(self.meta_path(key), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        write_durably(self.meta_path(key), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         return self.plan_path(key)
 
     # -- reading ----------------------------------------------------------------------------------------------
@@ -192,7 +202,9 @@ def _difference(other: dict | None, key: EngineKey) -> str:
     return "differs"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
+    """Atomic (temp file + rename) and durable (fsync of the file and its folder): a crash leaves the old file or the
+    new one, never half of one. Also used for the builder's timing cache."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

@@ -1,10 +1,14 @@
 """Native TensorRT backend (``backend="trt"``): engines from ``edgediff build``, GPU memory through cuda-python.
 
-Engine lifecycle: the plan is read from the engine cache (verified against its meta: TensorRT version, GPU,
-sha256) -> deserialized with host code disallowed -> an execution context with user-managed scratch memory, all
-engines of the process sharing one device scratch buffer sized to the largest -> per-shape device I/O buffers,
-grown when a larger shape comes -> enqueue on one CUDA stream. Only the numpy arrays the loop needs cross to and
-from the host (latents and embeddings: tens of KB per step at 512x512).
+Engine lifecycle: the plan is read from the engine cache of the bundle it serves (the backend is given the Bundle:
+its digest names the default cache folder, its root goes into the rebuild hint) and verified against its meta
+(TensorRT version, GPU, sha256) -> deserialized with host code disallowed -> an execution context with user-managed
+scratch memory, all engines of the process sharing one device scratch buffer sized to the largest -> per-shape
+device I/O buffers, grown when a larger shape comes -> enqueue on one CUDA stream. Only the numpy arrays the loop
+needs cross to and from the host (latents and embeddings: tens of KB per step at 512x512).
+
+Everything this needs to load and verify a plan (cache layout and key, device description, rebuild hint) lives beside
+it in this package; engines/tensorrt/ (the builder) imports it from here, never the other way round.
 
 Concurrency contract: engines on one device share the scratch buffer, so their calls are serialized by a
 per-process lock; a Pipeline may still be called from several threads (calls queue). For parallel generation on
@@ -14,20 +18,27 @@ CUDA graphs (``TrtOptions(cuda_graph=True)``): the denoiser's enqueue is capture
 afterwards; only for static engines (``edgediff build --static``), since a graph replays fixed shapes and
 addresses -- a dynamic engine is refused with that reason.
 
-Cannot run without an NVIDIA GPU and TensorRT: GPU tests are marked ``gpu`` and skip on this project's machines.
+No operator profiler: this backend does not implement the optional ``Profiling`` capability (backends/base.py).
+
+Cannot run without an NVIDIA GPU and TensorRT: GPU tests are marked ``gpu`` and skip where there is none.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from ..bundle.manifest import Component
-from ..errors import EngineError, EngineIncompatible
-from .validate import check_feeds
+from ...bundle.manifest import Component
+from ...errors import EngineError, EngineIncompatible
+from ..validate import check_feeds
+from . import device
+from .cache import EngineCache, default_engine_dir, graph_digest, rebuild_command
+
+if TYPE_CHECKING:
+    from ...bundle.reader import Bundle
 
 _DEVICE_LOCK = threading.Lock()
 
@@ -57,19 +68,13 @@ class _Scratch:
 
 
 class TrtBackend:
-    def __init__(self, model_path: Path, component: Component, options: TrtOptions | None = None):
-        from edgediff.bundle.reader import Bundle
-        from edgediff.engines.tensorrt import device
-        from edgediff.engines.tensorrt.build import rebuild_command
-        from edgediff.engines.tensorrt.cache import EngineCache, default_engine_dir, graph_digest
-
+    def __init__(self, bundle: "Bundle", component: Component, options: TrtOptions | None = None):
         options = options or TrtOptions()
         trt = device.import_tensorrt()
         self._rt, self._check = device.cudart(), device.check
         gpu = device.gpu(options.device)
-        bundle = Bundle.open(Path(model_path).parent.parent)
         engine_dir = Path(options.engine_dir) if options.engine_dir else default_engine_dir(bundle.digest)
-        rebuild = rebuild_command(bundle, Path(options.engine_dir) if options.engine_dir else None)
+        rebuild = rebuild_command(bundle.root, Path(options.engine_dir) if options.engine_dir else None)
         plan = EngineCache(engine_dir).select(component.name, graph_digest(component), trt.__version__, gpu.name,
                                               gpu.compute_capability, rebuild)
         self.component, self.inputs, self.outputs = component.name, component.inputs, component.outputs

@@ -1,5 +1,6 @@
-"""The engine cache without a GPU: key composition, atomic write + meta commit marker, the lock, and refusal of
-plans that are truncated, altered, or built for another GPU/TensorRT."""
+"""The engine cache (edgediff.backends.tensorrt.cache, in the core since the runtime loads what the builder stores)
+without a GPU: key composition, atomic write + meta commit marker, the lock, the rebuild hint, and refusal of plans
+that are missing, truncated, altered, or built for another GPU/TensorRT."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from edgediff.engines.tensorrt.cache import EngineCache, EngineKey, EngineNotBuilt, graph_digest
+from edgediff.backends.tensorrt.cache import EngineCache, EngineKey, EngineNotBuilt, graph_digest, rebuild_command
 from edgediff.errors import EngineIncompatible
 
 REBUILD = "edgediff build B --force"
@@ -46,6 +47,39 @@ def test_store_then_load_round_trip(tmp_path):
 def test_missing_engine_says_how_to_build(tmp_path):
     with pytest.raises(EngineNotBuilt, match="build it: edgediff build B --force"):
         EngineCache(tmp_path).load(key(), REBUILD)
+
+
+def test_rebuild_hint_names_the_bundle_and_a_custom_engine_dir(tmp_path):
+    assert rebuild_command(tmp_path / "b", None) == f"edgediff build {tmp_path / 'b'} --force"
+    assert rebuild_command("b", tmp_path) == f"edgediff build b --engine-dir {tmp_path} --force"
+
+
+def test_select_with_nothing_built_says_build_without_force(tmp_path):
+    cache = EngineCache(tmp_path / "none")
+    with pytest.raises(EngineNotBuilt, match=r"unet: no TensorRT engine in .* for this bundle; build it: "
+                                             r"edgediff build B$"):
+        cache.select("unet", "a" * 64, "10.3.0", "Orin", "8.7", REBUILD)
+    assert not (tmp_path / "none").exists()  # looking never creates the cache folder
+
+
+def test_unreadable_or_foreign_meta_is_refused(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.store(key(), b"plan")
+    cache.meta_path(key()).write_text("{not json")
+    with pytest.raises(EngineIncompatible, match="is unreadable; rebuild it"):
+        cache.load(key(), REBUILD)
+    cache.meta_path(key()).write_text(json.dumps({"meta_version": 99}))
+    with pytest.raises(EngineIncompatible, match="written by another edgediff version"):
+        cache.load(key(), REBUILD)
+    assert cache.entries()[0]["meta_version"] == 99
+
+
+def test_meta_records_the_edgediff_that_built_it(tmp_path):
+    from edgediff import __version__
+
+    cache = EngineCache(tmp_path)
+    cache.store(key(), b"plan")
+    assert json.loads(cache.meta_path(key()).read_text())["built_by"] == f"edgediff {__version__}"
 
 
 def test_truncated_and_altered_plans_are_refused(tmp_path):
@@ -89,17 +123,17 @@ def test_writer_killed_mid_write_leaves_nothing_loadable(tmp_path):
     builder stores one cleanly."""
     code = textwrap.dedent(f"""
         import os, sys, time
-        from edgediff.engines.tensorrt import cache as c
+        from edgediff.backends.tensorrt import cache as c
         def slow_write(path, data):
             tmp = path.with_name("." + path.name + ".tmp")
             with open(tmp, "wb") as f:
                 f.write(data[: len(data) // 2]); f.flush()
                 print("half", flush=True); time.sleep(60)
-        c._write_atomic = slow_write
+        c.write_durably = slow_write
         from tests_key import key
         c.EngineCache({str(tmp_path)!r}).store(key(), b"z" * 100000)
     """)
-    (tmp_path / "tests_key.py").write_text("from edgediff.engines.tensorrt.cache import EngineKey\n"
+    (tmp_path / "tests_key.py").write_text("from edgediff.backends.tensorrt.cache import EngineKey\n"
                                            f"def key():\n    return EngineKey(**{key().to_dict()!r})\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     assert p.stdout.readline().strip() == "half"
