@@ -137,25 +137,25 @@ def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
 
 
 def op_profile(cfg: BenchConfig, top: int) -> list[dict]:
-    """Top-N operator types of the denoiser by total time, from ONNX Runtime's profiler (one generation)."""
-    import os
+    """Top-N operator types of the denoiser by total time over one generation, from the backend's own profiler
+    (the optional Profiling capability of the Backend seam: ONNX Runtime's backends have it)."""
     import tempfile
 
     from edgediff import Pipeline
-    from edgediff.backends.ort import OrtOptions
+    from edgediff.backends import PROFILING, profiling_options
+    from edgediff.backends.base import profiler
 
+    if cfg.backend not in PROFILING:
+        raise InputError(f"--profile-ops needs a backend that can profile: {'/'.join(PROFILING)} (ONNX Runtime); "
+                         f"{cfg.backend!r} cannot")
     with tempfile.TemporaryDirectory() as tmp:
-        opts = OrtOptions(enable_profiling=True, profile_file_prefix=os.path.join(tmp, "ort"))
+        opts = profiling_options(cfg.backend, tmp)
         pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, options=opts)
-        pipe(cfg.prompt, **cfg.call_kwargs())
-        path = pipe.components.get("unet").end_profiling()
-        events = json.loads(Path(path).read_text())
-        pipe.close()
-    by_op: dict[str, float] = {}
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            op = ev.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + ev.get("dur", 0) / 1e6
+        try:
+            pipe(cfg.prompt, **cfg.call_kwargs())
+            by_op = profiler(pipe.components.get("unet")).stop_profiling()
+        finally:
+            pipe.close()
     total = sum(by_op.values()) or 1.0
     ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
     return [{"op": op, "seconds": sec, "percent": 100.0 * sec / total} for op, sec in ranked]
