@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
+from .cli_types import SIZE
 from .errors import EdgediffError
 
 
@@ -28,6 +29,10 @@ class _Group(click.Group):
         except MemoryError:
             click.secho("error: out of memory; try --low-memory, a smaller --size or fewer images", fg="red", err=True)
             sys.exit(1)
+        except click.UsageError as exc:  # a bad option value: one line too, with where to look
+            where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "edgediff --help"
+            click.secho(f"error: {exc.format_message()} (see {where})", fg="red", err=True)
+            sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug of ours: one line, the traceback only on request
@@ -150,27 +155,49 @@ def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: b
     click.echo(f"wrote {out}")
 
 
+def _one_precision(ctx: click.Context, param: click.Parameter, value):
+    """Each precision flag has its own name and this callback fills the command's ``mode``: flags sharing one
+    name are a click feature switch, which silently keeps the last one given (`--int8 --fp16` made fp16)."""
+    first = ctx.meta.get("edgediff.precision_flag")
+    if value is not None and first is not None and first != param.opts[0]:
+        from .errors import InputError
+
+        raise InputError(f"{first} and {param.opts[0]} are exclusive: a bundle has one precision; choose one")
+    if value is not None:
+        ctx.meta["edgediff.precision_flag"] = param.opts[0]
+        ctx.params["mode"] = value
+    else:
+        ctx.params.setdefault("mode", None)
+    return value
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--fp16", "mode", flag_value="fp16", help="Mixed fp16 (overflowing nodes stay fp32).")
-@click.option("--int8", "mode", flag_value="int8", help="Static INT8 Q/DQ (TensorRT layout), calibrated.")
-@click.option("--int8-weights", "mode", flag_value="int8-weights", help="Dynamic INT8 (weights only stored INT8).")
-@click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 Q/DQ for Ada/Hopper TensorRT, calibrated.")
-@click.option("--int4-weights", "mode", flag_value="int4-weights", help="Block-wise INT4 MatMul weights.")
-@click.option("--int8-storage", "mode", flag_value="int8-storage",
+@click.option("--fp16", "fp16_flag", flag_value="fp16", expose_value=False,
+              callback=_one_precision, help="Mixed fp16 (overflowing nodes stay fp32).")
+@click.option("--int8", "int8_flag", flag_value="int8", expose_value=False,
+              callback=_one_precision, help="Static INT8 Q/DQ (TensorRT layout), calibrated.")
+@click.option("--int8-weights", "int8_weights_flag", flag_value="int8-weights", expose_value=False,
+              callback=_one_precision, help="Dynamic INT8 (weights only stored INT8).")
+@click.option("--fp8", "fp8_flag", flag_value="fp8", expose_value=False,
+              callback=_one_precision, help="FP8 E4M3 Q/DQ for Ada/Hopper TensorRT, calibrated.")
+@click.option("--int4-weights", "int4_weights_flag", flag_value="int4-weights", expose_value=False,
+              callback=_one_precision, help="Block-wise INT4 MatMul weights.")
+@click.option("--int8-storage", "int8_storage_flag", flag_value="int8-storage", expose_value=False,
+              callback=_one_precision,
               help="Weights stored INT8, dequantized per node at run time (fp32 math; low memory; after optimize).")
 @click.option("--components", default=None, help="Comma-separated (default: unet; all four for --fp16).")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line.")
 @click.option("--calib-size", type=int, default=None, help="Number of calibration prompts (default: all given).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Step count to calibrate for.")
-@click.option("--size", default=None, help="WIDTHxHEIGHT to calibrate at (default: the model's native size).")
+@click.option("--steps", type=int, default=None, help="Step count to calibrate for (default: the bundle's).")
+@click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT to calibrate at (default: the model's native size).")
 @click.option("--tolerance", type=float, default=None, help="Accept a larger parity error than the precision's default.")
 @click.option("--target", default="tensorrt", show_default=True,
               help="--int8 for tensorrt, or cpu: attention projections stay float so optimize --target cpu fuses them.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
 def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, calib_prompts: Path | None,
-             calib_size: int | None, steps: int, size: str | None, tolerance: float | None, target: str,
+             calib_size: int | None, steps: int | None, size: str | None, tolerance: float | None, target: str,
              overwrite: bool) -> None:
     """Write a reduced-precision copy of BUNDLE to OUT; calibrated on real pipeline runs, parity-checked."""
     from .engines.quantize import MODES, quantize_bundle
@@ -178,7 +205,7 @@ def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, 
 
     if mode is None:
         raise InputError(f"choose a precision: {' | '.join('--' + m for m in MODES)}")
-    height, width = _parse_size(size)
+    height, width = size or (None, None)
     names = [c.strip() for c in components.split(",") if c.strip()] if components else None
     click.echo(f"quantizing {bundle} -> {out} ({mode})", err=True)
     quantize_bundle(bundle, out, mode=mode, components=names, calib_prompts=calib_prompts, calib_size=calib_size,
@@ -253,17 +280,6 @@ def doctor(engine_dirs) -> None:
 
 
 # -- generate ---------------------------------------------------------------------------------------------------
-def _parse_size(value: str | None) -> tuple[int | None, int | None]:
-    from .errors import InputError
-
-    if value is None:
-        return None, None
-    parts = value.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise InputError(f"--size {value!r}; expected WIDTHxHEIGHT, e.g. 512x512")
-    return int(parts[1]), int(parts[0])  # (height, width)
-
-
 @main.command()
 @click.argument("prompt")
 @click.option("-m", "--model", "model", type=click.Path(path_type=Path), default=None,
@@ -277,10 +293,10 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
               help="Classifier-free guidance scale; <= 1 turns it off (default: the bundle's, else 7.5).")
 @click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, unipc.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (image k uses seed+k).")
-@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: the image to start from.")
-@click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change it, (0, 1].")
+@click.option("--strength", type=float, default=None, help="img2img: how much to change it, (0, 1] (default 0.8).")
 @click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
 @click.option("--rng", default="numpy", show_default=True, help="numpy, or torch to reproduce diffusers' CPU-generator latents.")
 @click.option("--low-memory", is_flag=True, help="Keep one component loaded at a time.")
@@ -288,30 +304,29 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
              backend, rng, low_memory, overwrite) -> None:
     """Generate images from PROMPT."""
-    from .outputs import check_writable, image_paths, png_bytes, write_atomic
+    from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
 
-    height, width = _parse_size(size)
-    paths = image_paths(output, max(1, num_images))
+    height, width = size or (None, None)
+    paths = image_paths(output, num_images)  # the count is bounded before anything else
     check_writable(paths, overwrite)
-    bundle = model if model is not None else _default_bundle()
-    pipe = Pipeline.load(bundle, backend=backend, scheduler=scheduler, low_memory=low_memory)
-    steps = pipe.default_steps if steps is None else steps
-    with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
-        done = [0]
-
+    pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend, scheduler=scheduler,
+                         low_memory=low_memory)
+    request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                           width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
+                           strength=strength)
+    # an uncompressed RGB image bounds its PNG: refuse a disk without room for all of them before the work
+    check_writable(paths, overwrite, expected_bytes=request.height * request.width * 3 + 65536)
+    with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, total: int, t: float, latents) -> None:
             bar.length = total
             bar.update(1)
-            done[0] = i
 
-        result = pipe(prompt, negative, num_inference_steps=steps,
-                      guidance_scale=guidance, height=height, width=width,  # None: the bundle's, in the pipeline
-                      num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image, strength=strength,
-                      callback=on_step)
-    for k, (image, path) in enumerate(zip(result.images, paths)):
-        params = dict(result.parameters, prompt=prompt, seed=result.seeds[k], rng=rng, backend=backend)
-        write_atomic(path, png_bytes(image, params), overwrite=overwrite)
+        result = pipe.generate(request, callback=on_step)
+    datas = [png_bytes(image, result.image_parameters(k, prompt=prompt, rng=rng, backend=backend))
+             for k, image in enumerate(result.images)]
+    write_all(paths, datas, overwrite=overwrite)
+    for k, path in enumerate(paths):
         click.echo(f"wrote {path}  (seed {result.seeds[k]})")
     t = result.timings
     click.echo(f"{t.get('total', 0):.2f} s  (text {t.get('text_encoder', 0):.2f} s, denoise {t.get('step', 0):.2f} s, "
