@@ -1,8 +1,11 @@
-"""Numpy schedulers, by name. ``make_scheduler(name, config)`` builds one for a single generation."""
+"""Numpy schedulers, by name. ``make_scheduler(name, config)`` builds one for a single generation.
+
+Layout: ``protocol`` (what the denoising loop calls), ``base`` (what every scheduler shares), three families
+(``alpha_bar``: DDIM/PNDM/LCM; ``sigma``: Euler/Euler a; ``multistep``: DPM-Solver++/UniPC), one module per
+scheduler, and the shared math (``schedule``: betas and sigmas; ``spacing``: timestep_spacing)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Scheduler
 from .config import SchedulerConfig
 from .ddim import DDIM
 from .dpmpp_2m import DPMSolverPP2M, DPMSolverPP2MKarras
@@ -10,26 +13,19 @@ from .euler import Euler
 from .euler_ancestral import EulerAncestral
 from .lcm import LCM
 from .pndm import PNDM
+from .protocol import Scheduler
 from .unipc import UniPC
 
 SCHEDULERS = {cls.name: cls for cls in (PNDM, DDIM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, LCM, UniPC)}
 
-# diffusers class name -> our name, so a bundle's own scheduler is the default
-_CLASSES = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "LCMScheduler": "lcm",
-    "UniPCMultistepScheduler": "unipc",
-}
-
-
 # our name -> (diffusers class, extra config), for reference runs (bench --compare diffusers, tests)
-DIFFUSERS_EQUIVALENT = {name: (cls, {}) for cls, name in _CLASSES.items()}
-DIFFUSERS_EQUIVALENT["pndm"] = ("PNDMScheduler", {"skip_prk_steps": True})
-DIFFUSERS_EQUIVALENT["dpmpp_2m_karras"] = ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})
+DIFFUSERS_EQUIVALENT = {name: (cls.diffusers_class, dict(cls.OVERRIDES)) for name, cls in SCHEDULERS.items()}
+
+# diffusers class name -> our name, so a bundle's own scheduler is the default. The first entry per class wins:
+# dpmpp_2m, not its Karras variant (a bundle's config already says whether it wants Karras sigmas).
+_CLASSES: dict[str, str] = {}
+for _name, _cls in SCHEDULERS.items():
+    _CLASSES.setdefault(_cls.diffusers_class, _name)
 
 
 def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
@@ -43,7 +39,7 @@ def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
 def name_for_class(class_name: str) -> str:
     try:
         return _CLASSES[class_name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ConfigError(f"scheduler class {class_name!r} is not supported; supported: {sorted(_CLASSES)} "
                           f"(pick one with scheduler=...)") from None
 

@@ -3,26 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _common as C
-from ._base import SchedulerBase
+from . import schedule as S
+from .alpha_bar import AlphaBarScheduler
 
 
-class DDIM(SchedulerBase):
+class DDIM(AlphaBarScheduler):
     name = "ddim"
+    diffusers_class = "DDIMScheduler"
     DEFAULTS = dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True, clip_sample=True,
                     clip_sample_range=1.0, rescale_betas_zero_snr=False)
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.alphas_cumprod = C.alphas_cumprod(config, self.opt("rescale_betas_zero_snr"))  # (T,) float32
-        self.final_alpha_cumprod = np.float32(1.0) if self.opt("set_alpha_to_one") else self.alphas_cumprod[0]
-
     def set_timesteps(self, n: int) -> None:
+        n = self._check_steps(n)
         self.num_inference_steps = n
-        self.timesteps = C.spaced_timesteps(self.config, n, self.opt("timestep_spacing"), self.opt("steps_offset"))
-
-    def _alpha(self, t: int) -> np.float32:
-        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+        self.timesteps = self._spaced(n)
 
     def step(self, model_output, i, sample, noise=None):
         self._check_ready(i)
@@ -30,13 +24,9 @@ class DDIM(SchedulerBase):
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # diffusers' stride, any spacing
         a_t, a_prev = self._alpha(t), self._alpha(prev_t)
         # 1. x0 and eps from the model output (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps)
-        x0, eps = C.to_x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config.prediction_type)
+        x0, eps = S.to_x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config.prediction_type)
         if self.opt("clip_sample"):
             r = self.opt("clip_sample_range")
             x0 = np.clip(x0, -r, r)
         # 2. DDIM eq. (12) with sigma_t = 0: x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
         return (a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps).astype(np.float32)
-
-    def add_noise(self, original, noise, i):
-        a = self.alphas_cumprod[int(self.timesteps[i])]
-        return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)

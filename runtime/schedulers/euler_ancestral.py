@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _common as C
-from .euler import SigmaScheduler
+from .sigma import SigmaScheduler
 
 
 class EulerAncestral(SigmaScheduler):
     name = "euler_a"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
     karras_allowed = False  # diffusers' EulerAncestral has no Karras sigmas and always ends at sigma 0
 
     def step(self, model_output, i, sample, noise=None):
@@ -20,5 +20,5 @@ class EulerAncestral(SigmaScheduler):
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
-        eps = C.need_noise(noise, self.name).standard_normal(model_output.shape)
+        eps = self._noise(noise, model_output.shape)
         return (prev + eps * sigma_up).astype(np.float32)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from . import _common as C
-from ._base import SchedulerBase
+from .alpha_bar import AlphaBarScheduler
 
 
-class PNDM(SchedulerBase):
+class PNDM(AlphaBarScheduler):
     name = "pndm"
+    diffusers_class = "PNDMScheduler"
     DEFAULTS = dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=False)
+    OVERRIDES = dict(skip_prk_steps=True)
 
     def __init__(self, config):
-        super().__init__(config)
         if config.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"pndm: prediction_type={config.prediction_type!r}; expected one of ['epsilon', 'v_prediction']")
         if config.rescale_betas_zero_snr:
@@ -23,20 +23,14 @@ class PNDM(SchedulerBase):
             # t = T; diffusers' PNDMScheduler has no such option and would sample another schedule than the model's.
             raise ConfigError("pndm cannot sample this model's zero-terminal-SNR schedule (rescale_betas_zero_snr): "
                               "choose --scheduler ddim, euler, euler_a, dpmpp_2m, unipc or lcm")
-        self.alphas_cumprod = C.alphas_cumprod(config)
-        self.final_alpha_cumprod = np.float32(1.0) if self.opt("set_alpha_to_one") else self.alphas_cumprod[0]
+        super().__init__(config)
         self._ets: list[np.ndarray] = []
         self._counter = 0
         self._cur_sample = None
 
     def set_timesteps(self, n: int) -> None:
-        T, spacing = self.config.num_train_timesteps, self.opt("timestep_spacing")
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, n).round().astype(np.int64)
-        elif spacing == "leading":
-            ts = (np.arange(0, n) * (T // n)).round().astype(np.int64) + self.opt("steps_offset")
-        else:
-            ts = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
+        n = self._check_steps(n)
+        ts = self._spaced(n)[::-1]  # ascending
         # PLMS needs one extra model call at the start: the second-to-last timestep is repeated
         self.timesteps = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()
         self.num_inference_steps = n
@@ -66,8 +60,7 @@ class PNDM(SchedulerBase):
         return self._prev_sample(sample, t, prev_t, e)
 
     def _prev_sample(self, sample, t, prev_t, e):
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        a_t, a_prev = self._alpha(t), self._alpha(prev_t)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.config.prediction_type == "v_prediction":
             e = a_t**0.5 * e + b_t**0.5 * sample
@@ -75,7 +68,3 @@ class PNDM(SchedulerBase):
         sample_coeff = (a_prev / a_t) ** 0.5
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
         return (sample_coeff * sample - (a_prev - a_t) * e / denom).astype(np.float32)
-
-    def add_noise(self, original, noise, i):
-        a = self.alphas_cumprod[int(self.timesteps[i])]
-        return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)

@@ -1,14 +1,14 @@
 """The one scheduler protocol. The denoising loop talks to every scheduler through it, indexed by step.
 
     sched = make_scheduler("euler", config)      # config: SchedulerConfig read from scheduler_config.json
-    sched.set_timesteps(num_inference_steps)
+    sched.set_timesteps(num_inference_steps)     # InputError, before any state changes, for a count it cannot run
     x = x * sched.init_noise_sigma
     for i in range(sched.begin_index, len(sched.timesteps)):
         eps = unet(sched.scale_model_input(x, i), sched.timesteps[i])
         x = sched.step(eps, i, x, noise)
 
 A scheduler instance holds the state of one generation (multistep history): make one per call, never share it
-between threads.
+between threads. The implementations share their code through ``base.SchedulerBase``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..noise import NoiseSource
 
 
 class Scheduler(Protocol):
-    name: str  # registry name: "pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "unipc"
+    name: str  # registry name: "pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "unipc"
     timesteps: np.ndarray  # (N,) the model's timestep input per step, as diffusers feeds it to the UNet
     init_noise_sigma: float  # initial latents = standard normal * init_noise_sigma
     order: int  # diffusers' order: img2img skips `t_start * order` entries

@@ -61,16 +61,9 @@ def zero_terminal_snr(b: np.ndarray) -> np.ndarray:
     return (1 - a).astype(np.float32)
 
 
-def spaced_timesteps(c: SchedulerConfig, n: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """(n,) int64 training timesteps for DDIM/PNDM/LCM-style schedulers, descending."""
-    T = c.num_train_timesteps
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-    if spacing == "leading":
-        ratio = T // n
-        return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
-    ratio = T / n  # trailing
-    return np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """(T,) float32 VE noise level per training timestep: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -103,11 +96,3 @@ def to_x0_eps(model_output: np.ndarray, sample: np.ndarray, alpha_t, sigma_t, pr
     x0 = alpha_t * sample - sigma_t * model_output
     eps = alpha_t * model_output + sigma_t * sample
     return x0, eps
-
-
-def need_noise(noise, name: str):
-    from ..errors import EdgediffError
-
-    if noise is None:
-        raise EdgediffError(f"scheduler {name!r} is stochastic and needs a noise source")
-    return noise

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .dpmpp_2m import MultistepBase, alpha_sigma, lambda_of
+from .multistep import MultistepBase, alpha_sigma, f32, lambda_of
 
 
 class UniPC(MultistepBase):
     name = "unipc"
+    diffusers_class = "UniPCMultistepScheduler"
     DEFAULTS = dict(MultistepBase.DEFAULTS, solver_type="bh2", predict_x0=True, disable_corrector=())
 
     def __init__(self, config):
@@ -20,11 +21,9 @@ class UniPC(MultistepBase):
         self.bh = "bh1" if self.opt("solver_type") == "bh1" else "bh2"  # diffusers maps midpoint/heun to bh2
 
     def _sigma_last(self, sigmas) -> float:
-        if self.opt("final_sigmas_type") == "sigma_min":
-            if self.opt("use_karras_sigmas"):
-                return float(sigmas[-1])
-            return float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
-        return 0.0
+        if self.opt("final_sigmas_type") == "sigma_min" and self.opt("use_karras_sigmas"):
+            return float(sigmas[-1])  # diffusers' UniPC ends on the Karras ramp's own smallest sigma
+        return super()._sigma_last(sigmas)
 
     def _reset(self) -> None:
         super()._reset()
@@ -38,9 +37,9 @@ class UniPC(MultistepBase):
     def _coefficients(self, h, rks: list, order: int):
         """The B(h)-weighted linear system of UniPC Theorem 3.1: R (order x order) and b (order,)."""
         hh = -h if self.predict_x0 else h
-        h_phi_1 = np.expm1(hh)  # h phi_1(h) = e^h - 1
+        h_phi_1 = f32(np.expm1, hh)  # h phi_1(h) = e^h - 1
         h_phi_k = h_phi_1 / hh - 1
-        B_h = hh if self.bh == "bh1" else np.expm1(hh)
+        B_h = hh if self.bh == "bh1" else h_phi_1
         rks = np.array(rks + [1.0], dtype=np.float32)
         R, b, fact = [], [], 1
         for k in range(1, order + 1):

@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import pytest
 
-from edgediff.errors import ConfigError
-from edgediff.schedulers import SCHEDULERS, make_scheduler, name_for_class
+from edgediff.errors import ConfigError, InputError
+from edgediff.schedulers import DIFFUSERS_EQUIVALENT, SCHEDULERS, make_scheduler, name_for_class
 from edgediff.schedulers.config import SchedulerConfig
 
 torch = pytest.importorskip("torch")
@@ -98,15 +98,16 @@ def rel_max(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("name,extra", VARIANTS, ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
-def test_step_parity(name, extra, steps):
-    if name == "lcm" and steps > extra.get("original_inference_steps", 50):
-        pytest.skip("LCM allows at most original_inference_steps")
+def run_in_parity(name: str, extra: dict, steps: int, tol: float = TOL, tol_max: float = TOL_MAX) -> None:
+    """Ours and diffusers' from the same config, fed the same model outputs and noise, compared at every step."""
     ref = reference(name, extra)
     ours = ours_from(ref, name)
     ref.set_timesteps(steps)
     ours.set_timesteps(steps)
+    if hasattr(ref, "set_begin_index"):
+        # step i is index i, as our loop has it: diffusers otherwise looks the first timestep up, and picks the
+        # second of two equal ones (Karras timesteps round alike near 1000 steps), running off the schedule's end
+        ref.set_begin_index(0)
     # integer timesteps exactly; Karras-derived continuous ones (Euler) to float32 rounding
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6, atol=0, err_msg="timesteps")
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
@@ -115,10 +116,6 @@ def test_step_parity(name, extra, steps):
     xr = torch.from_numpy(x.copy())
     gen = torch.Generator().manual_seed(7)
     noise = TorchNoise(7)
-    # zero-SNR Euler starts at sigma_max = sqrt(2^24 - 1), which torch's inexact float32 sqrt rounds to 4096.0
-    # and IEEE sqrt to 4095.9998: a 5e-8 difference that the first, 4096 -> 1.8 step turns into ~1e-4.
-    loose = name == "euler" and extra.get("rescale_betas_zero_snr")
-    tol, tol_max = (2e-4, 4e-4) if loose else (TOL, TOL_MAX)
     for i, t in enumerate(ref.timesteps):
         a_in = ours.scale_model_input(x, i)
         b_in = ref.scale_model_input(xr, t).numpy()
@@ -135,6 +132,76 @@ def test_step_parity(name, extra, steps):
         err, worst = rel(x, xr.numpy()), rel_max(x, xr.numpy())
         where = np.unravel_index(np.argmax(np.abs(x - xr.numpy())), x.shape)
         assert err <= tol and worst <= tol_max, f"{name} {extra} step {i}/{steps}: rel L2 {err:.2e}, worst element {worst:.2e} at {where}"
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("name,extra", VARIANTS, ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
+def test_step_parity(name, extra, steps):
+    if name == "lcm" and steps > extra.get("original_inference_steps", 50):
+        pytest.skip("LCM allows at most original_inference_steps")
+    # zero-SNR Euler starts at sigma_max = sqrt(2^24 - 1), which torch's inexact float32 sqrt rounds to 4096.0
+    # and IEEE sqrt to 4095.9998: a 5e-8 difference that the first, 4096 -> 1.8 step turns into ~1e-4.
+    loose = name == "euler" and extra.get("rescale_betas_zero_snr")
+    run_in_parity(name, extra, steps, *((2e-4, 4e-4) if loose else (TOL, TOL_MAX)))
+
+
+ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+HIGH_COUNTS = [(n, dict(timestep_spacing=s)) for n in CLASSES for s in ("leading", "trailing", "linspace")]
+HIGH_COUNTS += [(n, ZERO_SNR) for n in CLASSES if n != "pndm"]  # pndm refuses zero SNR (test below)
+# UniPC's weights b_k = h phi_k(h) / B(h) cancel to ~1e-2 in float32 at h ~ 5e-3 (1000 steps) — in diffusers as here;
+# the 1-ulp sigma differences from torch's inexact float32 sqrt then move them apart by ~1e-4 of the image.
+UNIPC_HIGH_TOL = (5e-4, 5e-4)
+
+
+def diffusers_fails(name: str, extra: dict, steps: int) -> bool:
+    """True if diffusers raises or ends non-finite at this count (with begin index 0, as our loop runs)."""
+    ref = reference(name, extra)
+    gen = torch.Generator().manual_seed(7)
+    try:
+        ref.set_timesteps(steps)
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(0)
+        x = torch.ones((1, 1, 2, 2)) * float(ref.init_noise_sigma)
+        for i, t in enumerate(ref.timesteps):
+            eps = torch.from_numpy(fake_model(ref.scale_model_input(x, t).numpy(), float(t), i))
+            x = ref.step(eps, t, x, **({"generator": gen} if name in ("euler_a", "lcm") else {})).prev_sample
+    except Exception:  # IndexError, ValueError, AssertionError: whatever it fails with
+        return True
+    return not bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("steps", (999, 1000))
+@pytest.mark.parametrize("name,extra", HIGH_COUNTS, ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v))
+def test_high_step_counts_match_diffusers_or_refuse_where_it_fails(name, extra, steps):
+    """The CLI accepts up to num_train_timesteps steps. Each scheduler runs there in step with diffusers, or refuses
+    with an InputError exactly where diffusers raises or ends in NaN (1000 steps of PNDM/DDIM with SD's "leading"
+    spacing once raised IndexError; DPM++ 2M / UniPC ended in NaN at 999-1000 steps)."""
+    try:
+        ours_from(reference(name, extra), name).set_timesteps(steps)
+    except InputError as exc:
+        assert diffusers_fails(name, extra, steps), f"refused {steps} steps that diffusers runs: {exc}"
+        return
+    run_in_parity(name, extra, steps, *(UNIPC_HIGH_TOL if name == "unipc" else (TOL, TOL_MAX)))
+
+
+@pytest.mark.parametrize("name", ("ddim", "euler", "dpmpp_2m", "unipc"))
+def test_trailing_spacing_gives_exactly_the_steps_asked(name):
+    """np.arange(T, 0, -T/n) has n + 1 points for some n (61, 103, ... of 1000): diffusers then runs an extra step at
+    timestep -1. Ours runs the n steps asked, diffusers' first n timesteps."""
+    for steps in (61, 103, 122, 998):
+        ref = reference(name, dict(timestep_spacing="trailing"))
+        ours = ours_from(ref, name)
+        ref.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        assert len(ref.timesteps) == steps + 1 and int(ref.timesteps[-1]) == -1  # the diffusers quirk this covers
+        assert len(ours.timesteps) == steps
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps[:steps].numpy())
+
+
+def test_registry_names_each_schedulers_diffusers_equivalent():
+    """The registry derives DIFFUSERS_EQUIVALENT (bench --compare diffusers) from the classes: it is what this file checks."""
+    assert DIFFUSERS_EQUIVALENT == CLASSES
+    assert {name_for_class(cls) for cls, _ in CLASSES.values()} == set(CLASSES) - {"dpmpp_2m_karras"}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
