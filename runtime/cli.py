@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .cli_types import SIZE
+from .cli_types import SIZE, STEPS
 from .errors import EdgediffError
 
 
@@ -93,36 +93,12 @@ def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool
 def inspect(bundle: Path, verify: bool) -> None:
     """Show a bundle's components, I/O signatures, precisions, sizes and parity receipts."""
     from .bundle.reader import Bundle
+    from .bundle.summary import summary_lines
     from .errors import BundleIntegrityError
 
     b = Bundle.open(bundle)
-    m = b.manifest
-    click.echo(f"bundle   {b.root}")
-    click.echo(f"manifest {'derived from an optimum export (no edgediff.json)' if b.derived else 'edgediff.json'}"
-               f"  sha256 {b.digest[:16]}")
-    click.echo(f"family   {m.family}  prediction {m.prediction_type}  default {m.default_width}x{m.default_height}  "
-               f"latents {m.latent_channels}ch /{m.vae_scale_factor}  scaling_factor {m.scaling_factor:g}")
-    if m.defaults.steps is not None or m.defaults.guidance_scale is not None:
-        click.echo(f"defaults steps {m.defaults.steps if m.defaults.steps is not None else '-'}  guidance "
-                   f"{m.defaults.guidance_scale if m.defaults.guidance_scale is not None else '-'}  (recommended; "
-                   "used when a call names none)")
-    click.echo(f"source   {m.provenance.source_class or '?'} {m.provenance.source}  by {m.provenance.exporter}")
-    for step in m.provenance.transforms:
-        click.echo(f"derived  {step}")
-    for comp in m.components.values():
-        click.echo(f"\n{comp.name}  [{comp.precision}]  {_size(comp.size)}  {comp.model}")
-        for s in comp.inputs:
-            click.echo(f"  in   {s.name:<22} {s.dtype:<8} {_shape(s.shape)}")
-        for s in comp.outputs:
-            click.echo(f"  out  {s.name:<22} {s.dtype:<8} {_shape(s.shape)}")
-        r = comp.parity
-        if r is not None:
-            verdict = "ok" if r.passed else "FAILED"
-            value = r.max_rel if r.metric == "max_rel" else r.rel_l2
-            click.echo(f"  parity {verdict}: {r.metric} {value:.2e} (tol {r.tolerance:.2g})  max_abs {r.max_abs:.2e}  "
-                       f"vs {r.reference}")
-        if comp.optimized_for:
-            click.echo(f"  optimized for ONNX Runtime {comp.optimized_for} (opened with graph optimizations off)")
+    for line in summary_lines(b):
+        click.echo(line)
     if verify:
         problems = b.verify()
         click.echo("")
@@ -233,27 +209,10 @@ def build(bundle, engine_dir, static, profile, no_cfg, opt_level, workspace, tim
           components, force) -> None:
     """Build TensorRT engines for BUNDLE on this GPU (needs TensorRT and an NVIDIA GPU)."""
     from .bundle.reader import Bundle
-    from .engines.optimize import parse_static
     from .engines.tensorrt.build import BuildOptions, build_engines
-    from .engines.tensorrt.profiles import default_range, parse_profile, static_range
-    from .errors import InputError
+    from .engines.tensorrt.profiles import shape_range_for
 
-    if static and profile:
-        raise InputError("give --static or --profile, not both")
-    b = Bundle.open(bundle)
-    unet = b.config("unet/config.json")
-    multiple = b.manifest.vae_scale_factor * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
-    if static:
-        s = parse_static(static, cfg=not no_cfg)
-        shape_range = static_range(s.images, s.height, s.width, cfg=not no_cfg)
-    elif profile:
-        shape_range = parse_profile(profile, b.manifest, multiple)
-    else:
-        shape_range = default_range(b.manifest, multiple)
-    if no_cfg and not static:
-        from dataclasses import replace
-
-        shape_range = replace(shape_range, cfg=False)
+    shape_range = shape_range_for(Bundle.open(bundle), static=static, profile=profile, cfg=not no_cfg)
     options = BuildOptions(shape_range=shape_range, opt_level=opt_level, workspace_gb=workspace,
                            timing_cache=timing_cache, refit=refit, version_compatible=version_compatible)
     names = [c.strip() for c in components.split(",") if c.strip()] if components else None
@@ -363,7 +322,7 @@ main.add_command(_LazyCommand("bench", "edgediff.bench.cli:bench",
               help="A shapes bundle (default: the built-in model).")
 @click.option("--n", type=int, default=200, show_default=True, help="Prompts per split.")
 @click.option("--split", type=click.Choice(["heldout", "train", "both"]), default="both", show_default=True)
-@click.option("--steps", type=int, default=None, help="Default: the bundle's recommended count, else 20.")
+@click.option("--steps", type=STEPS, default=None, help="Default: the bundle's recommended count, else 25.")
 @click.option("--guidance", type=float, default=None, help="Default: the bundle's recommended scale, else 5.0.")
 @click.option("--scheduler", default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -375,7 +334,7 @@ main.add_command(_LazyCommand("bench", "edgediff.bench.cli:bench",
                    "the ceiling of any denoiser through this bundle's VAE (PSNR is against the ground truth).")
 def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference, autoencode) -> None:
     """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy."""
-    from .bench.shapes.evaluate import ATTRIBUTES, EvalSettings, evaluate, evaluate_autoencoder
+    from .bench.shapes.evaluate import EvalSettings, report_lines
     from .errors import InputError
     from .pipeline import Pipeline
 
@@ -385,38 +344,13 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, ref
         raise InputError("--autoencode compares with the ground truth; drop --reference")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
     recommended = pipe.bundle.manifest.defaults
-    steps = steps if steps is not None else recommended.steps or EvalSettings.steps
-    guidance = guidance if guidance is not None else (
-        recommended.guidance_scale if recommended.guidance_scale is not None else EvalSettings.guidance)
-    if autoencode:
-        click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + "   PSNR vs ground truth"
-                   + "   (VAE round trip of ground-truth images)")
-        for sp in (["train", "heldout"] if split == "both" else [split]):
-            r = evaluate_autoencoder(pipe, sp, n, seed)
-            click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
-                       + f"   {r['psnr']:.1f} dB")
-        return
+    settings = EvalSettings(n=n, steps=steps if steps is not None else pipe.default_steps, guidance=(
+        guidance if guidance is not None else recommended.guidance_scale if recommended.guidance_scale is not None
+        else EvalSettings.guidance), scheduler=scheduler, seed=seed)
     ref = Pipeline.load(reference, backend=backend) if reference is not None else None
-    settings = EvalSettings(n=n, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
-    click.echo(f"{steps} steps, guidance {guidance:g}, scheduler {scheduler or 'bundle default'}, seeds {seed}.."
-               f"{seed + n - 1}")
-    click.echo(f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES) + ("   PSNR vs reference" if ref else ""))
-    for sp in (["train", "heldout"] if split == "both" else [split]):
-        r = evaluate(pipe, sp, settings, reference=ref)
-        click.echo(f"{sp:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
-                   + (f"   {r['psnr']:.1f} dB" if ref else ""))
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _shape(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    for line in report_lines(pipe, ["train", "heldout"] if split == "both" else [split], settings, reference=ref,
+                             autoencode=autoencode):
+        click.echo(line)
 
 
 if __name__ == "__main__":

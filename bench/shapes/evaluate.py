@@ -78,3 +78,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images in dB (inf when identical; capped at 100 for averaging)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 100.0 if mse == 0 else min(100.0, 10 * np.log10(255.0**2 / mse))
+
+
+def report_lines(pipe, splits: list[str], s: EvalSettings, *, reference=None, autoencode: bool = False):
+    """The ``edgediff eval-default`` table, one line at a time (each split's row as soon as it is measured)."""
+    head = f"{'split':<9}{'n':>5}" + "".join(f"{a:>10}" for a in ATTRIBUTES)
+
+    def row(split: str, r: dict, psnr_shown: bool) -> str:
+        return (f"{split:<9}{r['n']:>5}" + "".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
+                + (f"   {r['psnr']:.1f} dB" if psnr_shown else ""))
+
+    if autoencode:
+        yield head + "   PSNR vs ground truth   (VAE round trip of ground-truth images)"
+        for split in splits:
+            yield row(split, evaluate_autoencoder(pipe, split, s.n, s.seed), True)
+        return
+    yield (f"{s.steps} steps, guidance {s.guidance:g}, scheduler {s.scheduler or 'bundle default'}, seeds {s.seed}.."
+           f"{s.seed + s.n - 1}")
+    yield head + ("   PSNR vs reference" if reference is not None else "")
+    for split in splits:
+        yield row(split, evaluate(pipe, split, s, reference=reference), reference is not None)

@@ -112,3 +112,21 @@ def profile_shapes(comp: Component, manifest: Manifest, r: ShapeRange) -> dict[s
             shapes.append(tuple(shape))
         out[spec.name] = tuple(shapes)
     return out
+
+
+def shape_range_for(bundle, *, static: str | None = None, profile: str | None = None, cfg: bool = True) -> ShapeRange:
+    """The shape range ``edgediff build`` builds for: one fixed shape (``--static IMAGESxHEIGHTxWIDTH``), a given
+    ``--profile``, or the bundle's default range; ``cfg=False`` when the denoiser never runs guided."""
+    import dataclasses
+
+    from edgediff.engines.optimize import parse_static
+    from edgediff.errors import InputError
+
+    if static and profile:
+        raise InputError("give --static or --profile, not both")
+    if static:
+        s = parse_static(static, cfg=cfg)
+        return static_range(s.images, s.height, s.width, cfg=cfg)
+    r = parse_profile(profile, bundle.manifest, bundle.size_multiple) if profile else \
+        default_range(bundle.manifest, bundle.size_multiple)
+    return r if cfg else dataclasses.replace(r, cfg=False)

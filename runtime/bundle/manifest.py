@@ -19,7 +19,6 @@ MANIFEST_NAME = "edgediff.json"
 
 # The allowed values (FAMILIES, PRECISIONS, COMPONENTS, DTYPES, ...) live with the schema that checks them
 # (schema.py) and are imported from here by every reader. Of the families, these run today:
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v")
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; refuse to parse a planted gigabyte
 
 Dim = int | str

@@ -15,7 +15,9 @@ from ..tokenizer import ClipTokenizer
 
 class SdTextConditioner:
     def __init__(self, bundle: Bundle):
-        self.tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir(), max_length=bundle.manifest.text_max_length)
+        # exactly the pinned, checked tokenizer files: a file planted beside them is never read
+        self.tokenizer = ClipTokenizer.from_files(bundle.tokenizer_files(), max_length=bundle.manifest.text_max_length,
+                                                  where=bundle.root / "tokenizer")
 
     def __call__(self, request: GenerationRequest, components: Components, watch: Stopwatch) -> Conditioning:
         texts = list(request.prompts) if not request.guided else [*request.negatives, *request.prompts]  # [uncond; cond]

@@ -83,3 +83,16 @@ def test_profile_parsing_and_bad_ranges(manifest):
         parse_profile("height=30:64:64", manifest, 16)
     with pytest.raises(InputError, match="1 <= min <= opt <= max"):
         ShapeRange(images=(2, 1, 4))
+
+
+def test_build_shape_rules(tiny_sd1_bundle):
+    """What `edgediff build` builds for, from --static / --profile / --no-cfg (engines/tensorrt/profiles.py)."""
+    from edgediff.engines.tensorrt.profiles import shape_range_for
+
+    b = Bundle.open(tiny_sd1_bundle)
+    assert shape_range_for(b, static="2x16x32") == static_range(2, 16, 32)
+    assert shape_range_for(b) == default_range(b.manifest, b.size_multiple)
+    assert shape_range_for(b, cfg=False).cfg is False
+    assert shape_range_for(b, static="1x16x16", cfg=False).cfg is False
+    with pytest.raises(InputError, match="--static or --profile, not both"):
+        shape_range_for(b, static="1x16x16", profile="images=1:1:2")
