@@ -68,12 +68,13 @@ def _measurement_options(f):
         click.option("--cold-start", "cold", is_flag=True,
                      help="Also measure a fresh process per configuration: imports, load, first image."),
         click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-                     help="Results as JSON (bench/schema.json); replaced if it exists."),
+                     help="Results as JSON (bench/schema.json)."),
         click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None),
         click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
                      help="Latency by stage as a PNG (needs the [bench] extra)."),
         click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
                      help="Chrome/Perfetto trace of the last generation."),
+        click.option("--overwrite", is_flag=True, help="Replace report files that exist."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -120,23 +121,23 @@ def sweep(bundles, backend, steps, size, batch, scheduler, **options) -> None:
                            scheduler=scheduler or [None]), **options)
 
 
-def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, **settings) -> None:
+def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, overwrite, **settings) -> None:
     from . import report
     from .sweep import Settings, run as run_sweep
 
     outputs = {"--json": json_path, "--csv": csv_path, "--plot": plot_path, "--trace": trace_path}
-    report.check_writable(outputs)  # before the bench, which may take an hour, not after it
+    report.check_writable(outputs, overwrite=overwrite)  # before the bench, which may take an hour, not after it
     result = run_sweep(_bundles_or_builtin(bundles), axes, Settings(**settings))
     if json_path:
-        report.write_json(json_path, report.document(result.rows, result.environment))
+        report.write_json(json_path, report.document(result.rows, result.environment), overwrite=overwrite)
     if csv_path:
-        report.write_csv(csv_path, result.rows)
+        report.write_csv(csv_path, result.rows, overwrite=overwrite)
     if plot_path:
-        report.write_plot(plot_path, result.rows)
+        report.write_plot(plot_path, result.rows, overwrite=overwrite)
     if trace_path:
         from .trace import write_trace
 
-        write_trace(trace_path, result.spans)
+        write_trace(trace_path, result.spans, overwrite=overwrite)
     env = result.environment
     click.echo(report.table(result.rows) + report.variants_table(result.rows) +
                f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime {env['packages']['onnxruntime']}, "

@@ -9,15 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from edgediff.errors import InputError, MissingDependency
+from edgediff.errors import InputError, MissingDependency, OutputExistsError
 from edgediff.outputs import write_atomic
 
 SCHEMA_VERSION = 1
 
 
-def check_writable(outputs: Mapping[str, Path | None]) -> None:
+def check_writable(outputs: Mapping[str, Path | None], *, overwrite: bool = False) -> None:
     """Refuse, before anything is measured, a report that could not be written afterwards (option -> path; None:
-    not asked for). Existing files are replaced, atomically, as a re-run of the same bench expects."""
+    not asked for), and one that would replace an existing file without ``overwrite``."""
     for option, path in outputs.items():
         if path is None:
             continue
@@ -25,6 +25,8 @@ def check_writable(outputs: Mapping[str, Path | None]) -> None:
         try:
             if path.is_dir():
                 raise InputError(f"{option} {path} is a folder; give a file name")
+            if path.exists() and not overwrite:
+                raise OutputExistsError(f"{option} {path} exists; choose another name or pass --overwrite")
             if not path.parent.is_dir():
                 raise InputError(f"{option} {path}: folder {path.parent} does not exist")
             # The temp file write_atomic will make beside the target, made and removed: the one test that a read-only
@@ -156,21 +158,21 @@ def flat(row: dict) -> dict:
     return out
 
 
-def write_json(path: Path, doc: dict) -> None:
-    write_atomic(Path(path), (json.dumps(doc, indent=2) + "\n").encode(), overwrite=True)
+def write_json(path: Path, doc: dict, *, overwrite: bool = False) -> None:
+    write_atomic(Path(path), (json.dumps(doc, indent=2) + "\n").encode(), overwrite=overwrite)
 
 
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
+def write_csv(path: Path, rows: Sequence[dict], *, overwrite: bool = False) -> None:
     flats = [flat(r) for r in rows]
     fields = sorted({k for f in flats for k in f})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(flats)
-    write_atomic(Path(path), buf.getvalue().encode(), overwrite=True)
+    write_atomic(Path(path), buf.getvalue().encode(), overwrite=overwrite)
 
 
-def write_plot(path: Path, rows: Sequence[dict]) -> None:
+def write_plot(path: Path, rows: Sequence[dict], *, overwrite: bool = False) -> None:
     """Stacked per-stage latency bars, one per configuration."""
     plt = _pyplot()
     labels, parts = [], {s: [] for s in ("text_encoder", "unet", "scheduler", "vae_decode", "other")}
@@ -197,7 +199,7 @@ def write_plot(path: Path, rows: Sequence[dict]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    write_atomic(Path(path), buf.getvalue(), overwrite=True)
+    write_atomic(Path(path), buf.getvalue(), overwrite=overwrite)
 
 
 def _pyplot():

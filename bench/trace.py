@@ -23,9 +23,9 @@ def trace_events(spans: Sequence[Span], *, pid: int = 1) -> list[dict]:
     return events
 
 
-def write_trace(path: Path, spans: Sequence[Span]) -> None:
+def write_trace(path: Path, spans: Sequence[Span], *, overwrite: bool = False) -> None:
     from edgediff.outputs import write_atomic
 
     doc = {"traceEvents": trace_events(spans), "displayTimeUnit": "ms",
            "metadata": {"tids": {"1": "call", "2": "steps", "3": "stages"}}}
-    write_atomic(Path(path), json.dumps(doc).encode(), overwrite=True)
+    write_atomic(Path(path), json.dumps(doc).encode(), overwrite=overwrite)

@@ -104,10 +104,13 @@ def test_report_into_a_read_only_folder_is_refused_before_the_bench_runs(nothing
     assert r.exit_code == 2 and "error: --json" in r.output, r.output
 
 
-def test_reports_replace_old_ones_atomically_and_leave_no_temp_files(tmp_path):
+def test_reports_replace_old_ones_only_with_overwrite_and_leave_no_temp_files(tmp_path):
     old = tmp_path / "r.json"
     old.write_text("old results\n")
-    r = bench(*FAST, "--json", old, "--csv", tmp_path / "r.csv", "--trace", tmp_path / "t.json")
+    r = bench(*FAST, "--json", old, "--csv", tmp_path / "r.csv")
+    assert r.exit_code != 0 and "exists; choose another name or pass --overwrite" in r.output
+    assert old.read_text() == "old results\n" and not (tmp_path / "r.csv").exists()
+    r = bench(*FAST, "--json", old, "--csv", tmp_path / "r.csv", "--trace", tmp_path / "t.json", "--overwrite")
     assert r.exit_code == 0, r.output
     assert json.loads(old.read_text())["results"][0]["config"]["steps"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json", "t.json"]  # no probe or temp file left
