@@ -8,15 +8,17 @@ is re-raised in the caller as it was.
 
 The child dies with its parent: a parent killed with SIGKILL (kill -9, or the OOM killer picking it) runs no
 clean-up, and a worker left running would finish minutes of work for nobody, then die on the closed pipe with a
-BrokenPipeError traceback on the user's terminal (and keep multiprocessing's resource tracker alive until then).
+traceback on the user's terminal. The child is a plain ``python -c`` process rather than a multiprocessing one:
+multiprocessing adds a resource-tracker process that outlives a killed parent too, and its spawned child prints
+a traceback of its own when the parent dies while handing the work over.
 """
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,38 +28,62 @@ from edgediff.errors import EngineError
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` in a fresh (spawned) process; its return value or its exception. ``fn`` must be a
-    module-level function and its arguments and result picklable. ``what`` names the step in the error."""
-    ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's memory and its ONNX Runtime threads
-    # The work goes over as bytes, unpickled only once the child is tied to this process (_child): unpickling
+    """``fn(*args, **kwargs)`` in a fresh process; its return value or its exception. ``fn`` must be a module-level
+    function and its arguments and result picklable. ``what`` names the step in the error."""
+    work = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    # The child imports nothing but this module before it is tied to this process (_serve): unpickling the work
     # imports fn's module (ONNX Runtime, the pipeline), seconds during which a kill of this process went unseen.
-    work = pickle.dumps((fn, args, kwargs))
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, os.getpid(), work), daemon=True)
-    child.start()
-    send.close()  # the child holds the only writer: recv() sees EOF when it dies
+    # It gets this process's sys.path, so that it finds fn's module as this process did.
+    code = f"import sys; sys.path[:] = {sys.path!r}; import edgediff.engines.isolate as i; i._serve({os.getpid()}, %d)"
+    read_end, write_end = os.pipe()
     try:
-        ok, value = receive.recv()
-    except EOFError:
-        child.join()
-        raise EngineError(_death(what, child.exitcode)) from None
+        child = subprocess.Popen([sys.executable, "-c", code % write_end], stdin=subprocess.PIPE,
+                                 pass_fds=(write_end,))
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
-        receive.close()
-    child.join()
+        os.close(write_end)  # the child holds the only writer: reading sees EOF when it ends
+    try:
+        with open(read_end, "rb") as results:
+            try:
+                with child.stdin:
+                    child.stdin.write(work)
+            except BrokenPipeError:  # it died before it read its work: its exit status says how
+                pass
+            data = results.read()
+        child.wait()
+    finally:
+        if child.poll() is None:  # this process is being interrupted (Ctrl-C): the child's work is for nobody
+            child.kill()
+            child.wait()
+    if not data:
+        raise EngineError(_death(what, child.returncode))
+    ok, value = pickle.loads(data)
     if ok:
         return value
     raise value
 
 
-def _child(send, parent: int, work: bytes) -> None:
+def _serve(parent: int, fd: int) -> None:
+    """The child's side: the work from stdin, the pickled (ok, result or exception) to ``fd``."""
     _die_with(parent)
-    try:
-        fn, args, kwargs = pickle.loads(work)
-        result = (True, fn(*args, **kwargs))
-    except BaseException as exc:  # handed to the parent, which raises it
-        result = (False, exc)
-    send.send(result)
-    send.close()
+    with os.fdopen(fd, "wb") as out:
+        try:
+            fn, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+            result = (True, fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the parent, which raises it
+            result = (False, exc)
+        try:
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # a result or an exception that cannot cross
+            kind = "result" if result[0] else f"{type(result[1]).__name__} ({result[1]})"
+            data = pickle.dumps((False, EngineError(f"internal: the child's {kind} cannot be sent back: {exc}")))
+        try:
+            out.write(data)
+            out.flush()
+        except BrokenPipeError:  # the parent is gone (non-Linux, between two looks of _watch)
+            os._exit(1)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

@@ -22,6 +22,10 @@ def _killed():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _unsendable():
+    return lambda: None
+
+
 def test_result_and_keywords_come_back():
     assert run_isolated(_add, 2, 3, what="add", scale=10) == 50
 
@@ -29,6 +33,11 @@ def test_result_and_keywords_come_back():
 def test_child_exception_is_reraised_with_its_type():
     with pytest.raises(ParityError, match="unet: changed the outputs"):
         run_isolated(_raise_parity, what="parity")
+
+
+def test_a_result_that_cannot_cross_is_one_line():
+    with pytest.raises(EngineError, match="internal: the child's result cannot be sent back"):
+        run_isolated(_unsendable, what="unsendable")
 
 
 def test_killed_child_is_one_clear_line():
@@ -53,7 +62,8 @@ def test_the_worker_dies_with_its_parent():
     try:
         deadline = time.monotonic() + 30
         while not workers and time.monotonic() < deadline and parent.poll() is None:
-            workers = [c for c in psutil.Process(parent.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+            workers = [c for c in psutil.Process(parent.pid).children()
+                       if "edgediff.engines.isolate" in " ".join(c.cmdline())]
             time.sleep(0.02)
         assert workers, "no worker was started"
         time.sleep(0.5)  # let it get past its start-up: it is then waiting in time.sleep(600)

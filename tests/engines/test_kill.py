@@ -1,6 +1,6 @@
-"""kill -9 of `edgediff optimize` / `quantize` leaves nothing behind: its worker processes (and multiprocessing's
-resource tracker) die with it, and the next run of the same command sweeps the hidden staging folder it left next
-to OUT. Scratch files live inside that staging folder, never in the temp folder ($TMPDIR)."""
+"""kill -9 of `edgediff optimize` / `quantize` leaves nothing behind: its worker processes die with it, and the
+next run of the same command sweeps the hidden staging folder it left next to OUT. Scratch files live inside that
+staging folder, never in the temp folder ($TMPDIR)."""
 from __future__ import annotations
 
 import os
@@ -41,9 +41,9 @@ def _group(pgid: int) -> list:
 
 
 def _workers(main: "psutil.Process") -> list:
-    """The main process's spawned workers (not the resource tracker, which starts with the first one)."""
+    """The main process's workers (engines.isolate)."""
     try:
-        return [c for c in main.children() if "spawn_main" in " ".join(c.cmdline())]
+        return [c for c in main.children() if "edgediff.engines.isolate" in " ".join(c.cmdline())]
     except psutil.Error:
         return []
 
@@ -74,7 +74,8 @@ def _kill_midway(args: list[str], out: Path, env: dict, timeout: float = 30.0) -
         left = [(p.pid, " ".join(p.cmdline())[:120]) for p in _group(proc.pid)]
         assert not left, f"processes outlived the killed {args[3]}: {left}"
         # every writer of the pipe is gone now: an orphaned worker that died on it would have printed here
-        assert "Traceback" not in proc.stderr.read().decode()
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err, err[-3000:]
     finally:
         for p in _group(proc.pid):  # never leave our own strays on the machine, even when the test fails
             try:
