@@ -34,7 +34,7 @@ def check_output(out: Path, overwrite: bool) -> None:
     but an (overwritable) bundle, or that cannot be written."""
     out = Path(out).expanduser()
     recover(out)
-    check_writable(out)  # first: a name too long for the file system cannot even be looked up
+    check_writable(out)  # first: what cannot be looked up (a name too long) cannot be checked below
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is a file; choose another output folder")
     if out.is_dir() and any(out.iterdir()):
@@ -47,15 +47,23 @@ def check_output(out: Path, overwrite: bool) -> None:
 def check_writable(out: Path) -> None:
     """Refuse an OUT whose folder cannot be written (read-only or pseudo file system, no permission) with one line,
     before the work. Tried, not predicted: ``os.access`` says yes to root on /sys and /proc."""
+    try:
+        os.lstat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:  # a name too long, a loop of links: OUT cannot even be looked up
+        raise OutputWriteError(f"cannot write {out}: {exc.strerror or exc}; {_hint(exc.errno)}") from None
     where = Path(os.path.abspath(out)).parent
-    while not where.exists() and where != where.parent:
+    while not os.path.lexists(where) and where != where.parent:
         where = where.parent  # staged_bundle makes the missing folders
     if not where.is_dir():
         raise OutputWriteError(f"cannot write {out}: {where} is not a folder; choose another output folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=PARTIAL_SUFFIX, dir=where))
     except OSError as exc:
-        raise OutputWriteError(f"cannot write {out}: {where}: {exc.strerror or exc}; {_hint(exc.errno)}") from None
+        # ENOENT for a folder that exists: /proc and the like, which make no new entries
+        cause = "it accepts no new entries" if exc.errno == errno.ENOENT else exc.strerror or exc
+        raise OutputWriteError(f"cannot write {out}: {where}: {cause}; {_hint(exc.errno)}") from None
 
 
 @contextmanager
@@ -178,7 +186,7 @@ def recover(out: Path) -> None:
     for p in olds:  # the new bundle is in place: finish deleting the old one
         shutil.rmtree(p, ignore_errors=True)
     for p in siblings:
-        if p.exists() and _dead_writer(_partial_pid(p, out)):
+        if _dead_writer(_partial_pid(p, out)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -193,15 +201,16 @@ def _partial_prefix(out: Path) -> str:
 def _partial_pid(p: Path, out: Path) -> int | None:
     """The writer pid in ``.OUT.<pid>.<random>.partial`` (mkdtemp's random part has no dot), else None."""
     head, name = f".{out.name}.", p.name
-    if not (name.startswith(head) and name.endswith(PARTIAL_SUFFIX)) or not p.is_dir() or p.is_symlink():
-        return None
+    if not (name.startswith(head) and name.endswith(PARTIAL_SUFFIX)):
+        return None  # decided from the name alone: other entries are never looked at (/proc has unreadable ones)
     parts = name[len(head):-len(PARTIAL_SUFFIX)].split(".")
-    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+    ok = len(parts) == 2 and parts[0].isdigit() and p.is_dir() and not p.is_symlink()
+    return int(parts[0]) if ok else None
 
 
 def _old_pid(p: Path, out: Path) -> int | None:
     head, name = f".{out.name}.old-", p.name
-    if not name.startswith(head) or not name[len(head):].isdigit() or not p.is_dir() or p.is_symlink():
+    if not (name.startswith(head) and name[len(head):].isdigit()) or not p.is_dir() or p.is_symlink():
         return None
     return int(name[len(head):])
 

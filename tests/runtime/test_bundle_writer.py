@@ -72,17 +72,21 @@ def test_a_rerun_sweeps_its_own_stale_partials(tmp_path, dead_pid):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_an_unwritable_folder_is_refused_before_the_work():
-    # /sys refuses new entries even to root (for whom os.access always says yes)
-    if not Path("/sys").is_dir():
-        pytest.skip("no /sys on this system")
-    with pytest.raises(OutputWriteError, match=r"cannot write /sys/edgediff-test/out: /sys: .*; choose a writable"):
-        check_output(Path("/sys/edgediff-test/out"), overwrite=False)
+@pytest.mark.parametrize("folder", ["/sys", "/proc/self"])
+def test_an_unwritable_folder_is_refused_before_the_work(folder):
+    # these refuse new entries even to root (for whom os.access always says yes)
+    if not Path(folder).is_dir():
+        pytest.skip(f"no {folder} on this system")
+    with pytest.raises(OutputWriteError, match=rf"cannot write {folder}/edgediff-test/out: {folder}: .*; choose a "
+                                               "writable output folder$"):
+        check_output(Path(folder) / "edgediff-test" / "out", overwrite=False)
 
 
-def test_a_name_too_long_is_refused_before_the_work(tmp_path):
+@pytest.mark.parametrize("name", ["x" * 300, "x" * 300 + "/out"])
+def test_a_name_too_long_is_refused_before_the_work(tmp_path, name):
     with pytest.raises(OutputWriteError, match="File name too long; choose a shorter output path"):
-        check_output(tmp_path / ("x" * 300), overwrite=False)
+        check_output(tmp_path / name, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
