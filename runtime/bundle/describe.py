@@ -33,7 +33,9 @@ def model_facts(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root}: no VAE config (vae_decoder/config.json); re-export the bundle")
     vae = _config(root, vae_rel)
     unet = _config(root, layout.config_path("unet"))
-    text = _config(root, layout.config_path("text_encoder"))
+    # SDXL's refiner has only the second (OpenCLIP-G) text encoder
+    text_dir = next((d for d in ("text_encoder", "text_encoder_2") if (root / d / "config.json").is_file()), "text_encoder")
+    text = _config(root, layout.config_path(text_dir))
     sched = _config(root, layout.SCHEDULER_CONFIG)
     if "scaling_factor" not in vae:
         # Old SD1 configs predate the key; diffusers' AutoencoderKL then uses its own default. Follow diffusers.
@@ -41,7 +43,10 @@ def model_facts(root: Path) -> dict[str, Any]:
     scaling_factor = float(vae.get("scaling_factor", 0.18215))
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     prediction_type = sched.get("prediction_type", "epsilon")
-    if prediction_type == "v_prediction":
+    if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
+        index = _config(root, layout.MODEL_INDEX)
+        family = "sdxl-refiner" if index.get("requires_aesthetics_score") else "sdxl"
+    elif prediction_type == "v_prediction":
         family = "sd2-v"
     elif text.get("hidden_act") == "gelu":  # OpenCLIP ViT-H text tower (SD 2.x); SD 1.x's CLIP uses quick_gelu
         family = "sd2"

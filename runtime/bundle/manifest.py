@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgediff.json"
 
 # Model families. Only the first three run today; the rest are reserved so that their bundles need no format change.
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo", "lcm")
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-turbo", "lcm")
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sd2-v")
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
               "int8-storage")
