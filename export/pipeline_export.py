@@ -25,6 +25,7 @@ from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenan
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import ExportError, ParityError, missing
 
+from .external_data import gather_external_data, has_external_data
 from .plan import MODEL_CLASSES, MODULE_OF, export_plan
 from .source import Source, inspect_source
 
@@ -175,12 +176,16 @@ def _export_graph(module, example: tuple, spec, path: Path, opset: int) -> None:
         except Exception as exc:  # torch raises many types here; the message is what a user can act on
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"{spec.name}: torch.onnx.export failed: {first}") from None
-    model = onnx.load(str(raw), load_external_data=True)
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_fits(model) else True
-    onnx.save_model(
-        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-        location="model.onnx_data", size_threshold=1024,
-    )
+    model = onnx.load(str(raw), load_external_data=False)
+    if has_external_data(model):  # over 2 GiB: torch wrote a file per tensor; gather them without loading them
+        gather_external_data(model, raw_dir, path.parent / "model.onnx_data")
+        onnx.save_model(model, str(path))
+    else:
+        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_fits(model) else True
+        onnx.save_model(
+            model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+            location="model.onnx_data", size_threshold=1024,
+        )
     shutil.rmtree(raw_dir)
 
 
