@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from edgediff.bundle.derived import vae_scale_factor
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -91,7 +93,7 @@ def table() -> dict[str, ComponentExport]:
         return (torch.randn(g.batch, c["vae"].config.latent_channels, g.latent_h, g.latent_w, generator=gen),)
 
     def enc_inputs(c, g: Geometry, gen):
-        f = 2 ** (len(c["vae"].config.block_out_channels) - 1)
+        f = vae_scale_factor(c["vae"].config.block_out_channels)
         return (torch.rand(g.batch, 3, g.latent_h * f, g.latent_w * f, generator=gen) * 2 - 1,)
 
     return {

@@ -29,17 +29,31 @@ def compare(ours: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float
 
 
 def receipt(model_path: Path, module, inputs: tuple, input_names: tuple[str, ...], *, reference: str, precision: str = "fp32") -> ParityReceipt:
-    import onnxruntime as ort
+    return receipt_for(model_path, reference_outputs(module, inputs), inputs, input_names, reference=reference,
+                       precision=precision)
+
+
+def reference_outputs(module, inputs: tuple) -> list[np.ndarray]:
+    """The PyTorch module's outputs on ``inputs``, as numpy: computed before the graph is opened, so the exporter
+    can free the module first and never hold its weights and ONNX Runtime's copy of them at once."""
     import torch
+
+    with torch.no_grad():
+        ref = module(*inputs)
+    return [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+
+
+def receipt_for(model_path: Path, ref: list[np.ndarray], inputs: tuple, input_names: tuple[str, ...], *, reference: str,
+                precision: str = "fp32") -> ParityReceipt:
+    """Run the graph at ``model_path`` with ONNX Runtime (CPU) on ``inputs`` and compare with ``ref``."""
+    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     feeds = {n: t.numpy() for n, t in zip(input_names, inputs)}
     ours = sess.run(None, feeds)
-    with torch.no_grad():
-        ref = module(*inputs)
-    ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    del sess
     max_abs, max_rel = compare(ours, ref)
     return ParityReceipt(
         reference=reference,

@@ -3,12 +3,14 @@
 Stages, each reported through ``progress``: load (safetensors only unless allowed), export (one ONNX graph per
 component, torch.onnx TorchScript exporter, dynamic batch/spatial axes), check (ONNX Runtime vs PyTorch on fresh
 random inputs of a different shape than the trace, so the dynamic axes are exercised), write (manifest last).
+Models are loaded one at a time and freed before the next one loads (export/plan.py says which rows need which).
 Everything is written into a temporary sibling folder and renamed into place at the end: an interrupted export
 never leaves a half bundle at OUT.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
 import time
@@ -24,7 +26,8 @@ from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenan
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import ExportError, ParityError, missing
 
-from .components import Geometry, table
+from .external_data import gather_external_data, has_external_data
+from .plan import MODEL_CLASSES, MODULE_OF, export_plan
 from .source import Source, inspect_source
 
 MIN_OPSET = 17
@@ -64,22 +67,20 @@ def export_pipeline(
         raise missing(exc.name or "torch", "export", "edgediff export") from None
 
     with staged_bundle(out, overwrite) as tmp:
+        receipts, configs = _export_all(source, tmp, opset, progress)
         t0 = time.perf_counter()
-        comps = _load(source)
-        progress("load", "pipeline", time.perf_counter() - t0)
-        receipts = _export_all(comps, source, tmp, opset, progress)
-        t0 = time.perf_counter()
-        _copy_side_files(source.root, tmp, comps)
+        _copy_side_files(source, tmp, configs)
         manifest = dataclasses.replace(describe(tmp, _provenance(source), parity=receipts), defaults=defaults)
         write_manifest(tmp, manifest)  # last: the commit marker
     progress("write", "bundle", time.perf_counter() - t0)
     return out
 
 
-def _load(source: Source) -> dict:
+def _load(source: Source, folder: str):
+    """One model of the source pipeline (``folder`` is a key of plan.MODEL_CLASSES), fp32, eval, no grad."""
+    import importlib
+
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -87,62 +88,67 @@ def _load(source: Source) -> dict:
     for log in (dlog, tlog):  # our progress lines replace theirs
         log.disable_progress_bar()
         log.set_verbosity_error()
-    kw = dict(local_files_only=True, torch_dtype=torch.float32)
-    st = {c: c not in source.pickle_components for c in ("text_encoder", "unet", "vae")}
+    lib, cls_name = MODEL_CLASSES[folder]
+    cls = getattr(importlib.import_module(lib), cls_name)
+    kw = dict(local_files_only=True, torch_dtype=torch.float32, use_safetensors=folder not in source.pickle_components)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            comps = {
-                "text_encoder": CLIPTextModel.from_pretrained(source.root / "text_encoder", use_safetensors=st["text_encoder"], **kw),
-                "unet": UNet2DConditionModel.from_pretrained(source.root, subfolder="unet", use_safetensors=st["unet"], **kw),
-                "vae": AutoencoderKL.from_pretrained(source.root, subfolder="vae", use_safetensors=st["vae"], **kw),
-            }
+            if lib == "transformers":
+                model = cls.from_pretrained(source.root / folder, **kw)
+            else:
+                model = cls.from_pretrained(source.root, subfolder=folder, **kw)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot load the pipeline's weights from {source.root}: {first}") from None
-    for m in comps.values():
-        m.eval().to(torch.float32)
-        m.requires_grad_(False)
-    # The exported graph must not depend on which attention kernel torch picks at trace time.
-    comps["unet"].set_default_attn_processor()
-    comps["vae"].set_default_attn_processor()
-    return comps
+    model.eval().to(torch.float32)
+    model.requires_grad_(False)
+    if lib == "diffusers":
+        # The exported graph must not depend on which attention kernel torch picks at trace time.
+        model.set_default_attn_processor()
+    return model
 
 
-def _geometries(comps: dict) -> tuple[Geometry, Geometry]:
-    """Trace at the model's native size with CFG batch 2; check at batch 1 and a non-square size."""
-    unet_cfg = comps["unet"].config
-    size = unet_cfg.sample_size[0] if isinstance(unet_cfg.sample_size, (list, tuple)) else unet_cfg.sample_size
-    down = latent_multiple(1, unet_cfg.block_out_channels)  # latent sides must divide by this (VAE factor 1: latents)
-    seq = comps["text_encoder"].config.max_position_embeddings
-    trace = Geometry(batch=2, latent_h=size, latent_w=size, seq=seq)
-    check = Geometry(batch=1, latent_h=size, latent_w=max(down, size - down), seq=seq)
-    return trace, check
-
-
-def _export_all(comps: dict, source: Source, tmp: Path, opset: int, progress: Progress) -> dict[str, ParityReceipt]:
+def _export_all(source: Source, tmp: Path, opset: int, progress: Progress) -> tuple[dict[str, ParityReceipt], dict[str, dict]]:
+    """Export and check every row of the source's plan; return the receipts and each component's model config."""
     import diffusers
     import torch
 
-    from .parity import receipt
+    from .parity import receipt_for, reference_outputs
 
-    trace_geo, check_geo = _geometries(comps)
+    plan = export_plan(source)
     receipts: dict[str, ParityReceipt] = {}
-    for name, spec in table().items():
-        module = spec.wrap(comps).eval()
+    configs: dict[str, dict] = {}
+    loaded: dict = {}  # source model folder -> the one model in memory
+    for name, spec in plan.rows.items():
+        folder = MODULE_OF[name]
+        if folder not in loaded:
+            loaded.clear()
+            gc.collect()  # the previous model is gone before the next one loads
+            t0 = time.perf_counter()
+            loaded[folder] = _load(source, folder)
+            progress("load", folder, time.perf_counter() - t0)
+        cfg = loaded[folder].config
+        configs[name] = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        module = spec.wrap(loaded).eval()
         t0 = time.perf_counter()
         path = tmp / name / layout.GRAPH_FILE
         path.parent.mkdir(parents=True)
-        example = spec.inputs(comps, trace_geo, torch.Generator().manual_seed(0))
+        example = spec.inputs(loaded, plan.trace, torch.Generator().manual_seed(0))
         _export_graph(module, example, spec, path, opset)
         progress("export", name, time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        geo = check_geo if name != "text_encoder" else trace_geo
-        check_inputs = spec.inputs(comps, geo, torch.Generator().manual_seed(1))
+        geo = plan.trace if name.startswith("text_encoder") else plan.check
+        check_inputs = spec.inputs(loaded, geo, torch.Generator().manual_seed(1))
         cls = type(getattr(module, "m")).__name__
         ref = f"torch {torch.__version__} / diffusers {diffusers.__version__} {cls}"
-        r = receipt(path, module, check_inputs, spec.input_names, reference=ref)
+        expected = reference_outputs(module, check_inputs)
+        del module, example
+        if plan.last_use(name):  # free the weights before ONNX Runtime loads its own copy of them
+            loaded.clear()
+            gc.collect()
+        r = receipt_for(path, expected, check_inputs, spec.input_names, reference=ref)
         progress("check", name, time.perf_counter() - t0)
         if not r.passed:
             raise ParityError(
@@ -150,7 +156,7 @@ def _export_all(comps: dict, source: Source, tmp: Path, opset: int, progress: Pr
                 f"(tolerance {r.tolerance:.0e}, max_abs {r.max_abs:.2e}); the export is wrong, nothing was written"
             )
         receipts[name] = r
-    return receipts
+    return receipts, configs
 
 
 def _export_graph(module, example: tuple, spec, path: Path, opset: int) -> None:
@@ -171,12 +177,16 @@ def _export_graph(module, example: tuple, spec, path: Path, opset: int) -> None:
         except Exception as exc:  # torch raises many types here; the message is what a user can act on
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"{spec.name}: torch.onnx.export failed: {first}") from None
-    model = onnx.load(str(raw), load_external_data=True)
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_fits(model) else True
-    onnx.save_model(
-        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-        location="model.onnx_data", size_threshold=1024,
-    )
+    model = onnx.load(str(raw), load_external_data=False)
+    if has_external_data(model):  # over 2 GiB: torch wrote a file per tensor; gather them without loading them
+        gather_external_data(model, raw_dir, path.parent / "model.onnx_data")
+        onnx.save_model(model, str(path))
+    else:
+        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _proto_fits(model) else True
+        onnx.save_model(
+            model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+            location="model.onnx_data", size_threshold=1024,
+        )
     shutil.rmtree(raw_dir)
 
 
@@ -188,14 +198,15 @@ def _proto_fits(model) -> bool:
         return False
 
 
-def _copy_side_files(src: Path, tmp: Path, comps: dict) -> None:
-    """Configs, tokenizer and scheduler files, in optimum's layout."""
+def _copy_side_files(source: Source, tmp: Path, configs: dict[str, dict]) -> None:
+    """Configs, tokenizer(s) and scheduler files, in optimum's layout."""
+    src = source.root
     shutil.copy2(src / "model_index.json", tmp / layout.MODEL_INDEX)
     (tmp / "scheduler").mkdir()
     shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / layout.SCHEDULER_CONFIG)
-    shutil.copytree(src / "tokenizer", tmp / layout.TOKENIZER_DIR, ignore=shutil.ignore_patterns(".*"))
-    configs = {"text_encoder": comps["text_encoder"].config.to_dict(), "unet": dict(comps["unet"].config),
-               "vae_decoder": dict(comps["vae"].config), "vae_encoder": dict(comps["vae"].config)}
+    dirs = {"tokenizer": layout.TOKENIZER_DIR, "tokenizer_2": layout.TOKENIZER_2_DIR}
+    for tok in source.tokenizers:
+        shutil.copytree(src / tok, tmp / dirs[tok], ignore=shutil.ignore_patterns(".*"))
     for name, cfg in configs.items():
         (tmp / layout.config_path(name)).write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

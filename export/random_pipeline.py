@@ -3,6 +3,9 @@ SD2-v-shaped) and the SD-1.5-shaped model that memory and speed are measured on 
 on weight values). Nothing is downloaded: the tokenizer is a CLIP-format BPE trained on a small built-in corpus.
 
     python -m edgediff.export.random_pipeline sd15 /tmp/sd15-random       # then: edgediff export /tmp/sd15-random OUT
+
+SDXL-shaped presets (tiny-sdxl, tiny-sdxl-refiner, sdxl, sdxl-turbo) are built by ``random_sdxl``; ``sd-turbo`` has
+SD 2.1's layer sizes with SD-Turbo's scheduler (Euler, trailing timesteps, 512x512 native).
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
-PRESETS = ("tiny-sd1", "tiny-sd2v", "sd15")
+from .random_sdxl import SDXL_PRESETS
+
+PRESETS = ("tiny-sd1", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS)
 
 _CORPUS = [
     "a photograph of an astronaut riding a horse", "a red circle on a white background", "an oil painting of a cat",
@@ -21,21 +26,38 @@ _CORPUS = [
 
 
 def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
-    """Write a diffusers StableDiffusionPipeline folder (safetensors) with random weights to ``out``."""
+    """Write a diffusers StableDiffusionPipeline (or, for the SDXL presets, StableDiffusionXL[Img2Img]Pipeline)
+    folder (safetensors) with random weights to ``out``."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}; expected one of {list(PRESETS)}")
+    if preset in SDXL_PRESETS:
+        from .random_sdxl import build_sdxl_pipeline
+
+        return build_sdxl_pipeline(Path(out), preset, _CORPUS, seed=seed)
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .clip_bpe import train_clip_bpe
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}; expected one of {list(PRESETS)}")
     out = Path(out)
-    sd2 = preset == "tiny-sd2v"
+    turbo = preset == "sd-turbo"  # stabilityai/sd-turbo: SD 2.1 (OpenCLIP-H text tower, pad "!"), epsilon, 512x512
+    sd2 = preset == "tiny-sd2v" or turbo
     tok_dir = train_clip_bpe(_CORPUS, 300, out / "_tokenizer_src", pad_token="!" if sd2 else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)
-    if preset == "sd15":  # the real SD-1.5 layer sizes (CompVis/stable-diffusion-v1-5 configs)
+    vocab_size = None  # the trained tokenizer's
+    if turbo:  # the real SD 2.1 layer sizes (stabilityai/sd-turbo configs) and CLIP's real vocabulary size
+        text_cfg = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                        hidden_act="gelu", projection_dim=512)
+        vocab_size = 49408
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                    use_linear_projection=True)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=768, layers_per_block=2,
+                            block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    elif preset == "sd15":  # the real SD-1.5 layer sizes (CompVis/stable-diffusion-v1-5 configs)
         text_cfg = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         hidden_act="quick_gelu")
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -55,12 +77,17 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
                             block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.3)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=vocab_size or len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_cfg))
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   steps_offset=1, set_alpha_to_one=False)
-    scheduler = (DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **common) if sd2
-                 else PNDMScheduler(skip_prk_steps=True, **common))
+    if turbo:
+        common.pop("set_alpha_to_one")  # a DDIM/PNDM argument; Euler has none
+        scheduler = EulerDiscreteScheduler(prediction_type="epsilon", timestep_spacing="trailing",
+                                           interpolation_type="linear", **common)
+    else:
+        scheduler = (DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **common) if sd2
+                     else PNDMScheduler(skip_prk_steps=True, **common))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)

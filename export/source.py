@@ -1,13 +1,14 @@
 """Validate a diffusers pipeline folder before anything heavy is imported: one clear line per problem."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", *SDXL_PIPELINES)
 # component folder -> the classes we know how to export
 EXPECTED = {
     "text_encoder": ("CLIPTextModel",),
@@ -15,7 +16,14 @@ EXPECTED = {
     "vae": ("AutoencoderKL",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
-WEIGHTED = ("text_encoder", "unet", "vae")
+# SDXL adds OpenCLIP-G with its projection; its refiner has no CLIP-L tower (text_encoder/tokenizer are null)
+EXPECTED_SDXL = {
+    **EXPECTED,
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+OPTIONAL_SDXL = ("text_encoder", "tokenizer")
+WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -25,6 +33,14 @@ class Source:
     pipeline_class: str
     scheduler_class: str
     pickle_components: tuple[str, ...]  # components whose weights are pickle files (only with --allow-pickle)
+    # the weighted component folders present: text_encoder[, text_encoder_2], unet, vae (SDXL's refiner: no text_encoder)
+    modules: tuple[str, ...] = ("text_encoder", "unet", "vae")
+    tokenizers: tuple[str, ...] = ("tokenizer",)  # tokenizer folders, in the order of their text encoders
+    index: dict = field(default_factory=dict, compare=False)  # model_index.json (pipeline flags such as SDXL's)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.pipeline_class in SDXL_PIPELINES
 
 
 def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
@@ -45,7 +61,15 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
     cls = index.get("_class_name", "")
     if cls not in SUPPORTED_PIPELINES:
         raise ExportError(f"pipeline class {cls!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    for comp, allowed in EXPECTED.items():
+    sdxl = cls in SDXL_PIPELINES
+    expected = EXPECTED_SDXL if sdxl else EXPECTED
+    absent = [c for c in OPTIONAL_SDXL if sdxl and _null(index.get(c))]
+    if len(absent) == 1:
+        raise ExportError(f"{root}/model_index.json has {absent[0]!r} null but not its partner; "
+                          "text_encoder and tokenizer come together (a refiner has neither)")
+    for comp, allowed in expected.items():
+        if comp in absent:
+            continue
         entry = index.get(comp)
         if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise ExportError(f"{root}/model_index.json has no {comp!r} component; the pipeline is incomplete")
@@ -53,8 +77,9 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
             raise ExportError(f"{comp} class {entry[1]!r} is not supported; expected one of {list(allowed)}")
         if not (root / comp).is_dir():
             raise ExportError(f"{root}/{comp}/ is missing; the pipeline folder is incomplete")
+    modules = tuple(c for c in WEIGHTED if c in expected and c not in absent)
     pickled = []
-    for comp in WEIGHTED:
+    for comp in modules:
         files = [p for p in (root / comp).iterdir() if p.is_file()]
         has_st = any(p.suffix == ".safetensors" for p in files)
         pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
@@ -71,4 +96,11 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
     sched = index.get("scheduler") or [None, ""]
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         raise ExportError(f"{root}/scheduler/scheduler_config.json is missing; the pipeline folder is incomplete")
-    return Source(root=root, pipeline_class=cls, scheduler_class=str(sched[1]), pickle_components=tuple(pickled))
+    tokenizers = tuple(t for t in ("tokenizer", "tokenizer_2") if t in expected and t not in absent)
+    return Source(root=root, pipeline_class=cls, scheduler_class=str(sched[1]), pickle_components=tuple(pickled),
+                  modules=modules, tokenizers=tokenizers, index=index)
+
+
+def _null(entry) -> bool:
+    """A component model_index.json lists as absent: ``[null, null]`` (what save_pretrained writes for None)."""
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None

@@ -106,7 +106,7 @@ def inspect(bundle: Path, verify: bool) -> None:
             for p in problems:
                 click.secho(f"FAIL {p}", fg="red", err=True)
             raise BundleIntegrityError(f"{len(problems)} file(s) of {b.root} do not match the manifest: {problems[0]}")
-        n = len(m.all_files())
+        n = len(b.manifest.all_files())
         click.secho(f"verified: all {n} files match their sha256", fg="green")
 
 # -- optimize / quantize ----------------------------------------------------------------------------------------

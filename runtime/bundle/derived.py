@@ -10,3 +10,9 @@ def latent_multiple(vae_scale_factor: int, unet_block_out_channels: Sequence[int
     divide by ``2 ** (levels - 1)``."""
     levels = max(1, len(unet_block_out_channels))
     return int(vae_scale_factor) * 2 ** (levels - 1)
+
+
+def vae_scale_factor(vae_block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent cell: the VAE halves the image once per level after the first (diffusers'
+    ``2 ** (len(vae.config.block_out_channels) - 1)``)."""
+    return 2 ** (max(1, len(vae_block_out_channels)) - 1)

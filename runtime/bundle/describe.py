@@ -12,6 +12,7 @@ from ..config import read_json
 from ..errors import BundleError, ConfigError
 from . import layout
 from .checksums import sha256_file
+from .derived import vae_scale_factor
 from .graph_io import graph_io
 from .manifest import COMPONENTS, MANIFEST_NAME, Component, FileEntry, Manifest, ParityReceipt, Provenance
 from .safety import check_external_data, resolve_inside
@@ -33,15 +34,20 @@ def model_facts(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root}: no VAE config (vae_decoder/config.json); re-export the bundle")
     vae = _config(root, vae_rel)
     unet = _config(root, layout.config_path("unet"))
-    text = _config(root, layout.config_path("text_encoder"))
+    # SDXL's refiner has only the second (OpenCLIP-G) text encoder
+    text_dir = next((d for d in ("text_encoder", "text_encoder_2") if (root / d / "config.json").is_file()), "text_encoder")
+    text = _config(root, layout.config_path(text_dir))
     sched = _config(root, layout.SCHEDULER_CONFIG)
     if "scaling_factor" not in vae:
         # Old SD1 configs predate the key; diffusers' AutoencoderKL then uses its own default. Follow diffusers.
         warnings.warn(f"{vae_rel} has no scaling_factor; using diffusers' AutoencoderKL default 0.18215", stacklevel=2)
     scaling_factor = float(vae.get("scaling_factor", 0.18215))
-    vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    scale = vae_scale_factor(vae.get("block_out_channels", [0]))
     prediction_type = sched.get("prediction_type", "epsilon")
-    if prediction_type == "v_prediction":
+    if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
+        index = _config(root, layout.MODEL_INDEX)
+        family = "sdxl-refiner" if index.get("requires_aesthetics_score") else "sdxl"
+    elif prediction_type == "v_prediction":
         family = "sd2-v"
     elif text.get("hidden_act") == "gelu":  # OpenCLIP ViT-H text tower (SD 2.x); SD 1.x's CLIP uses quick_gelu
         family = "sd2"
@@ -52,10 +58,10 @@ def model_facts(root: Path) -> dict[str, Any]:
     return dict(
         family=family,
         prediction_type=prediction_type,
-        default_height=int(sample_size) * vae_scale_factor,
-        default_width=int(sample_size) * vae_scale_factor,
+        default_height=int(sample_size) * scale,
+        default_width=int(sample_size) * scale,
         latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=vae_scale_factor,
+        vae_scale_factor=scale,
         scaling_factor=scaling_factor,
         shift_factor=vae.get("shift_factor"),
         text_max_length=int(text.get("max_position_embeddings", 77)),

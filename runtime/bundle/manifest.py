@@ -18,7 +18,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "edgediff.json"
 
 # The allowed values (FAMILIES, PRECISIONS, COMPONENTS, DTYPES, ...) live with the schema that checks them
-# (schema.py) and are imported from here by every reader. Of the families, these run today:
+# (schema.py) and are imported from here by every reader; the families this runtime runs are the keys of
+# edgediff.families.CONDITIONERS.
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; refuse to parse a planted gigabyte
 
 Dim = int | str

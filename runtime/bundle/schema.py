@@ -29,7 +29,7 @@ _DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
 # Allowed values (re-exported by manifest.py, where the dataclasses that hold them live).
 # Model families. Only the first three run today; the rest are reserved so that their bundles need no format change.
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo", "lcm")
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-turbo", "lcm")
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
               "int8-storage")
 OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
