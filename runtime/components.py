@@ -11,6 +11,9 @@ from .backends.base import Backend
 from .bundle.reader import Bundle
 
 
+RESIDENT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # opened at load; the rest on first use
+
+
 class Components:
     def __init__(self, bundle: Bundle, backend: str, options: Any = None, *, low_memory: bool = False, verify: bool = True):
         self.bundle = bundle
@@ -22,8 +25,9 @@ class Components:
         self._wrap: Callable[[str, Backend], Backend] | None = None
         self._lock = threading.Lock()
         if not low_memory:
-            for name in ("text_encoder", "unet", "vae_decoder"):
-                self._get(name)
+            for name in RESIDENT:  # every generation runs these: open them once, now (the encoder only for img2img)
+                if bundle.has(name):
+                    self._get(name)
 
     def _load(self, name: str) -> Backend:
         path = self.bundle.model_path(name, verify=self.verify)

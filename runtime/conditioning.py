@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -24,6 +24,12 @@ class Conditioning:
 
 class TextConditioner(Protocol):
     """Turns a request's prompts into a ``Conditioning``: one implementation per model family (runtime/families/),
-    chosen once when the pipeline is loaded."""
+    chosen once when the pipeline is loaded. ``options`` names the family's own call arguments (SDXL's
+    ``prompt_2``, micro-conditioning...); ``prepare`` checks them before any work and returns what the conditioner
+    reads back from ``GenerationRequest.extra``."""
+
+    options: frozenset[str]
+
+    def prepare(self, options: dict[str, Any], *, img2img: bool) -> dict[str, Any]: ...
 
     def __call__(self, request: "GenerationRequest", components: "Components", watch: "Stopwatch") -> Conditioning: ...

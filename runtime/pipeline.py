@@ -42,6 +42,7 @@ class GenerationResult:
     timings: dict[str, float]  # seconds per stage (summed over steps) and "total"
     spans: tuple[Span, ...] = ()  # raw per-stage/per-step spans, for the bench harness and traces
     parameters: dict[str, Any] = field(default_factory=dict)  # what produced the images (PNG metadata)
+    latents: np.ndarray | None = None  # (N, C, H/f, W/f) float32 with output_type="latent": pass on as image=
 
     def image_parameters(self, k: int, **more: Any) -> dict[str, Any]:
         """The parameters that reproduce image ``k`` alone (its own seed), plus ``more`` (e.g. the backend)."""
@@ -95,7 +96,7 @@ class Pipeline:
 
     @property
     def default_guidance(self) -> float:
-        """The bundle's recommended guidance scale, else the runtime's DEFAULT_GUIDANCE."""
+        """The bundle's recommended guidance scale, else its family's diffusers default."""
         return self.bundle.default_guidance
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -118,23 +119,35 @@ class Pipeline:
         callback: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
         output_type: str = "pil",
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        **family_options: Any,
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
         PIL image) this is img2img: the image is noised to ``strength`` (default 0.8) and denoised from there.
         Steps and guidance left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``).
         Every argument is checked before any work (``request``); ``callback(step, total, t, latents)`` is called
-        after each step and ``cancel()`` before each."""
+        after each step and ``cancel()`` before each.
+
+        ``denoising_end`` / ``denoising_start`` (fractions of the schedule) split one schedule between two models,
+        diffusers' ensemble of experts: the base stops at ``denoising_end`` with ``output_type="latent"`` and the
+        refiner continues from those latents (``image=result.latents``) at ``denoising_start``. A family's own
+        arguments (SDXL: ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
+        ``target_size``, their ``negative_`` forms, ``aesthetic_score``, ``negative_aesthetic_score``) are passed by
+        name as in diffusers; one the bundle's family does not take is refused."""
         callback = check.hook(callback, what="callback")
         cancel = check.hook(cancel, what="cancel")
         req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, height=height, width=width,
                            num_images_per_prompt=num_images_per_prompt, seed=seed, rng=rng, latents=latents,
-                           image=image, strength=strength, scheduler=scheduler, output_type=output_type)
+                           image=image, strength=strength, scheduler=scheduler, output_type=output_type,
+                           denoising_start=denoising_start, denoising_end=denoising_end, **family_options)
         return self.generate(req, callback=callback, cancel=cancel)
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
-                scheduler=None, output_type="pil") -> GenerationRequest:
+                scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
+                **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
         m = self.bundle.manifest
@@ -148,22 +161,42 @@ class Pipeline:
         make_scheduler(scheduler, self.scheduler_config).set_timesteps(steps)  # unknown name or bad count: now
         guided = g > 1.0
         negatives = self._negatives(negative_prompt, len(prompts)) if guided else None
-        init = None
+        unknown = sorted(set(family_options) - self.conditioner.options)
+        if unknown:
+            takes = ", ".join(sorted(self.conditioner.options)) or "none"
+            raise InputError(f"{unknown[0]}= does not apply to this {m.family} bundle (its family's own arguments: "
+                             f"{takes})")
+        start = check.fraction(denoising_start, what="denoising_start")
+        end = check.fraction(denoising_end, what="denoising_end")
+        if start is not None and end is not None and start >= end:
+            raise InputError(f"denoising_start={start} must be below denoising_end={end}")
+        init = init_latents = None
         if image is not None:
             if latents is not None:
                 raise InputError("latents= is for text-to-image; with image= the starting latents come from the "
                                  "image: drop one of them")
-            strength = check.strength(0.8 if strength is None else strength)  # diffusers' img2img default
-            init = img.load_image(image, multiple=self.size_multiple)
-            if height is not None or width is not None:
+            if start is not None and strength is not None:
+                raise InputError("give strength or denoising_start, not both: with denoising_start the schedule "
+                                 "starts there and strength does not apply")
+            if start is None:
+                strength = check.strength(0.8 if strength is None else strength)  # diffusers' img2img default
+            if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == m.latent_channels:
+                init_latents = self._init_latents(image, len(prompts) * n)  # latents handed on by a base model
+                ih, iw = init_latents.shape[2] * m.vae_scale_factor, init_latents.shape[3] * m.vae_scale_factor
+            else:
+                init = img.load_image(image, multiple=self.size_multiple)
                 ih, iw = init.shape[2], init.shape[3]
-                if (height, width) != (ih, iw):
-                    raise InputError(f"height/width {width}x{height} differ from the init image's {iw}x{ih}; "
-                                     "img2img keeps the image's size: drop height/width or resize the image")
-            height, width = init.shape[2], init.shape[3]
+            if (height is not None or width is not None) and (height, width) != (ih, iw):
+                raise InputError(f"height/width {width}x{height} differ from the init image's {iw}x{ih}; "
+                                 "img2img keeps the image's size: drop height/width or resize the image")
+            height, width = ih, iw
         elif strength is not None:
             raise InputError("strength only applies to img2img: give an init image (image= / --init-image) or "
                              "drop strength")
+        elif start is not None:
+            raise InputError("denoising_start continues from an image or latents: give image= (e.g. the base "
+                             "model's latents from output_type='latent' with denoising_end)")
+        extra = self.conditioner.prepare(family_options, img2img=image is not None)
         h, w = check.size(height, width, multiple=self.size_multiple,
                           default=self._static_size() or (m.default_height, m.default_width))
         total = len(prompts) * n
@@ -182,8 +215,10 @@ class Pipeline:
         return GenerationRequest(prompts=tuple(prompts), negatives=None if negatives is None else tuple(negatives),
                                  steps=steps, guidance_scale=g, height=h, width=w, images_per_prompt=n, seeds=seeds,
                                  noise=noise, scheduler=scheduler, output_type=output_type, latents=lat,
-                                 init_image=init, strength=strength if init is not None else None,
-                                 rng=rng if isinstance(rng, str) else "custom")
+                                 init_image=init, init_latents=init_latents,
+                                 strength=strength if image is not None else None,
+                                 negative_given=negative_prompt is not None, denoising_start=start,
+                                 denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
                  cancel: Callable[[], bool] | None = None) -> GenerationResult:
@@ -201,25 +236,33 @@ class Pipeline:
             cond = self.conditioner(req, self.components, watch)
             # 2. timesteps and initial latents
             sched.set_timesteps(req.steps)
-            if req.init_image is None:
+            if not req.img2img:
                 x = req.latents if req.latents is not None else req.noise.standard_normal(shape)  # (N, C, h, w)
                 x = x * np.float32(sched.init_noise_sigma)
             else:
                 x = self._img2img_latents(req, sched, watch)
+            end = self._end_index(req, sched)
             # 3. denoise
-            x = self._denoise(x, cond, sched, req, callback, cancel, watch)
+            x = self._denoise(x, cond, sched, end, req, callback, cancel, watch)
             # 4. decode
-            with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
-                z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
-                decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
-            self._check_not_constant(decoded)
-            with watch.span("postprocess"):
-                out = self._postprocess(decoded, req.output_type)
+            latents_out = None
+            if req.output_type == "latent":  # handed on undecoded (diffusers' output_type="latent")
+                latents_out, out = x, list(x)
+            else:
+                with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
+                    z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
+                    decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
+                self._check_not_constant(decoded)
+                with watch.span("postprocess"):
+                    out = self._postprocess(decoded, req.output_type)
         params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
                       steps=req.steps, scheduler=sched.name, guidance_scale=req.guidance_scale, height=req.height,
                       width=req.width, strength=req.strength, bundle=self.bundle.digest)
+        for key in ("denoising_start", "denoising_end"):
+            if getattr(req, key) is not None:
+                params[key] = getattr(req, key)
         return GenerationResult(images=out, seeds=req.seeds, timings=watch.totals(), spans=tuple(watch.spans),
-                                parameters=params)
+                                parameters=params, latents=latents_out)
 
     def autoencode(self, images) -> np.ndarray:
         """The VAE round trip of ``images`` ((N, H, W, 3) uint8): encoder mean -> decoder, as (N, H, W, 3) uint8.
@@ -266,32 +309,74 @@ class Pipeline:
             raise InputError("latents contain NaN/Inf; pass finite values (or no latents: they are drawn from the seed)")
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def _img2img_latents(self, req: GenerationRequest, sched, watch: Stopwatch) -> np.ndarray:
+    def _init_latents(self, image: np.ndarray, total: int) -> np.ndarray:
+        """Latents given as the init image ((1 or N, C, h, w), already scaled: another model's output)."""
         m = self.bundle.manifest
-        # diffusers' get_timesteps: skip the first (1 - strength) of the schedule
-        init_steps = min(int(req.steps * req.strength), req.steps)
-        if init_steps < 1:
-            raise InputError(f"strength={req.strength} with {req.steps} steps runs no denoising step; raise either")
-        t_start = req.steps - init_steps
-        sched.set_begin_index(t_start * sched.order)
-        with self.components.use("vae_encoder") as enc, watch.span("vae_encode"):
-            out = self._run(enc, {"sample": np.repeat(req.init_image, req.total_images, axis=0)})[0]
-        if out.shape[1] == 2 * m.latent_channels:  # diagonal Gaussian parameters: sample it with our noise
-            mean, logvar = np.split(out, 2, axis=1)
-            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-            z = mean + std * req.noise.standard_normal(mean.shape)
-        else:  # optimum's vae_encoder already returns a sample
-            z = out
-        z = (z - np.float32(m.shift_factor or 0.0)) * np.float32(m.scaling_factor)
-        eps = req.noise.standard_normal(z.shape)
-        return sched.add_noise(z.astype(np.float32), eps, sched.begin_index)
+        if image.shape[0] not in (1, total):
+            raise InputError(f"image= latents have batch {image.shape[0]}; give 1 or one per image ({total})")
+        if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
+            raise InputError("image= latents must be finite floating-point values")
+        h, w = image.shape[2] * m.vae_scale_factor, image.shape[3] * m.vae_scale_factor
+        check.size(h, w, multiple=self.size_multiple, default=(h, w))
+        x = np.ascontiguousarray(image, dtype=np.float32)
+        return np.repeat(x, total, axis=0) if x.shape[0] == 1 and total > 1 else x
 
-    def _denoise(self, x, cond: Conditioning, sched, req: GenerationRequest, callback, cancel,
-                 watch: Stopwatch) -> np.ndarray:
+    def _img2img_latents(self, req: GenerationRequest, sched, watch: Stopwatch) -> np.ndarray:
+        """The starting latents of img2img and where in the schedule they start (diffusers' get_timesteps)."""
+        m = self.bundle.manifest
+        if req.denoising_start is None:  # skip the first (1 - strength) of the schedule, then noise to that level
+            init_steps = min(int(req.steps * req.strength), req.steps)
+            if init_steps < 1:
+                raise InputError(f"strength={req.strength} with {req.steps} steps runs no denoising step; raise either")
+            sched.set_begin_index((req.steps - init_steps) * sched.order)
+        else:  # ensemble of experts: start where the previous model stopped, from its latents, adding no noise
+            cutoff = self._cutoff(req.denoising_start)
+            remaining = int((sched.timesteps < cutoff).sum())
+            if sched.order == 2 and remaining % 2 == 0:  # second-order solvers take steps in pairs
+                remaining += 1
+            if remaining < 1:
+                raise InputError(f"denoising_start={req.denoising_start} with {req.steps} steps leaves no step to "
+                                 "run; lower it or raise the steps")
+            sched.set_begin_index(len(sched.timesteps) - remaining)
+        if req.init_latents is not None:
+            z = req.init_latents
+        else:
+            with self.components.use("vae_encoder") as enc, watch.span("vae_encode"):
+                out = self._run(enc, {"sample": np.repeat(req.init_image, req.total_images, axis=0)})[0]
+            if out.shape[1] == 2 * m.latent_channels:  # diagonal Gaussian parameters: sample it with our noise
+                mean, logvar = np.split(out, 2, axis=1)
+                std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+                z = mean + std * req.noise.standard_normal(mean.shape)
+            else:  # optimum's vae_encoder already returns a sample
+                z = out
+            z = ((z - np.float32(m.shift_factor or 0.0)) * np.float32(m.scaling_factor)).astype(np.float32)
+        if req.denoising_start is not None:
+            return z
+        eps = req.noise.standard_normal(z.shape)
+        return sched.add_noise(z, eps, sched.begin_index)
+
+    def _cutoff(self, fraction: float) -> int:
+        """The training timestep at ``fraction`` of the way from pure noise (diffusers' discrete_timestep_cutoff)."""
+        T = self.scheduler_config.num_train_timesteps
+        return int(round(T - fraction * T))
+
+    def _end_index(self, req: GenerationRequest, sched) -> int:
+        """One past the last step to run: all of them, or those at or above ``denoising_end``'s cutoff."""
         total = len(sched.timesteps)
+        if req.denoising_end is None:
+            return total
+        end = int((sched.timesteps >= self._cutoff(req.denoising_end)).sum())
+        if end <= sched.begin_index:
+            raise InputError(f"denoising_end={req.denoising_end} with {req.steps} steps leaves no step to run; raise "
+                             "it or the steps")
+        return end
+
+    def _denoise(self, x, cond: Conditioning, sched, end: int, req: GenerationRequest, callback, cancel,
+                 watch: Stopwatch) -> np.ndarray:
+        total = end
         g = np.float32(req.guidance_scale)
         with self.components.use("unet") as unet:
-            for i in range(sched.begin_index, total):
+            for i in range(sched.begin_index, end):
                 if cancel is not None and cancel():
                     raise Cancelled(f"generation cancelled before step {i + 1} of {total}")
                 t = sched.timesteps[i]

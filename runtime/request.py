@@ -26,16 +26,24 @@ class GenerationRequest:
     seeds: tuple[int, ...]  # one per image, prompt-major: seeds[p * images_per_prompt + k]
     noise: NoiseSource  # every random draw of the call comes from here, one stream per image
     scheduler: str  # a name of edgediff.schedulers.SCHEDULERS
-    output_type: str = "pil"  # "pil" | "np"
+    output_type: str = "pil"  # "pil" | "np" | "latent" (the denoised latents, not decoded)
     latents: np.ndarray | None = None  # (N, C, H/f, W/f) float32 initial latents (txt2img only)
     init_image: np.ndarray | None = None  # (1, 3, H, W) float32 in [-1, 1] (img2img)
+    init_latents: np.ndarray | None = None  # (1 or N, C, H/f, W/f) float32: img2img from latents (SDXL refiner)
     strength: float | None = None  # img2img only: the fraction of the schedule that is run
+    negative_given: bool = True  # False: no negative prompt was given (SDXL then uses zero embeddings)
+    denoising_start: float | None = None  # (0, 1): skip the schedule's first part (an ensemble of experts' 2nd)
+    denoising_end: float | None = None  # (0, 1): stop there and hand the latents on (output_type="latent")
     rng: str = "numpy"  # the noise kind by name ("custom" for a caller's NoiseSource), for the record
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific options (SDXL's micro-conditioning, ...)
 
     @property
     def guided(self) -> bool:
         return self.negatives is not None
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None or self.init_latents is not None
 
     @property
     def total_images(self) -> int:

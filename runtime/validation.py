@@ -11,7 +11,7 @@ from .errors import InputError
 
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens (~300 characters); refuse absurd inputs before tokenizing them
 MAX_IMAGES = 64
-OUTPUT_TYPES = ("pil", "np")
+OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 def prompts(value, *, what: str = "prompt") -> list[str]:
@@ -76,6 +76,15 @@ def output_type(value) -> str:
     if value not in OUTPUT_TYPES:
         raise InputError(f"output_type={value!r}; expected one of {list(OUTPUT_TYPES)}")
     return value
+
+
+def fraction(value, *, what: str) -> float | None:
+    """None, or a number strictly between 0 and 1 (diffusers' denoising_start / denoising_end)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise InputError(f"{what}={value!r}; must be a number strictly between 0 and 1 (a fraction of the schedule)")
+    return float(value)
 
 
 def count(n) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import read_json
-from ..defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..defaults import DEFAULT_STEPS, default_guidance
 from ..errors import BundleError, BundleIntegrityError, BundleNotFound, ConfigError
 from . import layout, origin
 from .derived import latent_multiple
@@ -81,9 +81,9 @@ class Bundle:
 
     @property
     def default_guidance(self) -> float:
-        """The bundle's recommended guidance scale, else the runtime's DEFAULT_GUIDANCE."""
+        """The bundle's recommended guidance scale, else its family's diffusers default (runtime/defaults.py)."""
         d = self.manifest.defaults.guidance_scale
-        return DEFAULT_GUIDANCE if d is None else d
+        return default_guidance(self.manifest.family) if d is None else d
 
     # -- access ----------------------------------------------------------------------------------------------
     def component(self, name: str) -> Component:

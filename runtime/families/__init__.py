@@ -8,12 +8,17 @@ from ..bundle.reader import Bundle
 from ..conditioning import TextConditioner
 from ..errors import BundleError
 from .sd import SdTextConditioner
+from .sdxl import SdxlTextConditioner
 
 # family -> factory of its text conditioner
 CONDITIONERS: dict[str, Callable[[Bundle], TextConditioner]] = {
     "sd1": SdTextConditioner,
     "sd2": SdTextConditioner,
     "sd2-v": SdTextConditioner,
+    "sd-turbo": SdTextConditioner,  # SD 2.1 architecture, distilled for 1-4 steps
+    "sdxl": SdxlTextConditioner,
+    "sdxl-turbo": SdxlTextConditioner,
+    "sdxl-refiner": SdxlTextConditioner,
 }
 SUPPORTED_FAMILIES = tuple(CONDITIONERS)
 

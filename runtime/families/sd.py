@@ -14,10 +14,15 @@ from ..tokenizer import ClipTokenizer
 
 
 class SdTextConditioner:
+    options: frozenset[str] = frozenset()  # SD 1.x/2.x take no family-specific arguments
+
     def __init__(self, bundle: Bundle):
         # exactly the pinned, checked tokenizer files: a file planted beside them is never read
         self.tokenizer = ClipTokenizer.from_files(bundle.tokenizer_files(), max_length=bundle.manifest.text_max_length,
                                                   where=bundle.root / "tokenizer")
+
+    def prepare(self, options: dict, *, img2img: bool) -> dict:
+        return {}
 
     def __call__(self, request: GenerationRequest, components: Components, watch: Stopwatch) -> Conditioning:
         texts = list(request.prompts) if not request.guided else [*request.negatives, *request.prompts]  # [uncond; cond]

@@ -14,6 +14,7 @@ is ``text_embeds``. The refiner has only the second tower.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -90,8 +91,9 @@ class SdxlTextConfig:
 
     def tokenizers(self, bundle: Bundle) -> tuple[ClipTokenizer, ...]:
         """One tokenizer per encoder, from its own folder (the two pad differently), padded to the encoders' length."""
-        return tuple(ClipTokenizer.from_dir(bundle.tokenizer_dir(TOKENIZER_DIRS[e]),
-                                            max_length=bundle.manifest.text_max_length) for e in self.encoders)
+        return tuple(ClipTokenizer.from_files(bundle.tokenizer_files(TOKENIZER_DIRS[e]),
+                                              max_length=bundle.manifest.text_max_length,
+                                              where=bundle.root / TOKENIZER_DIRS[e]) for e in self.encoders)
 
     def towers(self, tokenizers: Sequence[ClipTokenizer], backends: Sequence[Backend]) -> tuple[TextTower, ...]:
         """Pair tokenizers and open backends (both in ``encoders`` order) with the outputs to read."""
@@ -237,3 +239,50 @@ def _require_output(bundle: Bundle, component: str, name: str, what: str) -> str
         raise BundleError(f"{bundle.root}: {component} has no {name!r} output ({what} SDXL uses; it has {have}); "
                           "re-export the bundle with edgediff export")
     return name
+
+
+class SdxlTextConditioner:
+    """The runtime's text conditioner for SDXL bundles (base, refiner, Turbo): both towers' tokenizers and outputs
+    read once at load; per call the encoders run through the pipeline's components and ``condition`` builds the
+    denoiser inputs. Options it reads from ``GenerationRequest.extra``: ``prompt_2``, ``negative_prompt_2`` and the
+    micro-conditioning (``micro``: a ``MicroConditioning``)."""
+
+    options = frozenset({"prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+                         "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                         "aesthetic_score", "negative_aesthetic_score"})
+
+    def __init__(self, bundle: Bundle):
+        self.config = SdxlTextConfig.from_bundle(bundle)
+        self.tokenizers = self.config.tokenizers(bundle)
+        self.refiner = self.config.requires_aesthetics_score
+
+    def prepare(self, options: dict, *, img2img: bool) -> dict:
+        """Check a call's SDXL options before any work; what ``__call__`` reads back from ``request.extra``."""
+        micro_keys = self.options - {"prompt_2", "negative_prompt_2"}
+        micro = MicroConditioning(**{k: options[k] for k in micro_keys if options.get(k) is not None})
+        if self.refiner and not img2img:
+            raise InputError("this is an SDXL refiner bundle: it refines an image (image= / --init-image, e.g. the "
+                             "base's latents with denoising_start); use an SDXL base bundle for text-to-image")
+        extra = {"micro": micro}
+        for key in ("prompt_2", "negative_prompt_2"):
+            if options.get(key) is not None:
+                extra[key] = check.prompts(options[key], what=key)
+        return extra
+
+    def __call__(self, request, components, watch) -> "Conditioning":
+        from ..conditioning import Conditioning
+
+        extra = request.extra
+        with ExitStack() as stack:
+            backends = [stack.enter_context(components.use(name)) for name in self.config.encoders]
+            towers = self.config.towers(self.tokenizers, backends)
+            with watch.span("text_encoder"):
+                c = condition(towers, self.config, prompt=list(request.prompts), height=request.height,
+                              width=request.width, prompt_2=extra.get("prompt_2"),
+                              negative_prompt=None if not request.guided or not request.negative_given
+                              else list(request.negatives),
+                              negative_prompt_2=extra.get("negative_prompt_2"),
+                              num_images_per_prompt=request.images_per_prompt, guided=request.guided,
+                              micro=extra.get("micro", MicroConditioning()),
+                              pipeline="img2img" if request.img2img else "txt2img")
+        return Conditioning(encoder_hidden_states=c.encoder_hidden_states, guided=c.guided, extra=c.extra)

@@ -134,7 +134,7 @@ BAD = [
     (dict(prompt="red \udcff circle"), InputError, "not valid Unicode text"),
     (dict(negative_prompt="\ud800"), InputError, "negative_prompt is not valid Unicode"),
     (dict(image="BOMB"), InputError, "megapixels|too large"),
-    (dict(output_type="latent"), InputError, "output_type"),
+    (dict(output_type="latents"), InputError, "output_type"),
 ]
 
 
