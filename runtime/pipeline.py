@@ -8,6 +8,7 @@ low-memory mode calls are serialized (each one loads and frees the components it
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from .bundle import layout
 from .bundle.reader import Bundle
 from .components import Components
 from .conditioning import Conditioning, TextConditioner
-from .errors import BundleError, Cancelled, InputError, NonFiniteError
+from .errors import BundleError, InputError, NonFiniteError
 from .families import text_conditioner
+from .job import DenoiseJob, StepCallback
 from .noise import NoiseSource, make_noise, seeds_for
 from .request import GenerationRequest
 from .schedulers import make_scheduler, name_for_class
@@ -32,7 +34,6 @@ from .timing import Span, Stopwatch
 
 __all__ = ["Pipeline", "GenerationResult", "GenerationRequest", "Conditioning"]
 
-StepCallback = Callable[[int, int, float, np.ndarray], None]  # (step done, total steps, timestep, latents)
 
 
 @dataclass(frozen=True)
@@ -227,37 +228,53 @@ class Pipeline:
             return self._generate(req, callback, cancel)
 
     def _generate(self, req: GenerationRequest, callback, cancel) -> GenerationResult:
+        job = self.start(req, callback=callback, cancel=cancel)
+        with self.components.use("unet") as unet:
+            while not job.done:
+                job.check_cancel()
+                feeds = job.unet_feeds()
+                with job.watch.span("unet", job.step):
+                    eps = self._run(unet, feeds)[0]  # (2N or N, C, h, w) float32, checked finite
+                job.advance(eps)
+        return self.finish(job)
+
+    # -- the steps of a generation, for step-level schedulers (runtime/batching.py) ------------------------------
+    def start(self, req: GenerationRequest, *, callback: StepCallback | None = None,
+              cancel: Callable[[], bool] | None = None) -> DenoiseJob:
+        """Text conditioning, timesteps and initial latents of a validated request: a job ready for its first
+        denoising step. Run its steps (``job.unet_feeds`` -> the denoiser -> ``job.advance``), then ``finish``."""
         m = self.bundle.manifest
         watch = Stopwatch()
+        t0 = time.perf_counter()
         sched = make_scheduler(req.scheduler, self.scheduler_config)
         shape = (req.total_images, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
-        with watch.span("total"):
-            # 1. text conditioning (the family's conditioner)
-            cond = self.conditioner(req, self.components, watch)
-            # 2. timesteps and initial latents
-            sched.set_timesteps(req.steps)
-            if not req.img2img:
-                x = req.latents if req.latents is not None else req.noise.standard_normal(shape)  # (N, C, h, w)
-                x = x * np.float32(sched.init_noise_sigma)
-            else:
-                x = self._img2img_latents(req, sched, watch)
-            end = self._end_index(req, sched)
-            # 3. denoise
-            x = self._denoise(x, cond, sched, end, req, callback, cancel, watch)
-            # 4. decode
-            latents_out = None
-            if req.output_type == "latent":  # handed on undecoded (diffusers' output_type="latent")
-                latents_out, out = x, list(x)
-            else:
-                with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
-                    z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
-                    decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
-                self._check_not_constant(decoded)
-                with watch.span("postprocess"):
-                    out = self._postprocess(decoded, req.output_type)
+        cond = self.conditioner(req, self.components, watch)
+        sched.set_timesteps(req.steps)
+        if not req.img2img:
+            x = req.latents if req.latents is not None else req.noise.standard_normal(shape)  # (N, C, h, w)
+            x = x * np.float32(sched.init_noise_sigma)
+        else:
+            x = self._img2img_latents(req, sched, watch)
+        return DenoiseJob(request=req, scheduler=sched, cond=cond, x=x, end=self._end_index(req, sched), watch=watch,
+                          start_time=t0, callback=callback, cancel=cancel)
+
+    def finish(self, job: DenoiseJob) -> GenerationResult:
+        """Decode a job's latents (unless output_type="latent") into the call's result."""
+        m, req, watch = self.bundle.manifest, job.request, job.watch
+        latents_out = None
+        if req.output_type == "latent":  # handed on undecoded (diffusers' output_type="latent")
+            latents_out, out = job.x, list(job.x)
+        else:
+            with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
+                z = job.x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
+                decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
+            self._check_not_constant(decoded)
+            with watch.span("postprocess"):
+                out = self._postprocess(decoded, req.output_type)
+        watch.spans.append(Span("total", job.start_time, time.perf_counter()))
         params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
-                      steps=req.steps, scheduler=sched.name, guidance_scale=req.guidance_scale, height=req.height,
-                      width=req.width, strength=req.strength, bundle=self.bundle.digest)
+                      steps=req.steps, scheduler=job.scheduler.name, guidance_scale=req.guidance_scale,
+                      height=req.height, width=req.width, strength=req.strength, bundle=self.bundle.digest)
         for key in ("denoising_start", "denoising_end"):
             if getattr(req, key) is not None:
                 params[key] = getattr(req, key)
@@ -370,35 +387,6 @@ class Pipeline:
             raise InputError(f"denoising_end={req.denoising_end} with {req.steps} steps leaves no step to run; raise "
                              "it or the steps")
         return end
-
-    def _denoise(self, x, cond: Conditioning, sched, end: int, req: GenerationRequest, callback, cancel,
-                 watch: Stopwatch) -> np.ndarray:
-        total = end
-        g = np.float32(req.guidance_scale)
-        with self.components.use("unet") as unet:
-            for i in range(sched.begin_index, end):
-                if cancel is not None and cancel():
-                    raise Cancelled(f"generation cancelled before step {i + 1} of {total}")
-                t = sched.timesteps[i]
-                with watch.span("step", i):
-                    x_in = np.concatenate([x, x]) if cond.guided else x  # (2N or N, C, h, w)
-                    with watch.span("scheduler", i):
-                        x_in = sched.scale_model_input(x_in, i)
-                    feeds = {"sample": x_in, "timestep": np.full((x_in.shape[0],), t, np.float32),
-                             "encoder_hidden_states": cond.encoder_hidden_states, **cond.extra}
-                    with watch.span("unet", i):
-                        eps = self._run(unet, feeds)[0]  # (2N or N, C, h, w) float32, checked finite
-                    with watch.span("scheduler", i):
-                        if cond.guided:  # classifier-free guidance (Ho & Salimans 2022): e_u + g (e_c - e_u)
-                            eps_u, eps_c = np.split(eps, 2)
-                            eps = eps_u + g * (eps_c - eps_u)
-                        x = sched.step(eps, i, x, req.noise)
-                    if not np.isfinite(x).all():  # the denoiser's output was finite: the update overflowed
-                        raise NonFiniteError(f"the {sched.name} scheduler produced NaN/Inf at step {i + 1} of {total} "
-                                             "from finite model outputs; try another scheduler or fewer steps")
-                if callback is not None:
-                    callback(i + 1, total, float(t), x)
-        return x
 
     def _postprocess(self, decoded: np.ndarray, output_type: str) -> list:
         if output_type == "np":
