@@ -260,8 +260,14 @@ def doctor(engine_dirs) -> None:
 @click.option("--rng", default="numpy", show_default=True, help="numpy, or torch to reproduce diffusers' CPU-generator latents.")
 @click.option("--low-memory", is_flag=True, help="Keep one component loaded at a time.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT).")
+@click.option("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder.")
+@click.option("--refiner", type=click.Path(path_type=Path), default=None,
+              help="SDXL: a refiner bundle that finishes the schedule from --refiner-start (ensemble of experts).")
+@click.option("--refiner-start", type=float, default=0.8, show_default=True,
+              help="With --refiner: the fraction of the schedule the base runs before handing on.")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
-             backend, rng, low_memory, overwrite) -> None:
+             backend, rng, low_memory, overwrite, prompt_2, negative_2, refiner, refiner_start) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
@@ -271,9 +277,21 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     check_writable(paths, overwrite)
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend, scheduler=scheduler,
                          low_memory=low_memory)
+    family = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_2)) if v is not None}
+    handoff = dict(denoising_end=refiner_start, output_type="latent") if refiner is not None else {}
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
-                           strength=strength)
+                           strength=strength, **handoff, **family)
+    second = None
+    if refiner is not None:  # the refiner's half of the call is checked whole before the base runs
+        import numpy as np
+
+        m = pipe.bundle.manifest
+        second = Pipeline.load(refiner, backend=backend, scheduler=scheduler, low_memory=low_memory)
+        latents = np.zeros((1, m.latent_channels, request.height // m.vae_scale_factor,
+                            request.width // m.vae_scale_factor), np.float32)  # the shape the base will hand on
+        second.request(prompt, negative, num_inference_steps=request.steps, guidance_scale=guidance,
+                       num_images_per_prompt=num_images, image=latents, denoising_start=refiner_start)
     # an uncompressed RGB image bounds its PNG: refuse a disk without room for all of them before the work
     check_writable(paths, overwrite, expected_bytes=request.height * request.width * 3 + 65536)
     with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -282,6 +300,11 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
             bar.update(1)
 
         result = pipe.generate(request, callback=on_step)
+        if second is not None:
+            # the refiner continues the same schedule (steps, seeds) from the base's latents
+            result = second(prompt, negative, num_inference_steps=request.steps, guidance_scale=guidance,
+                            num_images_per_prompt=num_images, seed=list(result.seeds), rng=rng,
+                            image=result.latents, denoising_start=refiner_start, callback=on_step)
     datas = [png_bytes(image, result.image_parameters(k, prompt=prompt, rng=rng, backend=backend))
              for k, image in enumerate(result.images)]
     write_all(paths, datas, overwrite=overwrite)

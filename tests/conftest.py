@@ -65,3 +65,21 @@ def bundle_copy(tiny_sd1_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_sd1_bundle, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory):
+    """The tiny random SDXL base pipeline and its exported bundle (tests/sdxl_fixtures.py: ``.source``, ``.bundle``)."""
+    pytest.importorskip("diffusers")
+    from sdxl_fixtures import tiny_sdxl
+
+    return tiny_sdxl(tmp_path_factory, "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory):
+    """The tiny random SDXL refiner pipeline and its exported bundle."""
+    pytest.importorskip("diffusers")
+    from sdxl_fixtures import tiny_sdxl
+
+    return tiny_sdxl(tmp_path_factory, "tiny-sdxl-refiner")

@@ -15,17 +15,17 @@ from edgediff.errors import ExportError
 
 pytest.importorskip("diffusers")
 
-from sdxl_fixtures import OrtBackend, tiny_sdxl  # noqa: E402
+from sdxl_fixtures import OrtBackend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sdxl(tmp_path_factory, "tiny-sdxl")
+def base(tiny_sdxl_base):
+    return tiny_sdxl_base
 
 
 @pytest.fixture(scope="module")
-def refiner(tmp_path_factory):
-    return tiny_sdxl(tmp_path_factory, "tiny-sdxl-refiner")
+def refiner(tiny_sdxl_refiner):
+    return tiny_sdxl_refiner
 
 
 def _names(specs):

@@ -12,6 +12,8 @@ import pytest
 
 from edgediff import Pipeline
 
+from streams import StreamFrom  # noqa: E402
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
@@ -69,21 +71,30 @@ def test_txt2img_matches_diffusers(fixture, scheduler, guidance, negative, steps
     theirs = ref(prompts, negative_prompt=None if negative is None else [negative] * 2, num_inference_steps=steps,
                  guidance_scale=guidance, latents=torch.from_numpy(latents), generator=gen, output_type="np").images
     mine = ours(prompts, negative, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                scheduler=scheduler, rng=_StreamFrom(11), output_type="np")
+                scheduler=scheduler, rng=StreamFrom(11), output_type="np")
     compare(mine.images, theirs)
 
 
-class _StreamFrom:
-    """One torch-compatible stream shared by the whole batch, as diffusers draws with a single generator."""
+def test_sd_turbo_style_one_trailing_step_without_guidance_matches_diffusers(tiny_sd1_source, tiny_sd1_bundle,
+                                                                           tmp_path):
+    """SD-Turbo's recipe (SD 2.1 architecture): Euler ancestral, trailing timesteps, 1 step, guidance 0 — one UNet
+    batch per step, and the trailing schedule's single timestep (999) honoured from the bundle's config."""
+    from bundle_edit import with_scheduler_config
 
-    def __init__(self, seed):
-        from edgediff.noise import TorchNoise
-
-        self._n = TorchNoise([seed])
-        self.seeds = (seed,)
-
-    def standard_normal(self, shape):
-        return self._n.standard_normal((1, int(np.prod(shape)))).reshape(shape)
+    ref = reference_pipeline(tiny_sd1_source, "euler_a")
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config,
+                                                                          timestep_spacing="trailing")
+    latents = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    theirs = ref("a red circle", num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                 generator=torch.Generator().manual_seed(4), output_type="np").images
+    turbo = with_scheduler_config(tiny_sd1_bundle, tmp_path / "turbo", _class_name="EulerAncestralDiscreteScheduler",
+                                  timestep_spacing="trailing")
+    with Pipeline.load(turbo) as pipe:
+        mine = pipe("a red circle", num_inference_steps=1, guidance_scale=0.0, latents=latents, rng=StreamFrom(4),
+                    output_type="np")
+    compare(mine.images, theirs)
+    unet = [s for s in mine.spans if s.name == "unet"]
+    assert len(unet) == 1
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m_karras", "euler_a"])
