@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import validation as check
+from .bundle.writer import current_umask
 from .errors import EdgediffError, InputError, OutputExistsError, OutputWriteError
 
 
@@ -99,9 +100,7 @@ def write_all(paths: Sequence[Path], datas: Sequence[bytes], *, overwrite: bool)
 
 def file_mode() -> int:
     """The mode a new file gets from the process umask (what `open(..., "w")` would give)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~current_umask()
 
 
 def png_bytes(image, parameters: dict[str, Any]) -> bytes:
