@@ -16,12 +16,14 @@ import numpy as np
 from .job import DenoiseJob
 from .timing import Span
 
-RunDenoiser = Callable[[dict[str, np.ndarray]], np.ndarray]  # feeds (B, ...) -> output (B, C, h, w) float32
+# (graph, feeds (B, ...)) -> output (B, C, h, w) float32; graph: the bundle component to run ("unet", ...)
+RunDenoiser = Callable[[str, dict[str, np.ndarray]], np.ndarray]
 
 
-def batch_key(feeds: dict[str, np.ndarray]) -> Hashable:
-    """Jobs whose feeds agree on every name, per-row shape and dtype can be concatenated along the batch."""
-    return tuple(sorted((name, a.shape[1:], a.dtype.str) for name, a in feeds.items()))
+def batch_key(feeds: dict[str, np.ndarray], graph: str = "unet") -> Hashable:
+    """Jobs that run the same graph with feeds that agree on every name, per-row shape and dtype can be
+    concatenated along the batch."""
+    return graph, tuple(sorted((name, a.shape[1:], a.dtype.str) for name, a in feeds.items()))
 
 
 def step_together(jobs: Sequence[DenoiseJob], run: RunDenoiser, *, max_batch: int | None = None) -> list[DenoiseJob]:
@@ -33,14 +35,15 @@ def step_together(jobs: Sequence[DenoiseJob], run: RunDenoiser, *, max_batch: in
     for job in pending:
         try:
             job.check_cancel()
+            graph = job.graph()
             feeds = job.unet_feeds()
         except Exception as exc:  # this job's own failure (cancelled, bad state): it leaves, the others go on
             job.error = exc
             continue
-        staged.setdefault(batch_key(feeds), []).append((job, feeds))
-    for group in staged.values():
+        staged.setdefault(batch_key(feeds, graph), []).append((job, feeds))
+    for (graph, _), group in staged.items():
         for chunk in _chunks(group, max_batch):
-            _run_chunk(chunk, run)
+            _run_chunk(graph, chunk, run)
     return [j for j in pending if j.error is None]
 
 
@@ -56,12 +59,12 @@ def _chunks(group, max_batch):
         yield chunk
 
 
-def _run_chunk(chunk, run: RunDenoiser) -> None:
+def _run_chunk(graph: str, chunk, run: RunDenoiser) -> None:
     names = list(chunk[0][1])
     feeds = {n: np.concatenate([f[n] for _, f in chunk]) for n in names} if len(chunk) > 1 else chunk[0][1]
     t0 = time.perf_counter()
     try:
-        eps = run(feeds)  # (sum of batches, C, h, w) float32
+        eps = run(graph, feeds)  # (sum of batches, C, h, w) float32
     except Exception as exc:  # the shared call failed: every job in it fails with the same cause
         for job, _ in chunk:
             job.error = exc
@@ -69,7 +72,7 @@ def _run_chunk(chunk, run: RunDenoiser) -> None:
     t1 = time.perf_counter()
     offset = 0
     for job, _ in chunk:
-        job.watch.spans.append(Span("unet", t0, t1, job.step))
+        job.watch.spans.append(Span(graph, t0, t1, job.step))
         rows = eps[offset:offset + job.batch]
         offset += job.batch
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -19,6 +19,22 @@ from .request import GenerationRequest
 from .timing import Span, Stopwatch
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]  # (step done, total steps, timestep, latents)
+DENOISER = "unet"  # the bundle component a step runs unless an extension picks another graph
+
+
+class StepExtension(Protocol):
+    """A feature that changes what a denoising step computes without changing the loop: ControlNet residuals,
+    an inpainting UNet's extra channels or the latent blend, DeepCache's shallow graph, a CFG cutoff. Each hook is
+    optional (a plain object with only some of these methods works); they run in the order of ``job.extensions``."""
+
+    def graph(self, job: "DenoiseJob", graph: str) -> str:
+        """The bundle component this step runs (``DENOISER`` by default)."""
+
+    def feeds(self, job: "DenoiseJob", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The step's denoiser inputs, after the job's own (more inputs, other channels)."""
+
+    def after_step(self, job: "DenoiseJob", x: np.ndarray) -> np.ndarray:
+        """The latents after the scheduler's update (e.g. keep the unmasked region)."""
 
 
 @dataclass
@@ -32,6 +48,7 @@ class DenoiseJob:
     start_time: float  # perf_counter at the start of the request, for the "total" span
     callback: StepCallback | None = None
     cancel: Callable[[], bool] | None = None
+    extensions: tuple = ()  # StepExtension objects, applied in order at each step
     step: int = field(init=False)  # the next step index
     error: BaseException | None = field(default=None, init=False)  # set by a step-level scheduler when a step failed
     _step_start: float = field(default=0.0, init=False)
@@ -52,6 +69,14 @@ class DenoiseJob:
         if self.cancel is not None and self.cancel():
             raise Cancelled(f"generation cancelled before step {self.step + 1} of {self.end}")
 
+    def graph(self) -> str:
+        """The bundle component the next step runs."""
+        name = DENOISER
+        for ext in self.extensions:
+            if hasattr(ext, "graph"):
+                name = ext.graph(self, name)
+        return name
+
     def unet_feeds(self) -> dict[str, np.ndarray]:
         """The denoiser's inputs for the next step, (batch, ...) each."""
         i, sched = self.step, self.scheduler
@@ -60,8 +85,12 @@ class DenoiseJob:
         with self.watch.span("scheduler", i):
             x_in = sched.scale_model_input(x_in, i)
         t = sched.timesteps[i]
-        return {"sample": x_in, "timestep": np.full((x_in.shape[0],), t, np.float32),
-                "encoder_hidden_states": self.cond.encoder_hidden_states, **self.cond.extra}
+        feeds = {"sample": x_in, "timestep": np.full((x_in.shape[0],), t, np.float32),
+                 "encoder_hidden_states": self.cond.encoder_hidden_states, **self.cond.extra}
+        for ext in self.extensions:
+            if hasattr(ext, "feeds"):
+                feeds = ext.feeds(self, feeds)
+        return feeds
 
     def advance(self, eps: np.ndarray) -> None:
         """Take the step with the denoiser's output for this job's rows ((batch, C, h, w) float32, finite)."""
@@ -71,6 +100,9 @@ class DenoiseJob:
                 eps_u, eps_c = np.split(eps, 2)
                 eps = eps_u + g * (eps_c - eps_u)
             self.x = sched.step(eps, i, self.x, self.request.noise)
+            for ext in self.extensions:
+                if hasattr(ext, "after_step"):
+                    self.x = ext.after_step(self, self.x)
         if not np.isfinite(self.x).all():  # the denoiser's output was finite: the update overflowed
             raise NonFiniteError(f"the {sched.name} scheduler produced NaN/Inf at step {i + 1} of {self.end} "
                                  "from finite model outputs; try another scheduler or fewer steps")

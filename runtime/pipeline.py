@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +24,7 @@ from .components import Components
 from .conditioning import Conditioning, TextConditioner
 from .errors import BundleError, InputError, NonFiniteError
 from .families import text_conditioner
-from .job import DenoiseJob, StepCallback
+from .job import DenoiseJob, StepCallback, StepExtension
 from .noise import NoiseSource, make_noise, seeds_for
 from .request import GenerationRequest
 from .schedulers import make_scheduler, name_for_class
@@ -222,27 +222,38 @@ class Pipeline:
                                  denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
-                 cancel: Callable[[], bool] | None = None) -> GenerationResult:
-        """Run a validated request (from ``request``)."""
+                 cancel: Callable[[], bool] | None = None,
+                 extensions: Sequence[StepExtension] = ()) -> GenerationResult:
+        """Run a validated request (from ``request``), with optional step ``extensions``."""
         with self._call_lock or nullcontext():
-            return self._generate(req, callback, cancel)
+            return self._generate(req, callback, cancel, extensions)
 
-    def _generate(self, req: GenerationRequest, callback, cancel) -> GenerationResult:
-        job = self.start(req, callback=callback, cancel=cancel)
-        with self.components.use("unet") as unet:
+    def _generate(self, req: GenerationRequest, callback, cancel, extensions=()) -> GenerationResult:
+        job = self.start(req, callback=callback, cancel=cancel, extensions=extensions)
+        with ExitStack() as stack:  # each graph the steps use, opened once for the whole loop
+            graphs: dict[str, object] = {}
             while not job.done:
                 job.check_cancel()
+                graph = job.graph()
+                if graph not in graphs:
+                    graphs[graph] = stack.enter_context(self.components.use(graph))
                 feeds = job.unet_feeds()
-                with job.watch.span("unet", job.step):
-                    eps = self._run(unet, feeds)[0]  # (2N or N, C, h, w) float32, checked finite
+                with job.watch.span(graph, job.step):
+                    eps = self._run(graphs[graph], feeds)[0]  # (2N or N, C, h, w) float32, checked finite
                 job.advance(eps)
         return self.finish(job)
 
+    def run_denoiser(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One denoiser call on the resident graph ``graph`` (the step-level scheduler's ``run``,
+        runtime/batching.py): its first output, (B, C, h, w) float32, checked finite."""
+        return self._run(self.components.get(graph), feeds)[0]
+
     # -- the steps of a generation, for step-level schedulers (runtime/batching.py) ------------------------------
     def start(self, req: GenerationRequest, *, callback: StepCallback | None = None,
-              cancel: Callable[[], bool] | None = None) -> DenoiseJob:
+              cancel: Callable[[], bool] | None = None, extensions: Sequence[StepExtension] = ()) -> DenoiseJob:
         """Text conditioning, timesteps and initial latents of a validated request: a job ready for its first
-        denoising step. Run its steps (``job.unet_feeds`` -> the denoiser -> ``job.advance``), then ``finish``."""
+        denoising step. Run its steps (``job.graph``, ``job.unet_feeds`` -> that graph -> ``job.advance``), then
+        ``finish``. ``extensions`` change what each step computes (runtime/job.py, StepExtension)."""
         m = self.bundle.manifest
         watch = Stopwatch()
         t0 = time.perf_counter()
@@ -256,7 +267,7 @@ class Pipeline:
         else:
             x = self._img2img_latents(req, sched, watch)
         return DenoiseJob(request=req, scheduler=sched, cond=cond, x=x, end=self._end_index(req, sched), watch=watch,
-                          start_time=t0, callback=callback, cancel=cancel)
+                          start_time=t0, callback=callback, cancel=cancel, extensions=tuple(extensions))
 
     def finish(self, job: DenoiseJob) -> GenerationResult:
         """Decode a job's latents (unless output_type="latent") into the call's result."""

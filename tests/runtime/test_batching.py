@@ -34,12 +34,11 @@ def _pixels(result) -> list[bytes]:
 
 def test_batched_requests_equal_each_request_alone(pipe):
     alone = [_pixels(pipe(**kw)) for kw in REQUESTS]
-    unet = pipe.components.get("unet")
     calls = []
 
-    def run(feeds):
+    def run(graph, feeds):
         calls.append(feeds["sample"].shape[0])
-        return pipe._run(unet, feeds)[0]
+        return pipe.run_denoiser(graph, feeds)
 
     jobs = [pipe.start(pipe.request(**kw)) for kw in REQUESTS[:5]]
     late = list(REQUESTS[5:])
@@ -55,12 +54,11 @@ def test_batched_requests_equal_each_request_alone(pipe):
 def test_max_batch_splits_calls_and_keeps_results(pipe):
     kws = REQUESTS[:3]
     alone = [_pixels(pipe(**kw)) for kw in kws]
-    unet = pipe.components.get("unet")
     sizes = []
 
-    def run(feeds):
+    def run(graph, feeds):
         sizes.append(feeds["sample"].shape[0])
-        return pipe._run(unet, feeds)[0]
+        return pipe.run_denoiser(graph, feeds)
 
     jobs = [pipe.start(pipe.request(**kw)) for kw in kws]
     while any(not j.done for j in jobs):
@@ -73,11 +71,10 @@ def test_a_failing_job_leaves_and_the_others_finish(pipe):
     flag = {"stop": False}
     good = pipe.start(pipe.request(**REQUESTS[0]))
     bad = pipe.start(pipe.request(**REQUESTS[1]), cancel=lambda: flag["stop"])
-    unet = pipe.components.get("unet")
-    step_together([good, bad], lambda f: pipe._run(unet, f)[0])
+    step_together([good, bad], pipe.run_denoiser)
     flag["stop"] = True
     while not good.done:
-        step_together([good, bad], lambda f: pipe._run(unet, f)[0])
+        step_together([good, bad], pipe.run_denoiser)
     assert isinstance(bad.error, Cancelled) and good.error is None
     assert _pixels(pipe.finish(good)) == _pixels(pipe(**REQUESTS[0]))
 
@@ -87,3 +84,38 @@ def test_batch_key_separates_shapes():
     b = {"sample": np.zeros((1, 4, 8, 8), np.float32)}
     c = {"sample": np.zeros((1, 4, 8, 16), np.float32)}
     assert batch_key(a) == batch_key(b) != batch_key(c)
+    assert batch_key(a, "unet") != batch_key(a, "unet_shallow")  # another graph never shares a call
+
+
+class _KeepChannelZero:
+    """A step extension (runtime/job.py): clears latent channel 0 after every step and counts its hooks."""
+
+    def __init__(self):
+        self.calls = {"graph": 0, "feeds": 0, "after_step": 0}
+
+    def graph(self, job, graph):
+        self.calls["graph"] += 1
+        return graph
+
+    def feeds(self, job, feeds):
+        self.calls["feeds"] += 1
+        return feeds
+
+    def after_step(self, job, x):
+        self.calls["after_step"] += 1
+        x = x.copy()
+        x[:, 0] = 0.0
+        return x
+
+
+def test_step_extensions_apply_alone_and_batched(pipe):
+    kw = dict(REQUESTS[0], output_type="latent")
+    ext = _KeepChannelZero()
+    alone = pipe.generate(pipe.request(**kw), extensions=[ext])
+    assert ext.calls == {"graph": 6, "feeds": 6, "after_step": 6}
+    assert not alone.latents[:, 0].any() and alone.latents[:, 1:].any()
+    jobs = [pipe.start(pipe.request(**kw), extensions=[_KeepChannelZero()]), pipe.start(pipe.request(**REQUESTS[1]))]
+    while any(not j.done for j in jobs):
+        step_together(jobs, pipe.run_denoiser)
+    assert np.array_equal(pipe.finish(jobs[0]).latents, alone.latents)
+    assert _pixels(pipe.finish(jobs[1])) == _pixels(pipe(**REQUESTS[1]))  # the other job untouched
