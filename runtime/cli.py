@@ -338,6 +338,8 @@ class _LazyCommand(click.Command):
 
 main.add_command(_LazyCommand("bench", "edgediff.bench.cli:bench",
                               "Benchmark bundles: bench [BUNDLE], sweep, cold-start, memory-modes, ..."))
+main.add_command(_LazyCommand("serve", "edgediff.serve.cli:serve",
+                              "Serve models over HTTP: OpenAI Images API, A1111 shim, continuous batching."))
 
 # -- eval-default -----------------------------------------------------------------------------------------------
 @main.command("eval-default")
