@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from edgediff.cli_types import NAMES, POSITIVE_INT, SIZE, STEPS, ListType
-from edgediff.defaults import DEFAULT_GUIDANCE
 
 from .memory_modes import MODES  # a table (stdlib imports only): the --modes choices
+
+COMPARE_ORDERS = ("auto", "alternate", "sequential")  # --compare-order: how bench/compare.py runs ours and theirs
 
 DEFAULT_COMMAND = "run"
 
@@ -52,8 +53,8 @@ def bench() -> None:
 def _measurement_options(f):
     """Options shared by `run` and `sweep`: how each configuration is measured and where the reports go."""
     options = [
-        click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True,
-                     help="CFG scale (> 1: two UNet batches)."),
+        click.option("--guidance", type=float, default=None,
+                     help="CFG scale (> 1: two UNet batches); default: the bundle's recommended one (Turbo: 0)."),
         click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
                      help="Generations before the timed ones (the first image counts as one)."),
         click.option("--runs", type=POSITIVE_INT, default=3, show_default=True, help="Timed generations."),
@@ -63,6 +64,9 @@ def _measurement_options(f):
                      help="Also run diffusers/PyTorch (separate process) and print ours/theirs ratios."),
         click.option("--reference", type=click.Path(path_type=Path), default=None,
                      help="diffusers folder for --compare (default: the source the bundle records)."),
+        click.option("--compare-order", type=click.Choice(COMPARE_ORDERS), default="auto", show_default=True,
+                     help="alternate ours/theirs run by run (both in memory), or sequential (ours, closed, then "
+                          "theirs); auto alternates when both fit in available memory."),
         click.option("--profile-ops", type=click.IntRange(min=0), default=0,
                      help="Top-N denoiser operators from the backend's profiler."),
         click.option("--cold-start", "cold", is_flag=True,
@@ -150,7 +154,7 @@ def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, overw
 @click.option("--steps", type=STEPS, default=None, help="Default: the bundle's recommended step count.")
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT; default: the model's native size.")
 @click.option("--batch", type=POSITIVE_INT, default=1, show_default=True)
-@click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True)
+@click.option("--guidance", type=float, default=None, help="Default: the bundle's recommended guidance.")
 @click.option("--scheduler", default=None)
 @click.option("--runs", type=POSITIVE_INT, default=3, show_default=True, help="Fresh processes, one after another.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -170,7 +174,8 @@ def cold_start(bundle, backend, steps, size, batch, guidance, scheduler, runs, s
     b = Bundle.open(_bundles_or_builtin([bundle] if bundle else [])[0])
     height, width = size if size else (None, None)
     cfg = BenchConfig(bundle=str(b.root), backend=backend, steps=steps if steps is not None else b.default_steps,
-                      height=height, width=width, batch=batch, guidance=guidance, scheduler=scheduler, warmup=0,
+                      height=height, width=width, batch=batch,
+                      guidance=guidance if guidance is not None else b.default_guidance, scheduler=scheduler, warmup=0,
                       runs=runs, seed=seed, low_memory=low_memory)
     click.echo(report.cold_start_table(asdict(cfg), [one_cold_start(cfg) for _ in range(runs)]))
 

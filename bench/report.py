@@ -47,7 +47,8 @@ def document(rows: Sequence[dict], environment: dict) -> dict:
 
 def variant_info(bundle) -> dict:
     m = bundle.manifest
-    return {"path": str(bundle.root), "digest": bundle.digest,
+    return {"path": str(bundle.root), "digest": bundle.digest, "family": m.family,
+            "text_encoders": sorted(n for n in m.components if n.startswith("text_encoder")),
             "precision": {n: c.precision for n, c in m.components.items()},
             "unet_bytes": m.components["unet"].size, "bytes": sum(f.size for f in m.all_files()),
             "transforms": list(m.provenance.transforms)}
@@ -100,6 +101,9 @@ def table(rows: Sequence[dict]) -> str:
             per = " per step" if stage in ("unet", "scheduler") else ""
             out.append(f"  {stage:<13}{s['min']*1e3:>10.2f}{s['p50']*1e3:>10.2f}{s['p90']*1e3:>10.2f}"
                        f"{s['p99']*1e3:>10.2f}{s['mean']*1e3:>12.2f} ± {s['std']*1e3:<7.2f}{per}")
+        encoders = (row.get("variant") or {}).get("text_encoders") or ["text_encoder"]
+        if "text_encoder" in row["stages"] and "tokenize" not in row["stages"]:
+            out.append(f"  (text_encoder: one span over the tokenizers and {' + '.join(encoders)})")
         o = row["overhead"]
         out.append(f"  loop overhead outside backend calls: {o['per_step_us']['mean']:.0f} µs per step "
                    f"({o['percent_of_step']:.3f} % of a step)")
@@ -112,17 +116,32 @@ def table(rows: Sequence[dict]) -> str:
                        f"first image {cs['first_image']:.2f} s")
         if row.get("compare"):
             cmp = row["compare"]
-            out.append(f"  vs diffusers {cmp['reference'].get('diffusers')} / torch {cmp['reference'].get('torch')} "
-                       "(ours/theirs, same run, alternating):")
+            ref, run = cmp["reference"], cmp.get("computation") or {}
+            order = "alternating" if cmp.get("order", "alternate") == "alternate" else "ours, then theirs"
+            out.append(f"  vs diffusers {ref.get('diffusers')} / torch {ref.get('torch')} {ref.get('pipeline', '')} "
+                       f"(ours/theirs, same run, {order}):")
+            if run:
+                out.append(f"    both ran {run['scheduler']} ({run.get('diffusers_scheduler')}, spacing "
+                           f"{run.get('timestep_spacing')}), timesteps {_timesteps(run['timesteps'])}, UNet batch "
+                           f"{run['unet_batch'][0]}")
             for k, r in cmp["ratio"].items():
                 if r is not None:
                     out.append(f"    {k:<14} {cmp['ours'][k]*1e3:10.1f} ms vs {cmp['theirs'][k]*1e3:10.1f} ms  = {r:.3f}x")
+            mem = cmp.get("peak_rss_bytes") or {}
+            if mem.get("ratio") is not None:
+                out.append(f"    {'peak RSS':<14} {mem['ours'] / 2**30:10.2f} GiB vs {mem['theirs'] / 2**30:9.2f} GiB  "
+                           f"= {mem['ratio']:.3f}x (each process, during its generations)")
         if row.get("ops"):
             out.append("  denoiser operators (ONNX Runtime profiler, one generation):")
             for op in row["ops"]:
                 out.append(f"    {op['op']:<24} {op['seconds']*1e3:10.1f} ms  {op['percent']:5.1f} %")
         out.append("")
     return "\n".join(out)
+
+
+def _timesteps(values: Sequence[float]) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:4])
+    return f"[{shown}, ... {len(values)} in all]" if len(values) > 4 else f"[{shown}]"
 
 
 def cold_start_table(config: dict, runs: Sequence[dict]) -> str:
@@ -155,6 +174,9 @@ def flat(row: dict) -> dict:
         out[f"cold_start.{k}"] = v
     for k, v in ((row.get("compare") or {}).get("ratio") or {}).items():
         out[f"ratio.{k}"] = v
+    mem = (row.get("compare") or {}).get("peak_rss_bytes") or {}
+    if mem:
+        out["ratio.peak_rss"] = mem.get("ratio")
     return out
 
 

@@ -33,13 +33,14 @@ class Axes:
 class Settings:
     """What every configuration shares."""
 
-    guidance: float
+    guidance: float | None = None  # None: each bundle's recommended guidance (Bundle.default_guidance; Turbo: 0)
     warmup: int = 1
     runs: int = 3
     seed: int = 0
     low_memory: bool = False
     compare: str | None = None  # "diffusers": also time the source pipeline in a worker process
     reference: Path | None = None  # the diffusers folder for compare; default: the source the bundle records
+    compare_order: str = "auto"  # "alternate" run by run, "sequential" (all of ours, then theirs), or "auto"
     profile_ops: int = 0
     cold: bool = False  # also time a fresh process per configuration
 
@@ -59,20 +60,23 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
 
     check_backends(axes.backend)
     variants = [Bundle.open(b) for b in bundles]  # every bundle is checked before the first measurement
+    for v in variants:
+        check_text_to_image(v)
     if settings.compare:
         from .compare import check_reference
 
         for v in variants:
-            check_reference(_reference(v, settings.reference))
-    rows, spans, first, first_backends = [], [], None, []
+            check_reference(_reference(v, settings.reference), v.manifest.family)
+    rows, spans = [], []
     for variant in variants:
         pipes: dict = {}
+        guidance = settings.guidance if settings.guidance is not None else variant.default_guidance
         try:
             for backend, steps, size, batch, scheduler in axes.product():
                 height, width = size if size else (None, None)
                 cfg = BenchConfig(bundle=str(variant.root), backend=backend,
                                   steps=steps if steps is not None else variant.default_steps,
-                                  height=height, width=width, batch=batch, guidance=settings.guidance,
+                                  height=height, width=width, batch=batch, guidance=guidance,
                                   scheduler=scheduler, warmup=settings.warmup, runs=settings.runs, seed=settings.seed,
                                   low_memory=settings.low_memory)
                 load = None
@@ -86,21 +90,35 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
                 if settings.cold:
                     row.cold_start = cold_start(cfg)
                 if settings.compare:
-                    from .compare import compare
+                    from .compare import choose_order, compare
 
-                    row.compare = compare(cfg, pipes[backend], _reference(variant, settings.reference))
+                    order = choose_order(settings.compare_order, row.variant["bytes"])
+                    # sequential: our pipeline is closed before diffusers loads (the next configuration reloads it)
+                    release = lambda b=backend: pipes.pop(b).close()  # noqa: E731
+                    row.compare = compare(cfg, pipes[backend], _reference(variant, settings.reference), order=order,
+                                          release=release)
                 rows.append(row.to_dict())
                 spans = row.trace_spans
         finally:
-            if first is None and pipes:
-                first, first_backends = next(iter(pipes.values())), sorted(pipes)
             for p in pipes.values():
                 p.close()
     from .environment import record
 
-    env = record(providers=first_backends, bundle_digest=first.bundle.digest,
-                 precision=first.bundle.component("unet").precision)
+    first = variants[0]
+    env = record(providers=sorted(set(axes.backend)), bundle_digest=first.digest,
+                 precision=first.component("unet").precision)
     return Result(rows=rows, environment=env, spans=list(spans))
+
+
+# Families that only refine an image (no text-to-image): bench times text-to-image generations
+IMAGE_TO_IMAGE_ONLY = frozenset({"sdxl-refiner"})
+
+
+def check_text_to_image(bundle) -> None:
+    family = bundle.manifest.family
+    if family in IMAGE_TO_IMAGE_ONLY:
+        raise InputError(f"{bundle.root} is a {family} bundle: it refines images and bench times text-to-image; "
+                         "bench the base bundle (e.g. sdxl) instead")
 
 
 def check_backends(names: Sequence[str]) -> None:
