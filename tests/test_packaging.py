@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"edgediff": "runtime", "edgediff.export": "export", "edgediff.engines": "engines",
-           "edgediff.bench": "bench"}
+           "edgediff.bench": "bench", "edgediff.serve": "serve"}
 
 
 def _pyproject() -> dict:
@@ -50,9 +50,9 @@ def test_packages_list_names_every_python_folder_and_nothing_else():
 
 
 def test_installed_namespace_points_at_the_four_folders():
-    code = ("import json, edgediff, edgediff.export, edgediff.engines, edgediff.bench;"
+    code = ("import json, edgediff, edgediff.export, edgediff.engines, edgediff.bench, edgediff.serve;"
             "print(json.dumps({m.__name__: m.__file__ for m in (edgediff, edgediff.export, edgediff.engines,"
-            " edgediff.bench)}))")
+            " edgediff.bench, edgediff.serve)}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
     files = json.loads(out.stdout)
     for package, folder in FOLDERS.items():
@@ -85,7 +85,8 @@ def test_wheel_installs_and_imports_outside_the_checkout(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import edgediff, edgediff.export, edgediff.engines, edgediff.bench, edgediff.cli, edgediff.bench.cli;"
+    code = ("import edgediff, edgediff.export, edgediff.engines, edgediff.bench, edgediff.cli, edgediff.bench.cli,"
+            " edgediff.serve;"
             "print(edgediff.__file__)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
