@@ -83,8 +83,10 @@ def serve(models, host, port, api_key, backend, no_batching, max_active, max_que
         click.echo(f"edgediff serve: ready on http://{host}:{bound_port} (models: {', '.join(names)}; {mode}; {auth})",
                    err=True)
 
-    click.echo(f"loading {', '.join(f'{n} ({p})' for n, p in specs)} ...", err=True)
+    def loading() -> None:
+        click.echo(f"loading {', '.join(f'{n} ({p})' for n, p in specs)} ...", err=True)
+
     run(specs, host=host, port=port, backend=backend, config=config, limits=limits, api_key=api_key, drain=drain,
-        on_ready=ready)
+        on_loading=loading, on_ready=ready)
     click.echo("edgediff serve: stopped", err=True)
 

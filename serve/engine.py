@@ -50,7 +50,7 @@ class ShuttingDown(Exception):
 @dataclass(frozen=True)
 class EngineConfig:
     max_active: int = 8  # requests denoised together (1 when batching is off)
-    max_queue: int = 32  # requests waiting beyond those; one more is refused (429 + Retry-After)
+    max_queue: int = 32  # requests waiting beyond those (admitted in all: slots + max_queue); one more gets 429
     max_batch: int | None = None  # denoiser rows per call (a static-batch engine or a memory bound); None: no cap
     batching: bool = True  # False: one request in flight at a time (the comparison baseline)
     warmup: bool = True  # run one small request before reporting ready (first-call allocations, thread pools)
@@ -101,6 +101,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[tuple[Ticket, DenoiseJob]] = []
+        self._held = 0  # admitted and not yet resolved: waiting, starting, in flight or finishing
         self._accepting = True
         self._stop_at: float | None = None  # monotonic deadline after which everything left is cancelled
         self._recent: collections.deque[float] = collections.deque(maxlen=32)  # seconds per finished request
@@ -129,10 +130,11 @@ class Engine:
         with self._cv:
             if not self._accepting or not self.alive:
                 raise ShuttingDown()
-            if len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(self._retry_after())
+            if self._held >= self.config.slots + self.config.max_queue:
+                raise QueueFull(self._retry_after())  # a burst is admitted up to the slots plus the queue
             ticket = Ticket(request, None if timeout is None else time.monotonic() + timeout, progress, timeout)
             self._waiting.append(ticket)
+            self._held += 1
             self._cv.notify()
         return ticket
 
@@ -171,7 +173,7 @@ class Engine:
                 self._waiting.clear()
                 self._active.clear()
             for t in tickets:
-                t._resolve(error=exc)
+                self._done(t, error=exc)
 
     def _warm_up(self) -> None:
         """One two-step guided request at the model's default size: the first call's allocations happen here,
@@ -202,7 +204,7 @@ class Engine:
                 while self._waiting and len(self._active) + len(admitted) < self.config.slots:
                     admitted.append(self._waiting.popleft())
             for t in dropped:
-                t._resolve(error=Cancelled(f"request stopped while queued ({t.stop_reason})"))
+                self._done(t, error=Cancelled(f"request stopped while queued ({t.stop_reason})"))
             for t in admitted:
                 self._admit(t)
             if self._active:
@@ -215,7 +217,7 @@ class Engine:
         now = time.perf_counter()
         self.metrics.stage_seconds.observe(now - t.admitted_at, model=self.name, stage="queue")
         if t.should_stop():
-            t._resolve(error=Cancelled(f"request stopped while queued ({t.stop_reason})"))
+            self._done(t, error=Cancelled(f"request stopped while queued ({t.stop_reason})"))
             return
         callback = None
         if t.progress is not None:
@@ -224,7 +226,7 @@ class Engine:
         try:
             job = self.pipe.start(t.request, callback=callback, cancel=t.should_stop)
         except Exception as exc:  # this request's own failure (e.g. img2img strength too low): it alone fails
-            t._resolve(error=exc)
+            self._done(t, error=exc)
             return
         self.metrics.stage_seconds.observe(time.perf_counter() - now, model=self.name, stage="start")
         with self._cv:
@@ -239,18 +241,23 @@ class Engine:
             self._active = [(t, j) for t, j in self._active if not (j.done or j.error is not None)]
         for t, job in finished:
             if job.error is not None:
-                t._resolve(error=job.error)
+                self._done(t, error=job.error)
                 continue
             t0 = time.perf_counter()
             try:
                 result = self.pipe.finish(job)
             except Exception as exc:
-                t._resolve(error=exc)
+                self._done(t, error=exc)
                 continue
             done = time.perf_counter()
             self.metrics.stage_seconds.observe(done - t0, model=self.name, stage="finish")
             self._recent.append(done - t.admitted_at)
-            t._resolve(result)
+            self._done(t, result)
+
+    def _done(self, t: Ticket, result=None, error: BaseException | None = None) -> None:
+        with self._cv:
+            self._held -= 1
+        t._resolve(result, error)
 
     def _run(self, graph: str, feeds):
         """The step-level scheduler's denoiser call (``step_together``'s ``run``), timed for /metrics."""

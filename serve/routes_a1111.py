@@ -22,7 +22,7 @@ from . import images
 from .errors import bad_request
 from .fields import Fields
 from .routes_openai import _json_object
-from .state import build_request, run_ticket
+from .state import build_request, check_multiple, run_ticket
 
 router = APIRouter()
 
@@ -102,6 +102,7 @@ async def _generate(request: Request, *, img2img: bool) -> dict:
                           "images a request", "n_iter")
     seed = f.integer("seed", -1, lo=-1, hi=2**63 - 1)
     width, height = (f.integer(k, lo=1, hi=lim.max_side) for k in ("width", "height"))
+    check_multiple(engine, (height, width), ("height", "width"))
     knobs = dict(prompt=f.string("prompt", "", max_chars=lim.max_prompt_chars),
                  negative_prompt=f.string("negative_prompt", max_chars=lim.max_prompt_chars) or None,
                  num_inference_steps=f.integer("steps", lo=1, hi=lim.max_steps),

@@ -32,7 +32,7 @@ from edgediff.schedulers import SCHEDULERS
 from . import images
 from .errors import ApiError, bad_request
 from .fields import Fields, parse_size
-from .state import build_request, run_ticket
+from .state import build_request, check_multiple, run_ticket
 
 router = APIRouter()
 
@@ -85,6 +85,7 @@ async def edits(request: Request):
                           "model", code="unsupported_model")
     knobs, out = _read(f, state, engine)
     size = (knobs.pop("height"), knobs.pop("width"))
+    check_multiple(engine, size, ("size", "size"))
     picture = images.open_image(await uploads[0].read(), "image")
     knobs["image"] = images.fit(picture, None if size[0] is None else size)  # a size asked for: the image resized
     knobs["strength"] = f.number("strength", lo=0.0, hi=1.0)

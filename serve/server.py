@@ -86,12 +86,16 @@ def make_server(state: ServerState, *, host: str, port: int, drain: float, log_l
 
 
 def serve(models: Sequence[tuple[str, Path]], *, host: str, port: int, backend: str, config: EngineConfig,
-          limits: Limits, api_key: str | None, drain: float, on_ready: Callable[[int], None] | None = None) -> None:
-    """Bind, load and warm up every model, then serve until SIGTERM/Ctrl-C (see the module doc)."""
+          limits: Limits, api_key: str | None, drain: float, on_loading: Callable[[], None] | None = None,
+          on_ready: Callable[[int], None] | None = None) -> None:
+    """Bind, load and warm up every model, then serve until SIGTERM/Ctrl-C (see the module doc). ``on_loading``
+    is called once the port is held, ``on_ready(port)`` once the server accepts requests."""
     from .metrics import ServerMetrics
 
     sock = bind(host, port)  # a taken port fails now, not after minutes of loading
     try:
+        if on_loading is not None:
+            on_loading()
         metrics = ServerMetrics()
         engines = load_engines(models, backend=backend, config=config, metrics=metrics)
         state = ServerState(engines, limits=limits, api_key=api_key, metrics=metrics)

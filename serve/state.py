@@ -61,6 +61,17 @@ class ServerState:
         return True, "ready"
 
 
+def check_multiple(engine: Engine, size: tuple[int | None, int | None], params: tuple[str, str]) -> None:
+    """Refuse a height/width off the model's latent grid before an upload is resized to it (the runtime would
+    round the resized image down without a word)."""
+    m = engine.pipe.size_multiple
+    for value, what, param in zip(size, ("height", "width"), params):
+        if value is not None and value % m:
+            lo = max(m, value - value % m)
+            raise errors.bad_request(f"{what}={value} is not a multiple of {m} (model {engine.name!r}'s latent "
+                                     f"grid); try {lo} or {lo + m}", param)
+
+
 def build_request(engine: Engine, fields: Mapping[str, str], **kwargs: Any):
     """``Pipeline.request`` with the route's field names in its errors (``fields``: runtime name -> route name)."""
     try:
