@@ -5,6 +5,10 @@ A UNet's cost is in the layers applied at every latent position; the layers fed 
 on a handful of vectors, yet every latent position depends on them: an error there shifts the whole image. So they
 are worth nothing to quantize for speed and most to keep exact. Found from the graph's structure: a weight
 Conv/MatMul/Gemm whose data input does not depend on the latent input.
+
+Being structural, the rule covers what a family adds without a list of names: SDXL's add_embedding (linear_1 and
+linear_2, fed by the pooled ``text_embeds`` concatenated with the sinusoidal projection of ``time_ids``, and summed
+into the time embedding) is found on the SDXL UNets like time_embedding (tests/engines/test_sdxl_engines.py).
 """
 from __future__ import annotations
 

@@ -11,8 +11,10 @@ Targets:
   standard ONNX ops), because TensorRT fuses by itself and must be able to parse every node.
 
 ``--static NxHxW`` fixes the image batch N and the size HxW (pixels) in the denoiser and VAE graphs; with
-classifier-free guidance (the default) the denoiser's batch is 2N. The text encoder keeps a dynamic batch (its
-sequence length is fixed already), since prompts x images-per-prompt need not equal N.
+classifier-free guidance (the default) the denoiser's batch is 2N. The text encoders keep a dynamic batch (their
+sequence is the tokenizer's fixed length), since prompts x images-per-prompt need not equal N. Which dims are fixed comes
+from the manifest's I/O specs by the rule TensorRT profiles use, so inputs a family adds follow the batch too
+(SDXL's ``text_embeds`` (2N, 1280) and ``time_ids`` (2N, 6), or 5 for the refiner).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .graphs import load_model, save_model, set_static_dims
 from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
 from .scratch import temp_files_in
+from .tensorrt.profiles import dim_values, input_shape
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
@@ -36,6 +39,8 @@ SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
 MODEL_TYPE = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae",
               "vae_encoder": "vae"}
 PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
+# components whose batch --static leaves dynamic: prompts x images-per-prompt, with or without a negative prompt
+DYNAMIC_BATCH = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
         return _ort_offline(graph, target, name, done)
     model = load_model(graph)
     if static is not None:
-        set_static_dims(model, _static_dims(name, model, static, Bundle.open(bundle_root)))
+        set_static_dims(model, _static_dims(name, static, Bundle.open(bundle_root)))
     if target in ("cpu", "cuda"):
         model = _fuse(model, name, target)
     raw = work / "raw" / "model.onnx"
@@ -135,21 +140,21 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
     return _ort_offline(raw, target, name, done)
 
 
-def _static_dims(name: str, model, s: Static, bundle: Bundle) -> dict[str, dict[int, int]]:
-    f = bundle.manifest.vae_scale_factor
-    h, w = s.height // f, s.width // f
-    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in model.graph.input}
-    if name == "unet":
-        dims = {"sample": {0: s.denoiser_batch, 2: h, 3: w},
-                "encoder_hidden_states": {0: s.denoiser_batch, 1: bundle.manifest.text_max_length}}
-        if ranks.get("timestep", 0) == 1:
-            dims["timestep"] = {0: s.denoiser_batch}
-        return dims
-    if name == "vae_decoder":
-        return {"latent_sample": {0: s.images, 2: h, 3: w}}
-    if name == "vae_encoder":
-        return {"sample": {0: s.images, 2: s.height, 3: s.width}}
-    return {}  # text encoders: sequence length is fixed already; batch stays dynamic (see module doc)
+def _static_dims(name: str, s: Static, bundle: Bundle) -> dict[str, dict[int, int]]:
+    """The axes of ``name``'s inputs to fix for ``s``, from the manifest's I/O specs by the rule TensorRT profiles
+    use (engines.tensorrt.profiles): every input with a batch dim follows the batch -- SDXL's ``text_embeds`` and
+    ``time_ids`` as well as ``sample`` -- so a static denoiser has no dynamic input left."""
+    if name in DYNAMIC_BATCH:
+        return {}  # text encoders: sequence length is fixed already; batch stays dynamic (see module doc)
+    values = dim_values(name, bundle.manifest, s.images, s.height, s.width, s.cfg)
+    dims = {}
+    for spec in bundle.component(name).inputs:
+        shape = input_shape(name, spec, values, hint="--static cannot fix it; re-export the bundle with edgediff "
+                                                      "export")
+        axes = {axis: v for axis, (d, v) in enumerate(zip(spec.shape, shape)) if not isinstance(d, int)}
+        if axes:
+            dims[spec.name] = axes
+    return dims
 
 
 def _fuse(model, name: str, target: str):
@@ -157,7 +162,9 @@ def _fuse(model, name: str, target: str):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = MODEL_TYPE[name]
+    model_type = MODEL_TYPE.get(name)
+    if model_type is None:  # a component no fusion recipe knows: ONNX Runtime's own optimizations only
+        return model
     opts = FusionOptions(model_type)
     if target == "cpu":  # these fused ops exist for CUDA only
         for flag in ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add",

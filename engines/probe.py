@@ -4,6 +4,10 @@ Quantization calibrates on what the denoiser actually sees (every timestep of th
 real text embeddings), and derived bundles are checked for parity on such inputs too: random normal
 ``encoder_hidden_states`` are far outside what a trained text encoder produces, and a calibrated INT8 graph is
 only meant to be right on the distribution it was calibrated on.
+
+A family whose pipeline only refines an image (the SDXL refiner: no text-to-image) is run as img2img: each call
+refines a procedural image (``calibration_image``) over the last 30 % of the schedule, diffusers' refiner default
+(StableDiffusionXLImg2ImgPipeline's strength 0.3), so its denoiser sees the low-noise timesteps it is used at.
 """
 from __future__ import annotations
 
@@ -55,11 +59,13 @@ class _Recorder:
 
 
 def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: int | None = None,
-            width: int | None = None, guidance_scale: float = 7.5, seed: int = 0, scheduler: str | None = None,
-            images_per_call: int = 1, options=None) -> Captured:
+            width: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+            scheduler: str | None = None, images_per_call: int = 1, options=None) -> Captured:
     """Run the bundle's own pipeline (ONNX Runtime CPU) on ``prompts`` with seeds ``seed, seed+1, ...`` and record
     the inputs of every graph call, ``images_per_call`` prompts per call. ``steps`` should be the step count the
-    derived bundle will run at, so that calibration sees each of its timesteps."""
+    derived bundle will run at, so that calibration sees each of its timesteps; ``guidance_scale`` None is the
+    bundle's own (SDXL 5.0, a Turbo bundle's recorded 0: its denoiser then runs unguided, at batch 1, as users run
+    it)."""
     from edgediff.pipeline import Pipeline
 
     prompts = list(prompts)
@@ -71,11 +77,49 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
         # built-in model has 24 tokens) changes nothing the user must act on, so it is not printed on their terminal.
         warnings.filterwarnings("ignore", message=r"prompt \d+ is longer than the text encoder", category=UserWarning)
         pipe.components.wrap(lambda name, b: _Recorder(name, b, got))
+        m = pipe.bundle.manifest
+        refine = m.family in REFINES_ONLY
         for i in range(0, len(prompts), images_per_call):
             batch = prompts[i:i + images_per_call]
+            kw = {}
+            if refine:  # img2img at the output size: the image sets it
+                kw = dict(image=calibration_image(seed + i, height or m.default_height, width or m.default_width),
+                          strength=refiner_strength(steps))
             pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                 seed=[seed + i + j for j in range(len(batch))], output_type="np")
+                 seed=[seed + i + j for j in range(len(batch))], output_type="np", **kw)
     return got
+
+
+# Families whose pipeline refines an image and has no text-to-image (their conditioner refuses it)
+REFINES_ONLY = frozenset({"sdxl-refiner"})
+REFINER_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline default: the last 30 % of the schedule
+
+
+def refiner_strength(steps: int) -> float:
+    """REFINER_STRENGTH, raised where ``steps`` x 0.3 is below one step so that at least one step runs; the
+    pipeline runs int(steps x strength) steps, and 1.5 / steps gives exactly one without rounding at the edge."""
+    return min(1.0, max(REFINER_STRENGTH, 1.5 / steps))
+
+
+def calibration_image(seed: int, height: int, width: int):
+    """A deterministic RGB picture for refiner calibration: a two-colour gradient, a few flat discs and bars with
+    sharp edges, and fine noise -- smooth areas, edges and texture across the full [0, 255] range, which is what
+    a refiner's VAE encoder and denoiser meet in real photos and renders. A PIL image (the pipeline's image=)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * x / width + np.sin(angle) * y / height + 1) / 2  # in [0, 1]
+    img = (1 - t)[..., None] * a + t[..., None] * b
+    for _ in range(3):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.1, 0.3) * min(height, width)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+        top, left = int(rng.uniform(0, height)), int(rng.uniform(0, width))
+        img[top:top + max(1, height // 10), left:] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
 def vae_encoder_feeds(got: Captured) -> list[Feeds]:

@@ -42,7 +42,8 @@ from .weight_storage import MIN_ELEMENTS, store_weights_int8
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
 PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-weights", "fp8": "fp8-qdq",
              "int4-weights": "int4-weights", "int8-storage": "int8-storage"}
-DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
+# the components a mode applies to by default, those of them a bundle has (SDXL: both text encoders for --fp16)
+DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
                       "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",),
                       "int8-storage": ("unet",)}
 QUANT_TARGETS = ("tensorrt", "cpu")

@@ -29,7 +29,9 @@ from edgediff.errors import EngineError, EngineIncompatible, InputError
 
 from .profiles import ShapeRange, profile_shapes
 
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# what a generation runs, of what the bundle has (the SDXL refiner has only text_encoder_2); img2img's vae_encoder
+# on request (--components)
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,24 @@ def engine_key(bundle: Bundle, name: str, *, tensorrt: str, gpu: str, compute_ca
                      flags=options.flags())
 
 
+def default_components(bundle: Bundle) -> list[str]:
+    return [n for n in DEFAULT_COMPONENTS if bundle.has(n)]
+
+
 def build_engines(bundle_path: str | Path, options: BuildOptions, *, engine_dir: str | Path | None = None,
                   components: Sequence[str] | None = None, force: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> dict[str, Path]:
-    trt = device.import_tensorrt()
-    gpu = device.gpu()
     bundle = Bundle.open(bundle_path)
-    names = list(components or [n for n in DEFAULT_COMPONENTS if bundle.has(n)])
+    names = list(components or default_components(bundle))
     for n in names:
         comp = bundle.component(n)
         if comp.optimized_for:
             raise EngineError(f"{n} was optimized for ONNX Runtime {comp.optimized_for!r} (fused ORT-only ops); build "
                               "engines from the exported bundle or one made with edgediff optimize --target tensorrt")
+    # every component's profile before TensorRT loads: a bad request is refused on any machine, before any build
+    profiles = {n: profile_shapes(bundle.component(n), bundle.manifest, options.shape_range) for n in names}
+    trt = device.import_tensorrt()
+    gpu = device.gpu()
     cache = EngineCache(engine_dir or default_engine_dir(bundle.digest))
     out: dict[str, Path] = {}
     for n in names:
@@ -86,7 +94,7 @@ def build_engines(bundle_path: str | Path, options: BuildOptions, *, engine_dir:
                     continue
                 except (EngineNotBuilt, EngineIncompatible):
                     pass
-            shapes = profile_shapes(bundle.component(n), bundle.manifest, options.shape_range)
+            shapes = profiles[n]
             progress(f"{n}: building ({bundle.component(n).precision}, profile {options.shape_range.describe()})")
             t0 = time.perf_counter()
             plan = _build_one(trt, n, bundle.model_path(n), shapes, options)

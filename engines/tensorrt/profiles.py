@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
-from edgediff.bundle.manifest import Component, Manifest
+from edgediff.bundle.manifest import Component, Manifest, TensorSpec
 from edgediff.errors import EngineError, InputError
 
 ALIASES = {"batch_size": "batch", "N": "batch", "sequence_length": "sequence", "seq_len": "sequence",
@@ -95,23 +96,25 @@ def profile_shapes(comp: Component, manifest: Manifest, r: ShapeRange) -> dict[s
               for i in range(3)]
     if r.static:
         points = [dim_values(comp.name, manifest, r.images[1], r.height[1], r.width[1], r.cfg)] * 3
-    out = {}
-    for spec in comp.inputs:
-        shapes = []
-        for values in points:
-            shape = []
-            for d in spec.shape:
-                if isinstance(d, int):
-                    shape.append(d)
-                    continue
-                name = ALIASES.get(d, d)
-                if name not in values:
-                    raise EngineError(f"{comp.name}.{spec.name}: symbolic dim {d!r} has no known meaning; re-export "
-                                      "with edgediff export, or fix the shapes with edgediff optimize --static")
-                shape.append(values[name])
-            shapes.append(tuple(shape))
-        out[spec.name] = tuple(shapes)
-    return out
+    hint = "re-export with edgediff export, or fix the shapes with edgediff optimize --static"
+    return {spec.name: tuple(input_shape(comp.name, spec, values, hint=hint) for values in points)
+            for spec in comp.inputs}
+
+
+def input_shape(component: str, spec: TensorSpec, values: Mapping[str, int], *, hint: str) -> tuple[int, ...]:
+    """``spec``'s shape with each symbolic dim replaced by its value from ``dim_values``; the same rule for every
+    input a family adds (SDXL's ``text_embeds`` (batch, 1280) and ``time_ids`` (batch, 6) follow the batch like
+    ``sample``). An unknown symbolic dim is refused with its name and ``hint``."""
+    shape = []
+    for d in spec.shape:
+        if isinstance(d, int):
+            shape.append(d)
+            continue
+        name = ALIASES.get(d, d)
+        if name not in values:
+            raise EngineError(f"{component}.{spec.name}: symbolic dim {d!r} has no known meaning; {hint}")
+        shape.append(values[name])
+    return tuple(shape)
 
 
 def shape_range_for(bundle, *, static: str | None = None, profile: str | None = None, cfg: bool = True) -> ShapeRange:
