@@ -5,7 +5,9 @@ on weight values). Nothing is downloaded: the tokenizer is a CLIP-format BPE tra
     python -m edgediff.export.random_pipeline sd15 /tmp/sd15-random       # then: edgediff export /tmp/sd15-random OUT
 
 SDXL-shaped presets (tiny-sdxl, tiny-sdxl-refiner, sdxl, sdxl-turbo) are built by ``random_sdxl``; ``sd-turbo`` has
-SD 2.1's layer sizes with SD-Turbo's scheduler (Euler, trailing timesteps, 512x512 native).
+SD 2.1's layer sizes with SD-Turbo's scheduler (Euler, trailing timesteps, 512x512 native); ``tiny-sd1-inpaint`` is
+tiny-sd1 with a 9-channel inpainting UNet (latents + mask + masked-image latents), saved as a
+StableDiffusionInpaintPipeline.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from .random_sdxl import SDXL_PRESETS
 
-PRESETS = ("tiny-sd1", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS)
+PRESETS = ("tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS)
 
 _CORPUS = [
     "a photograph of an astronaut riding a horse", "a red circle on a white background", "an oil painting of a cat",
@@ -35,8 +37,8 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
 
         return build_sdxl_pipeline(Path(out), preset, _CORPUS, seed=seed)
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .clip_bpe import train_clip_bpe
@@ -68,7 +70,8 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
         text_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                         hidden_act="gelu" if sd2 else "quick_gelu")
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            sample_size=8, in_channels=9 if preset == "tiny-sd1-inpaint" else 4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8 if not sd2 else (4, 8), norm_num_groups=16,
             use_linear_projection=sd2,
@@ -88,8 +91,9 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
     else:
         scheduler = (DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **common) if sd2
                      else PNDMScheduler(skip_prk_steps=True, **common))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionInpaintPipeline if preset == "tiny-sd1-inpaint" else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers 5 saves only tokenizer.json; real SD 1.x/2.x folders carry CLIP's vocab.json + merges.txt
     shutil.rmtree(out / "tokenizer")

@@ -8,7 +8,10 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", *SDXL_PIPELINES)
+# the inpainting pipeline's folder is an SD one; its UNet may take 9 channels (latents + mask + masked image),
+# which the exporter reads from the UNet config and the runtime from the graph's sample input
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       *SDXL_PIPELINES)
 # component folder -> the classes we know how to export
 EXPECTED = {
     "text_encoder": ("CLIPTextModel",),

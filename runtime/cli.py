@@ -255,7 +255,12 @@ def doctor(engine_dirs) -> None:
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: the image to start from.")
-@click.option("--strength", type=float, default=None, help="img2img: how much to change it, (0, 1] (default 0.8).")
+@click.option("--strength", type=float, default=None,
+              help="img2img/inpainting: how much to change it, (0, 1] (default 0.8; with --mask 1.0).")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting: with --init-image, an image of its size; white is repainted, black kept.")
+@click.option("--padding-mask-crop", type=int, default=None,
+              help="Inpainting: work on the mask's box grown by this many pixels, then paste it back.")
 @click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
 @click.option("--rng", default="numpy", show_default=True, help="numpy, or torch to reproduce diffusers' CPU-generator latents.")
 @click.option("--low-memory", is_flag=True, help="Keep one component loaded at a time.")
@@ -267,7 +272,8 @@ def doctor(engine_dirs) -> None:
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
               help="With --refiner: the fraction of the schedule the base runs before handing on.")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
-             backend, rng, low_memory, overwrite, prompt_2, negative_2, refiner, refiner_start) -> None:
+             backend, rng, low_memory, overwrite, prompt_2, negative_2, refiner, refiner_start, mask,
+             padding_mask_crop) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
@@ -281,7 +287,7 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     handoff = dict(denoising_end=refiner_start, output_type="latent") if refiner is not None else {}
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
-                           strength=strength, **handoff, **family)
+                           mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength, **handoff, **family)
     second = None
     if refiner is not None:  # the refiner's half of the call is checked whole before the base runs
         import numpy as np

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import images as img
+from . import inpaint
 from . import validation as check
 from .bundle import layout
 from .bundle.reader import Bundle
@@ -116,6 +117,8 @@ class Pipeline:
         latents: np.ndarray | None = None,
         image: Any = None,
         strength: float | None = None,
+        mask_image: Any = None,
+        padding_mask_crop: int | None = None,
         scheduler: str | None = None,
         callback: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
@@ -126,6 +129,8 @@ class Pipeline:
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
         PIL image) this is img2img: the image is noised to ``strength`` (default 0.8) and denoised from there.
+        With ``mask_image=`` too it is inpainting (runtime/inpaint.py; white is repainted, ``strength`` default 1.0,
+        ``padding_mask_crop`` as diffusers' StableDiffusionInpaintPipeline).
         Steps and guidance left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``).
         Every argument is checked before any work (``request``); ``callback(step, total, t, latents)`` is called
         after each step and ``cancel()`` before each.
@@ -141,13 +146,14 @@ class Pipeline:
         req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, height=height, width=width,
                            num_images_per_prompt=num_images_per_prompt, seed=seed, rng=rng, latents=latents,
-                           image=image, strength=strength, scheduler=scheduler, output_type=output_type,
+                           image=image, strength=strength, mask_image=mask_image,
+                           padding_mask_crop=padding_mask_crop, scheduler=scheduler, output_type=output_type,
                            denoising_start=denoising_start, denoising_end=denoising_end, **family_options)
         return self.generate(req, callback=callback, cancel=cancel)
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
-                scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
+                mask_image=None, padding_mask_crop=None, scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
                 **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
@@ -162,6 +168,8 @@ class Pipeline:
         make_scheduler(scheduler, self.scheduler_config).set_timesteps(steps)  # unknown name or bad count: now
         guided = g > 1.0
         negatives = self._negatives(negative_prompt, len(prompts)) if guided else None
+        if hasattr(self.conditioner, "check_prompts"):  # e.g. SD's weighting grammar: a bad bracket fails now
+            self.conditioner.check_prompts(prompts, negatives)
         unknown = sorted(set(family_options) - self.conditioner.options)
         if unknown:
             takes = ", ".join(sorted(self.conditioner.options)) or "none"
@@ -171,8 +179,15 @@ class Pipeline:
         end = check.fraction(denoising_end, what="denoising_end")
         if start is not None and end is not None and start >= end:
             raise InputError(f"denoising_start={start} must be below denoising_end={end}")
-        init = init_latents = None
-        if image is not None:
+        init = init_latents = inpainting = None
+        if mask_image is not None or padding_mask_crop is not None:  # runtime/inpaint.py
+            inpainting = inpaint.prepare(self.bundle, image, mask_image, padding_mask_crop=padding_mask_crop,
+                                         height=height, width=width, multiple=self.size_multiple, latents=latents,
+                                         denoising_start=start, denoising_end=end, output_type=output_type)
+            strength = check.strength(1.0 if strength is None else strength)  # diffusers' inpainting default
+            init = inpainting.image
+            height, width = init.shape[2], init.shape[3]
+        elif image is not None:
             if latents is not None:
                 raise InputError("latents= is for text-to-image; with image= the starting latents come from the "
                                  "image: drop one of them")
@@ -197,6 +212,8 @@ class Pipeline:
         elif start is not None:
             raise InputError("denoising_start continues from an image or latents: give image= (e.g. the base "
                              "model's latents from output_type='latent' with denoising_end)")
+        if inpainting is None:
+            inpaint.check_plain(self.bundle)  # an inpainting UNet needs its mask
         extra = self.conditioner.prepare(family_options, img2img=image is not None)
         h, w = check.size(height, width, multiple=self.size_multiple,
                           default=self._static_size() or (m.default_height, m.default_width))
@@ -219,7 +236,8 @@ class Pipeline:
                                  init_image=init, init_latents=init_latents,
                                  strength=strength if image is not None else None,
                                  negative_given=negative_prompt is not None, denoising_start=start,
-                                 denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra)
+                                 denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra,
+                                 inpaint=inpainting)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
                  cancel: Callable[[], bool] | None = None,
@@ -261,7 +279,10 @@ class Pipeline:
         shape = (req.total_images, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
         cond = self.conditioner(req, self.components, watch)
         sched.set_timesteps(req.steps)
-        if not req.img2img:
+        if req.inpaint is not None:  # its own starting latents, and the step extension that applies the mask
+            x, masking = inpaint.begin(self.bundle, self.components, req, sched, watch)
+            extensions = (masking, *extensions)
+        elif not req.img2img:
             x = req.latents if req.latents is not None else req.noise.standard_normal(shape)  # (N, C, h, w)
             x = x * np.float32(sched.init_noise_sigma)
         else:
@@ -282,6 +303,8 @@ class Pipeline:
             self._check_not_constant(decoded)
             with watch.span("postprocess"):
                 out = self._postprocess(decoded, req.output_type)
+                if req.inpaint is not None and req.inpaint.crop is not None:  # padding_mask_crop: paste back
+                    out = inpaint.overlay(req.inpaint, out)
         watch.spans.append(Span("total", job.start_time, time.perf_counter()))
         params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
                       steps=req.steps, scheduler=job.scheduler.name, guidance_scale=req.guidance_scale,
@@ -289,6 +312,8 @@ class Pipeline:
         for key in ("denoising_start", "denoising_end"):
             if getattr(req, key) is not None:
                 params[key] = getattr(req, key)
+        if req.inpaint is not None:
+            params.update(req.inpaint.parameters())
         return GenerationResult(images=out, seeds=req.seeds, timings=watch.totals(), spans=tuple(watch.spans),
                                 parameters=params, latents=latents_out)
 

@@ -36,6 +36,7 @@ class GenerationRequest:
     denoising_end: float | None = None  # (0, 1): stop there and hand the latents on (output_type="latent")
     rng: str = "numpy"  # the noise kind by name ("custom" for a caller's NoiseSource), for the record
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific options (SDXL's micro-conditioning, ...)
+    inpaint: Any = None  # runtime/inpaint.InpaintInputs: mask_image= (init image and mask, preprocessed)
 
     @property
     def guided(self) -> bool:

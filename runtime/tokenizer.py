@@ -153,17 +153,21 @@ class ClipTokenizer:
             raise BundleError(f"{path}: no tokenizer files; expected tokenizer.json, or vocab.json + merges.txt")
         return cls(tok, max_length=max_length, bos=bos, eos=eos, pad=pad, unk=unk)
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, without BOS/EOS, padding or truncation (for chunked long prompts)."""
+        if isinstance(texts, str) or not all(isinstance(p, str) for p in texts):
+            raise InputError("prompts must be a list of strings (one per image)")
+        for b, p in enumerate(texts):
+            _check_unicode(p, b)
+        return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         """(B, max_length) int64: BOS, tokens, EOS, then pad ids. A prompt longer than ``max_length - 2`` tokens is
         cut there, with a warning naming the words dropped (diffusers logs the same)."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompts must be a list of strings (one per image)")
-        for b, p in enumerate(prompts):
-            _check_unicode(p, b)
+        tokens = self.token_ids(prompts)
         room = self.max_length - 2
-        out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)  # (B, max_length) int64
-        for b, enc in enumerate(self._tok.encode_batch(list(prompts), add_special_tokens=False)):
-            ids = enc.ids
+        out = np.full((len(tokens), self.max_length), self.pad_id, dtype=np.int64)  # (B, max_length) int64
+        for b, ids in enumerate(tokens):
             if len(ids) > room:
                 cut = self.decode(ids[room:])
                 cut = cut if len(cut) <= 200 else cut[:200] + "..."
