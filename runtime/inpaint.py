@@ -104,8 +104,8 @@ def prepare(bundle, image, mask_image, *, padding_mask_crop=None, height=None, w
                          f"{picture.size[1]}; give a mask of the image's size (white = repaint, black = keep)")
     w, h = (d - d % multiple for d in picture.size)
     if w < multiple or h < multiple:
-        raise InputError(f"init image is {picture.size[0]}x{picture.size[1]}; it must be at least {multiple}x{multiple} "
-                         "pixels")
+        raise InputError(f"init image is {picture.size[0]}x{picture.size[1]}; it must be at least "
+                         f"{multiple}x{multiple} pixels")
     if (height is not None or width is not None) and (height, width) != (h, w):
         raise InputError(f"height/width {width}x{height} differ from the init image's {w}x{h}; inpainting keeps the "
                          "image's size: drop height/width or resize the image")

@@ -153,7 +153,8 @@ class Pipeline:
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
-                mask_image=None, padding_mask_crop=None, scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
+                mask_image=None, padding_mask_crop=None,
+                scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
                 **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
