@@ -26,6 +26,7 @@ from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenan
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import ExportError, ParityError, missing
 
+from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
 from .plan import MODEL_CLASSES, MODULE_OF, export_plan
 from .source import Source, inspect_source
@@ -51,13 +52,16 @@ def export_pipeline(
     allow_pickle: bool = False,
     progress: Progress = _quiet,
     defaults: GenerationDefaults = GenerationDefaults(),
+    loras=(),
 ) -> Path:
     """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``. ``defaults``
-    records the steps / guidance the model should run with when a call names none."""
+    records the steps / guidance the model should run with when a call names none. ``loras``: LoRA files
+    -> weights ({"style.safetensors": 0.8}) fused into the models before tracing (export/lora.py)."""
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
     source = inspect_source(src, allow_pickle=allow_pickle)
+    lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)
     try:
         import torch  # noqa: F401
@@ -67,10 +71,11 @@ def export_pipeline(
         raise missing(exc.name or "torch", "export", "edgediff export") from None
 
     with staged_bundle(out, overwrite) as tmp:
-        receipts, configs = _export_all(source, tmp, opset, progress)
+        receipts, configs = _export_all(source, tmp, opset, progress, lora_files)
         t0 = time.perf_counter()
         _copy_side_files(source, tmp, configs)
-        manifest = dataclasses.replace(describe(tmp, _provenance(source), parity=receipts), defaults=defaults)
+        prov = dataclasses.replace(_provenance(source), transforms=lora.provenance(lora_files))
+        manifest = dataclasses.replace(describe(tmp, prov, parity=receipts), defaults=defaults)
         write_manifest(tmp, manifest)  # last: the commit marker
     progress("write", "bundle", time.perf_counter() - t0)
     return out
@@ -109,7 +114,8 @@ def _load(source: Source, folder: str):
     return model
 
 
-def _export_all(source: Source, tmp: Path, opset: int, progress: Progress) -> tuple[dict[str, ParityReceipt], dict[str, dict]]:
+def _export_all(source: Source, tmp: Path, opset: int, progress: Progress,
+                lora_files=()) -> tuple[dict[str, ParityReceipt], dict[str, dict]]:
     """Export and check every row of the source's plan; return the receipts and each component's model config."""
     import diffusers
     import torch
@@ -127,6 +133,7 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress) -> tu
             gc.collect()  # the previous model is gone before the next one loads
             t0 = time.perf_counter()
             loaded[folder] = _load(source, folder)
+            lora.fuse_into(loaded[folder], folder, lora_files, source)  # --lora: fused before tracing
             progress("load", folder, time.perf_counter() - t0)
         cfg = loaded[folder].config
         configs[name] = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -136,6 +143,7 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress) -> tu
         path.parent.mkdir(parents=True)
         example = spec.inputs(loaded, plan.trace, torch.Generator().manual_seed(0))
         _export_graph(module, example, spec, path, opset)
+        prints = weights_map.fingerprints(name, getattr(module, "m"))  # for LoRA hot-swap, while torch has them
         progress("export", name, time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -156,6 +164,10 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress) -> tu
                 f"(tolerance {r.tolerance:.0e}, max_abs {r.max_abs:.2e}); the export is wrong, nothing was written"
             )
         receipts[name] = r
+        if prints is not None:  # after the model is freed: the graph's initializers are read from disk
+            t0 = time.perf_counter()
+            weights_map.write(tmp, name, prints)
+            progress("map", name, time.perf_counter() - t0)
     return receipts, configs
 
 

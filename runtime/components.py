@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .backends import open_backend
 from .backends.base import Backend
@@ -15,7 +15,8 @@ RESIDENT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # opened a
 
 
 class Components:
-    def __init__(self, bundle: Bundle, backend: str, options: Any = None, *, low_memory: bool = False, verify: bool = True):
+    def __init__(self, bundle: Bundle, backend: str, options: Any = None, *, low_memory: bool = False, verify: bool = True,
+                 weights: Mapping[str, Mapping[str, Any]] | None = None):
         self.bundle = bundle
         self.backend = backend
         self.options = options
@@ -24,6 +25,8 @@ class Components:
         self._open: dict[str, Backend] = {}
         self._wrap: Callable[[str, Backend], Backend] | None = None
         self._lock = threading.Lock()
+        # component -> initializer name -> array used instead of the stored weights (LoRA, runtime/lora/)
+        self._weights: dict[str, Mapping[str, Any]] = {k: v for k, v in (weights or {}).items() if v}
         if not low_memory:
             for name in RESIDENT:  # every generation runs these: open them once, now (the encoder only for img2img)
                 if bundle.has(name):
@@ -31,8 +34,29 @@ class Components:
 
     def _load(self, name: str) -> Backend:
         path = self.bundle.model_path(name, verify=self.verify)
-        backend = open_backend(self.backend, self.bundle, self.bundle.component(name), path, self.options)
+        if self._weights.get(name):
+            from .lora.backends import open_with_weights
+
+            backend = open_with_weights(self.backend, self.bundle, self.bundle.component(name), path, self.options,
+                                        self._weights[name])
+        else:
+            backend = open_backend(self.backend, self.bundle, self.bundle.component(name), path, self.options)
         return backend if self._wrap is None else self._wrap(name, backend)
+
+    def set_weights(self, weights: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace the weight overrides (component -> initializer name -> array; runtime/lora/) and reopen each
+        resident component whose overrides are not the same object as before. The old backend is closed before
+        the new one opens (one copy of the weights at a time); if opening fails, the component reopens on its
+        next use. Not while a generation runs on these components."""
+        new = {k: v for k, v in weights.items() if v}
+        with self._lock:
+            changed = [n for n in dict.fromkeys([*self._weights, *new]) if self._weights.get(n) is not new.get(n)]
+            self._weights = new
+            reopen = [n for n in changed if n in self._open]
+            for name in reopen:
+                self._open.pop(name).close()
+            for name in reopen:
+                self._open[name] = self._load(name)
 
     def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:
         """Put ``fn(name, backend)`` around every backend, open now or later: the seam for tools that watch the

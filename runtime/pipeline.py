@@ -61,13 +61,15 @@ class Pipeline:
         self.default_scheduler = default_scheduler
         self.size_multiple = bundle.size_multiple
         self._call_lock = threading.Lock() if components.low_memory else None
+        self._loras = None  # the LoRAs applied (runtime/lora/apply.py AppliedLoras), set by load / set_loras
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "cpu", *, scheduler: str | None = None, low_memory: bool = False,
-             options: Any = None, verify: bool = True) -> "Pipeline":
+             options: Any = None, verify: bool = True, loras: Any = None) -> "Pipeline":
         """Open a bundle. ``backend``: "cpu", "cuda", "tensorrt" (ONNX Runtime providers). ``scheduler``: a name
-        from ``edgediff.schedulers.SCHEDULERS``; default: the bundle's own."""
+        from ``edgediff.schedulers.SCHEDULERS``; default: the bundle's own. ``loras``: ``{"file.safetensors":
+        weight, ...}`` applied without re-export (``set_loras`` swaps them; runtime/lora/)."""
         if not isinstance(path, (str, Path)):
             raise InputError(f"Pipeline.load takes a bundle folder path, not {type(path).__name__}")
         low_memory = check.flag(low_memory, what="low_memory")
@@ -79,8 +81,28 @@ class Pipeline:
         default = name_for_class(raw.get("_class_name", "PNDMScheduler"))
         if scheduler is not None:
             make_scheduler(scheduler, sched_cfg)  # fail now, listing the names, not at the first call
-        components = Components(bundle, backend, options, low_memory=low_memory, verify=verify)
-        return cls(bundle, components, conditioner, sched_cfg, scheduler or default)
+        from .lora import apply_loras
+
+        applied = apply_loras(bundle, loras, verify=verify)  # every LoRA checked before any session opens
+        components = Components(bundle, backend, options, low_memory=low_memory, verify=verify,
+                                weights=applied.weights)
+        pipe = cls(bundle, components, conditioner, sched_cfg, scheduler or default)
+        pipe._loras = applied
+        return pipe
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRAs applied, file -> weight ({} for none)."""
+        return self._loras.as_dict() if self._loras is not None else {}
+
+    def set_loras(self, loras: Any) -> None:
+        """Swap the LoRAs (``{"file.safetensors": weight, ...}``; ``{}`` returns to the bundle's own weights)
+        without re-export: the weights are recomputed from the bundle's base weights and only the components they
+        change are reopened. Every file is checked first; on any error the pipeline keeps its LoRAs. Call it
+        between generations."""
+        from .lora.session import swap_loras
+
+        self._loras = swap_loras(self.bundle, self.components, self._loras, loras)
 
     def close(self) -> None:
         self.components.close()

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..bundle.manifest import Component
 from ..config import check_choice
-from ..errors import BackendError, BackendUnavailable, ConfigError
+from ..errors import BackendError, BackendUnavailable, ConfigError, EdgediffError
 from .validate import check_feeds
 
 PROVIDERS = {
@@ -59,6 +59,9 @@ class OrtOptions:
     trt_cuda_graph_enable: bool = False
     cuda_device_id: int = 0
     extra_session_config: dict[str, str] = field(default_factory=dict)  # raw ORT session config entries
+    # Initializer name -> array used instead of the graph's stored one (LoRA hot-swap, runtime/lora/), in the
+    # initializer's dtype and shape; see _open_session for how they reach ONNX Runtime. Nothing is written.
+    initializers: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_choice("OrtOptions", "graph_optimization_level", self.graph_optimization_level, OPT_LEVELS)
@@ -160,8 +163,10 @@ class OrtBackend:
         self.inputs = component.inputs
         self.outputs = component.outputs
         try:
-            self.session = ort.InferenceSession(str(model_path), options.session_options(),
-                                                providers=options.providers(provider))
+            self.session = _open_session(ort, model_path, options.session_options(), options.providers(provider),
+                                         component.name, provider, options.initializers)
+        except EdgediffError:
+            raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BackendError(f"{component.name}: ONNX Runtime could not load {model_path}: {_first_line(exc)}") from None
         self._output_names = [s.name for s in self.outputs]
@@ -192,6 +197,49 @@ class OrtBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def _open_session(ort, model_path: Path, so, providers: list, component: str, provider: str,
+                  initializers: Mapping[str, np.ndarray]):
+    """An InferenceSession of ``model_path`` whose ``initializers`` replace the stored ones.
+
+    Not SessionOptions.add_initializer: ONNX Runtime applies those after its graph optimizations, and at level
+    "all" the CPU's NCHWc layout transform reorders Conv weights from the *stored* values (measured: wrong
+    outputs). add_external_initializers replaces tensors the graph keeps in external data before any
+    optimization (ORT's documented contract; it copies them in). A graph that keeps them inside the .onnx file
+    gets the same replacement on an in-memory copy of its proto, created from bytes: the nodes are unchanged
+    and no file is written."""
+    if not initializers:
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    if provider == "tensorrt":
+        # ORT's TensorRT provider would reuse cached engines built with the stored weights (its cache key is the
+        # graph, not the weights): a swap could silently keep the old LoRA
+        raise BackendUnavailable(f"{component}: changed weights (LoRA) are not supported on ONNX Runtime's TensorRT "
+                                 "provider, whose engine cache ignores them; use --backend trt with engines built "
+                                 "with edgediff build --refit, or --backend cuda")
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    stored = {t.name: t for t in model.graph.initializer}
+    unknown = sorted(set(initializers) - set(stored))
+    if unknown:
+        raise BackendError(f"{component}: the graph has no initializer {unknown[0]!r} to replace")
+    external = {n for n, t in stored.items() if t.data_location == TensorProto.EXTERNAL}
+    if set(initializers) <= external:
+        del model, stored
+        names = list(initializers)
+        so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(initializers[n]))
+                                             for n in names])
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    if external:
+        raise BackendError(f"{component}: its graph keeps some weights inside model.onnx and some in external data; "
+                           "changed weights need one or the other: re-export the bundle")
+    for name, a in initializers.items():
+        stored[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), name))
+    data = model.SerializeToString()
+    del model, stored  # one serialized copy at a time besides ONNX Runtime's own
+    return ort.InferenceSession(data, so, providers=providers)
 
 
 def op_seconds(events: list) -> dict[str, float]:

@@ -1,0 +1,97 @@
+"""``edgediff export SRC OUT --lora FILE[:WEIGHT] ...``: LoRAs fused into the PyTorch models before tracing, with
+diffusers' own ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora`` (then ``unload_lora_weights``, which keeps
+the fused weights), so the bundle's graphs are the fused models and any precision can follow (quantize after).
+
+Every file is first read and matched the runtime's way (edgediff.lora: format, component, names, shapes), so a key
+that matches no layer or a LoRA for another family is one ExportError line before minutes of export, where
+diffusers would only log a warning and fuse what it could.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+from edgediff.bundle.checksums import sha256_file
+from edgediff.errors import ExportError, InputError
+from edgediff.lora.apply import LoraSpec, lora_specs
+from edgediff.lora.formats import LoraFile, read_lora
+from edgediff.lora.resolve import ModelTable, resolve
+from edgediff.lora.weights_map import LORA_COMPONENTS
+
+from .source import Source
+
+Loras = Sequence[tuple[LoraSpec, LoraFile]]
+
+
+def prepare(loras: Any, source: Source) -> list[tuple[LoraSpec, LoraFile]]:
+    """Read and check every LoRA before any model loads: format, and components the source pipeline has."""
+    try:
+        specs = lora_specs(loras)
+        files = [(s, read_lora(s.path)) for s in specs]
+    except InputError as exc:
+        raise ExportError(str(exc)) from None
+    have = set(source.modules)
+    for spec, f in files:
+        absent = sorted({layer.component for layer in f.layers} - have)
+        if absent:
+            sdxl = " (an SDXL LoRA?)" if absent[0] == "text_encoder_2" else ""
+            raise ExportError(f"{spec.path.name} has {absent[0]} layers, which {source.pipeline_class} at "
+                              f"{source.root} does not have{sdxl}: use a LoRA made for this model's family")
+    return files
+
+
+def provenance(loras: Loras) -> tuple[str, ...]:
+    """What the manifest's provenance.transforms records: each file, its weight and its sha256."""
+    return tuple(f"export --lora {s.path.name}:{s.weight:g} (sha256 {sha256_file(s.path, fresh=True)})"
+                 for s, _ in loras)
+
+
+def fuse_into(model, folder: str, loras: Loras, source: Source) -> None:
+    """Fuse the LoRAs' layers for ``folder`` (unet, text_encoder, text_encoder_2) into ``model`` in place."""
+    import torch
+
+    if folder not in LORA_COMPONENTS:
+        return
+    mine = [(s, f) for s, f in loras if any(layer.component == folder for layer in f.layers)]
+    if not mine:
+        return
+    table = ModelTable(folder, {f"{n}.weight": tuple(m.weight.shape) for n, m in model.named_modules()
+                                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+    for spec, f in mine:
+        part = LoraFile(f.path, tuple(layer for layer in f.layers if layer.component == folder))
+        try:
+            resolve(part, {folder: table}, model=f"the source's {folder}")
+        except InputError as exc:
+            raise ExportError(str(exc)) from None
+    holder = _holder(folder, model, source)
+    names = [f"edgediff_lora_{i}" for i in range(len(mine))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, (spec, _) in zip(names, mine):
+                holder.load_lora_weights(str(spec.path), adapter_name=name)
+            holder.set_adapters(names, adapter_weights=[s.weight for s, _ in mine])
+            holder.fuse_lora(components=[folder], lora_scale=1.0, adapter_names=names)
+            holder.unload_lora_weights()  # the LoRA layers go; the fused weights stay
+    except (ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"diffusers could not fuse the LoRAs into {folder}: {first}") from None
+
+
+def _holder(folder: str, model, source: Source):
+    """A diffusers pipeline holding only ``model`` (the exporter has one model in memory at a time): the object
+    diffusers' LoRA loader methods work on."""
+    import diffusers
+
+    if source.sdxl:
+        parts = dict(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=None,
+                     scheduler=None)
+        cls = diffusers.StableDiffusionXLPipeline
+    else:
+        parts = dict(vae=None, text_encoder=None, tokenizer=None, unet=None, scheduler=None, safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False)
+        cls = diffusers.StableDiffusionPipeline
+    parts[folder] = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(**parts)

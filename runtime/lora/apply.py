@@ -1,0 +1,190 @@
+"""LoRAs for a bundle, as fused initializer values per component: what a backend is given instead of the stored
+weights (ONNX Runtime: initializer overrides; TensorRT: refit). No graph is rewritten and no file is written.
+
+    weights = lora_weights(bundle, [LoraSpec("style.safetensors", 0.8)])
+    # {"unet": {"onnx::MatMul_2370": <(in, out) float32>, ...}, "text_encoder": {...}}
+
+Everything is checked before any array is computed: the bundle's precision (quantized weights cannot take a
+float delta), its weights maps, each file's format, names and shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import BundleError, InputError
+from .formats import LoraFile, LoraLayer, read_lora
+from .fuse import fused
+from .onnx_weights import GraphWeights
+from .resolve import ModelTable, resolve
+from .weights_map import LORA_COMPONENTS, WeightsMap, load_weights_map
+
+if TYPE_CHECKING:
+    from ..bundle.reader import Bundle
+
+# precisions whose weights are not plain floats (Q/DQ, integer storage): a float delta cannot be added at run time
+QUANTIZED = ("int8-qdq", "fp8-qdq", "int8-weights", "int4-weights", "int8-storage")
+MAX_WEIGHT = 1e3  # |weight| above this is a typo, not a strength
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One requested LoRA: its ``.safetensors`` file and its weight (the strength diffusers' adapter weight and
+    A1111's ``<lora:name:0.8>`` give)."""
+
+    path: Path
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.path.name}:{self.weight:g}"
+
+
+def lora_specs(loras: Mapping[Any, Any] | Iterable[LoraSpec] | None) -> tuple[LoraSpec, ...]:
+    """``{"file.safetensors": 0.8, ...}`` (or LoraSpecs) as checked LoraSpecs, in the given order."""
+    if loras is None:
+        return ()
+    if isinstance(loras, Mapping):
+        items = list(loras.items())
+    else:
+        try:
+            items = [(s.path, s.weight) if isinstance(s, LoraSpec) else s for s in loras]
+        except TypeError:
+            raise InputError(f"loras must map LoRA files to weights, e.g. {{'style.safetensors': 0.8}}, not "
+                             f"{type(loras).__name__}") from None
+    specs = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InputError(f"loras must map LoRA files to weights, e.g. {{'style.safetensors': 0.8}}; got {item!r}")
+        path, weight = item
+        if not isinstance(path, (str, Path)):
+            raise InputError(f"a LoRA is given by its file path, not {type(path).__name__}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or abs(weight) > MAX_WEIGHT:
+            raise InputError(f"LoRA {path}: weight {weight!r}; expected a finite number (typically 0 to 1.5)")
+        specs.append(LoraSpec(Path(path).expanduser(), float(weight)))
+    seen = set()
+    for s in specs:
+        key = s.path.resolve()
+        if key in seen:
+            raise InputError(f"LoRA {s.path} is given twice; give it once with the sum of the weights")
+        seen.add(key)
+    return tuple(specs)
+
+
+def parse_lora_option(text: str) -> LoraSpec:
+    """``FILE[:WEIGHT]`` (the CLI's ``--lora``): the weight after the last colon when it is a number, else 1."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return lora_specs([(path, float(tail))])[0]
+        except ValueError:
+            pass
+    return lora_specs([(text, 1.0)])[0]
+
+
+def check_hot_swappable(bundle: "Bundle", components: Iterable[str]) -> None:
+    """Refuse components whose stored weights cannot take a float delta at run time."""
+    for name in components:
+        comp = bundle.component(name)
+        if comp.precision in QUANTIZED:
+            raise BundleError(f"{name} is {comp.precision}: a LoRA cannot be added to quantized weights at run time; "
+                              "fuse at export (edgediff export --lora) and re-quantize")
+        if comp.optimized_for:
+            raise BundleError(f"{name} was optimized for ONNX Runtime {comp.optimized_for!r}, which may repack its "
+                              "weights: hot-swap LoRAs on the exported bundle, or fuse them at export and optimize")
+
+
+def model_name(bundle: "Bundle") -> str:
+    return f"this {bundle.manifest.family} bundle"
+
+
+def read_loras(specs: Iterable[LoraSpec]) -> list[tuple[LoraSpec, LoraFile]]:
+    return [(s, read_lora(s.path)) for s in specs]
+
+
+@dataclass(frozen=True)
+class AppliedLoras:
+    """What a pipeline runs with: the LoRAs, and per component the fused weights they give and what those were
+    computed from (``sources``: each contributing file's path, weight, size and mtime), so a swap recomputes and
+    reopens only the components whose sources changed."""
+
+    specs: tuple[LoraSpec, ...] = ()
+    weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    sources: dict[str, tuple] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {str(s.path): s.weight for s in self.specs}
+
+
+def lora_weights(bundle: "Bundle", loras: Mapping[Any, Any] | Iterable[LoraSpec] | None, *,
+                 verify: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """component -> initializer name -> fused weights (the initializer's layout and dtype), for every weight
+    the LoRAs change; {} for no LoRAs. Every LoRA is checked before any weight is computed."""
+    return apply_loras(bundle, loras, verify=verify).weights
+
+
+def apply_loras(bundle: "Bundle", loras: Mapping[Any, Any] | Iterable[LoraSpec] | None,
+                previous: AppliedLoras | None = None, *, verify: bool = True) -> AppliedLoras:
+    """The weights for ``loras``, reusing ``previous``'s arrays for components whose sources did not change.
+    Everything is read and checked before any weight is computed."""
+    specs = lora_specs(loras)
+    if not specs:
+        return AppliedLoras()
+    files = read_loras(specs)
+    components = sorted({layer.component for _, f in files for layer in f.layers}, key=LORA_COMPONENTS.index)
+    present = [c for c in components if bundle.has(c)]
+    check_hot_swappable(bundle, present)
+    maps = {c: load_weights_map(bundle, c, verify=verify) for c in present}
+    tables = {c: ModelTable(c, {**{p: e.shape for p, e in m.weights.items()}, **{p: None for p in m.unmapped}})
+              for c, m in maps.items()}
+    plan: dict[str, dict[str, list[tuple[LoraLayer, float]]]] = {}  # component -> param -> terms
+    sources: dict[str, list] = {}
+    for spec, f in files:
+        for hit in resolve(f, tables, model=model_name(bundle)):
+            plan.setdefault(hit.layer.component, {}).setdefault(hit.param, []).append(
+                (hit.layer, spec.weight * hit.layer.scale))
+        for c in sorted({layer.component for layer in f.layers}):
+            sources.setdefault(c, []).append(_source(spec))
+    previous = previous or AppliedLoras()
+    weights, done = {}, {}
+    for c, params in plan.items():
+        done[c] = tuple(sources[c])
+        if previous.sources.get(c) == done[c] and c in previous.weights:
+            weights[c] = previous.weights[c]  # the same arrays: the component is not reopened
+        else:
+            weights[c] = _component_weights(bundle, c, maps[c], params, verify)
+    return AppliedLoras(specs=specs, weights=weights, sources=done)
+
+
+def _source(spec: LoraSpec) -> tuple:
+    st = spec.path.stat()
+    return (str(spec.path.resolve()), spec.weight, st.st_size, st.st_mtime_ns)
+
+
+def _component_weights(bundle: "Bundle", component: str, wmap: WeightsMap,
+                       params: dict[str, list[tuple[LoraLayer, float]]], verify: bool) -> dict[str, np.ndarray]:
+    graph = GraphWeights(bundle.model_path(component, verify=verify))
+    out: dict[str, np.ndarray] = {}
+    for param, terms in params.items():
+        entry = wmap.weights[param]
+        shared = [p for p in wmap.sharing(entry.initializer) if p != param]
+        if shared:
+            raise BundleError(f"{component}.{param} and {shared[0]} share one weight in the exported graph (equal "
+                              "values, merged by the exporter); a LoRA on one of them cannot be added at run time: "
+                              "fuse it at export (edgediff export --lora)")
+        info = graph.info(entry.initializer)
+        want = entry.shape[::-1] if entry.transposed else entry.shape
+        if info is None or info.shape != tuple(want):
+            found = "missing" if info is None else f"{info.shape}"
+            raise BundleError(f"{component}: initializer {entry.initializer!r} for {param} is {found} in the graph, "
+                              f"its weights map says {tuple(want)}; the map does not describe this graph: "
+                              "re-export the bundle")
+        base = graph.read(entry.initializer)  # read-only view of the stored weights
+        w = fused(base.T if entry.transposed else base, terms, entry.shape)  # (out, in[, kh, kw]) float32, new
+        w = w.T if entry.transposed else w
+        out[entry.initializer] = np.ascontiguousarray(w, dtype=info.dtype)
+    return out

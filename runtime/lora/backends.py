@@ -1,0 +1,54 @@
+"""Opening a component with changed weights (initializer name -> fused values), per backend kind:
+
+- ONNX Runtime (``cpu``, ``cuda``): a new session whose options override those initializers (OrtOptions.initializers,
+  SessionOptions.add_initializer): no graph rewrite, nothing written, the stored tensors never read.
+- native TensorRT (``trt``): the cached refittable engine, refitted from the base weights plus the LoRA
+  (backends/tensorrt/refit.py).
+
+Any other backend cannot take them: one line.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from ..backends import open_backend
+from ..backends.base import Backend
+from ..bundle.manifest import Component
+from ..errors import BackendUnavailable, InputError
+
+if TYPE_CHECKING:
+    from ..bundle.reader import Bundle
+
+ORT_BACKENDS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime's providers (the last one refuses changed weights)
+
+
+def open_with_weights(name: str, bundle: "Bundle", component: Component, model_path: Path, options: Any,
+                      weights: Mapping[str, np.ndarray]) -> Backend:
+    if name in ORT_BACKENDS:
+        from ..backends.ort import OrtOptions
+
+        if options is None:
+            options = OrtOptions()
+        if not isinstance(options, OrtOptions):
+            raise InputError(f"backend {name!r} takes OrtOptions, not {type(options).__name__}")
+        return open_backend(name, bundle, component, model_path, replace(options, initializers=weights))
+    if name == "trt":
+        from ..backends.tensorrt.cache import rebuild_command
+        from ..backends.tensorrt.refit import refit_backend
+        from .onnx_weights import GraphWeights
+
+        backend = open_backend(name, bundle, component, model_path, options)
+        engine_dir = getattr(options, "engine_dir", None)
+        try:
+            refit_backend(backend, weights, GraphWeights(model_path).read,
+                          rebuild=rebuild_command(bundle.root, Path(engine_dir) if engine_dir else None))
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+    raise BackendUnavailable(f"backend {name!r} cannot change a graph's weights (LoRA); use cpu/cuda (ONNX Runtime) "
+                             "or trt (refittable TensorRT engines)")

@@ -1,0 +1,32 @@
+"""The arithmetic: W' = W + sum_i weight_i * scale_i * (B_i @ A_i), from the base weights, in float32.
+
+Always from the base weights the bundle stores, never from a previously fused weight: a swap A -> B -> A computes
+A's weights from the same inputs in the same order, so it gives A's images bit for bit (TensorRT #3628 is the
+failure of adding deltas to the previous LoRA's weights). Layers are added one LoRA at a time, as PEFT merges
+adapters (``base_layer.weight += (B @ A) * scaling``), in float32 as diffusers' fp32 fuse does.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .formats import LoraLayer
+
+
+def delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
+    """B @ A of one layer in the weight's PyTorch layout ``shape`` ((out, in) or (out, in, kh, kw)), float32.
+    A conv LoRA's product is (out, r) @ (r, in*kh*kw), which is PEFT's conv2d of the two factors."""
+    out, r = layer.up.shape[0], layer.up.shape[1]
+    up = layer.up.reshape(out, r)
+    down = layer.down.reshape(r, -1)
+    return (up @ down).reshape(shape)  # (out, in[, kh, kw]) float32
+
+
+def fused(base: np.ndarray, terms: Sequence[tuple[LoraLayer, float]], shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 array: ``base`` (PyTorch layout, any float dtype; never written) plus each layer's product
+    times its factor (the user's weight x the layer's alpha / rank)."""
+    w = np.array(base, dtype=np.float32, copy=True)  # (out, in[, kh, kw]): the base stays untouched
+    for layer, factor in terms:
+        w += delta(layer, shape) * np.float32(factor)
+    return w
