@@ -28,7 +28,8 @@ from edgediff.errors import ExportError, ParityError, missing
 
 from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
-from .plan import MODEL_CLASSES, MODULE_OF, export_plan
+from .components_tiny_vae import TINY_FOLDER, with_tiny_vae
+from .plan import MODEL_CLASSES, MODULE_OF, _model_config, export_plan
 from .source import Source, inspect_source
 
 MIN_OPSET = 17
@@ -52,15 +53,19 @@ def export_pipeline(
     allow_pickle: bool = False,
     progress: Progress = _quiet,
     defaults: GenerationDefaults = GenerationDefaults(),
+    tiny_vae: str | Path | None = None,
     loras=(),
 ) -> Path:
     """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``. ``defaults``
-    records the steps / guidance the model should run with when a call names none. ``loras``: LoRA files
+    records the steps / guidance the model should run with when a call names none. ``tiny_vae``: a diffusers
+    AutoencoderTiny folder (TAESD) exported too, as vae_decoder_tiny / vae_encoder_tiny. ``loras``: LoRA files
     -> weights ({"style.safetensors": 0.8}) fused into the models before tracing (export/lora.py)."""
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
     source = inspect_source(src, allow_pickle=allow_pickle)
+    if tiny_vae is not None:
+        source = with_tiny_vae(source, tiny_vae, _model_config(source, "vae"), allow_pickle=allow_pickle)
     lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)
     try:
@@ -101,6 +106,8 @@ def _load(source: Source, folder: str):
             warnings.simplefilter("ignore")
             if lib == "transformers":
                 model = cls.from_pretrained(source.root / folder, **kw)
+            elif folder == TINY_FOLDER:  # --tiny-vae: its own folder, outside the pipeline's
+                model = cls.from_pretrained(source.tiny_vae, **kw)
             else:
                 model = cls.from_pretrained(source.root, subfolder=folder, **kw)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -108,7 +115,7 @@ def _load(source: Source, folder: str):
         raise ExportError(f"cannot load the pipeline's weights from {source.root}: {first}") from None
     model.eval().to(torch.float32)
     model.requires_grad_(False)
-    if lib == "diffusers":
+    if lib == "diffusers" and hasattr(model, "set_default_attn_processor"):  # AutoencoderTiny has no attention
         # The exported graph must not depend on which attention kernel torch picks at trace time.
         model.set_default_attn_processor()
     return model

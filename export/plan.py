@@ -15,17 +15,20 @@ from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry, table
 from .components_sdxl import sdxl_table
+from .components_tiny_vae import TINY_FOLDER, tiny_vae_rows
 from .source import Source
 
 # bundle component -> the source pipeline's model folder it is traced from
 MODULE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-             "vae_decoder": "vae", "vae_encoder": "vae"}
+             "vae_decoder": "vae", "vae_encoder": "vae", "vae_decoder_tiny": TINY_FOLDER,
+             "vae_encoder_tiny": TINY_FOLDER}
 # source model folder -> (library, class) it is loaded with
 MODEL_CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModel"),
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
+    TINY_FOLDER: ("diffusers", "AutoencoderTiny"),  # loaded from source.tiny_vae, not from the pipeline folder
 }
 
 
@@ -50,6 +53,8 @@ def export_plan(source: Source) -> ExportPlan:
         rows = sdxl_table({m: int(c["num_hidden_layers"]) for m, c in texts.items()}, time_ids)
     else:
         rows = table()
+    if source.tiny_vae is not None:
+        rows = {**rows, **tiny_vae_rows()}
     seq = int(next(iter(texts.values()))["max_position_embeddings"])
     trace, check = geometries(unet, seq)
     return ExportPlan(rows=rows, trace=trace, check=check)

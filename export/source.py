@@ -40,6 +40,7 @@ class Source:
     modules: tuple[str, ...] = ("text_encoder", "unet", "vae")
     tokenizers: tuple[str, ...] = ("tokenizer",)  # tokenizer folders, in the order of their text encoders
     index: dict = field(default_factory=dict, compare=False)  # model_index.json (pipeline flags such as SDXL's)
+    tiny_vae: Path | None = None  # an AutoencoderTiny folder to export too (--tiny-vae; components_tiny_vae.py)
 
     @property
     def sdxl(self) -> bool:

@@ -60,7 +60,12 @@ def main() -> None:
               help="Record the step count this model should run with when a call names none.")
 @click.option("--default-guidance", type=float, default=None,
               help="Record the guidance scale this model should run with when a call names none.")
-def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool, default_steps, default_guidance) -> None:
+@click.option("--tiny-vae", type=click.Path(path_type=Path), default=None,
+              help="A diffusers AutoencoderTiny folder (TAESD): also export it, for generate --decoder tiny.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
+              help="Fuse a LoRA .safetensors into the models before export, weight default 1 (repeatable).")
+def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool, default_steps, default_guidance,
+           tiny_vae, loras) -> None:
     """Export a diffusers pipeline folder SRC to an ONNX bundle OUT (needs the [export] extra)."""
     from .bundle.manifest import GenerationDefaults
     from .errors import BundleError, InputError
@@ -80,9 +85,11 @@ def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool
     def progress(stage: str, component: str, seconds: float) -> None:
         click.echo(f"  {stage:<7} {component:<13} {seconds:7.2f} s", err=True)
 
+    from .lora import parse_lora_option
+
     click.echo(f"exporting {src} -> {out}", err=True)
     export_pipeline(src, out, opset=opset, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
-                    defaults=defaults)
+                    defaults=defaults, tiny_vae=tiny_vae, loras=[parse_lora_option(t) for t in loras])
     click.echo(f"wrote {out}")
 
 
@@ -264,6 +271,8 @@ def doctor(engine_dirs) -> None:
 @click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
 @click.option("--rng", default="numpy", show_default=True, help="numpy, or torch to reproduce diffusers' CPU-generator latents.")
 @click.option("--low-memory", is_flag=True, help="Keep one component loaded at a time.")
+@click.option("--lora", "lora", multiple=True, metavar="FILE[:WEIGHT]",
+              help="A LoRA .safetensors applied without re-export, weight default 1 (repeatable; to the base model).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT).")
 @click.option("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder.")
@@ -271,9 +280,15 @@ def doctor(engine_dirs) -> None:
               help="SDXL: a refiner bundle that finishes the schedule from --refiner-start (ensemble of experts).")
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
               help="With --refiner: the fraction of the schedule the base runs before handing on.")
+@click.option("--cfg-cutoff", type=float, default=None,
+              help="Stop classifier-free guidance after this fraction of the steps, [0, 1] (faster; default: never).")
+@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="tiny: the bundle's tiny autoencoder (export --tiny-vae), much faster, lower quality.")
+@click.option("--vae-tiling/--no-vae-tiling", default=None,
+              help="Decode (and encode) the VAE in overlapping tiles (default: only when it would not fit in memory).")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
-             backend, rng, low_memory, overwrite, prompt_2, negative_2, refiner, refiner_start, mask,
-             padding_mask_crop) -> None:
+             backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, refiner, refiner_start, cfg_cutoff, decoder,
+             vae_tiling, mask, padding_mask_crop) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
@@ -281,13 +296,17 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     height, width = size or (None, None)
     paths = image_paths(output, num_images)  # the count is bounded before anything else
     check_writable(paths, overwrite)
+    from .lora import parse_lora_option
+
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend, scheduler=scheduler,
-                         low_memory=low_memory)
+                         low_memory=low_memory, loras=[parse_lora_option(t) for t in lora])
     family = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_2)) if v is not None}
     handoff = dict(denoising_end=refiner_start, output_type="latent") if refiner is not None else {}
+    decode = dict(decoder=decoder, vae_tiling=vae_tiling)  # applies to the model that decodes (the refiner, if any)
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
-                           mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength, **handoff, **family)
+                           mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,
+                           cfg_cutoff=cfg_cutoff, **({} if refiner is not None else decode), **handoff, **family)
     second = None
     if refiner is not None:  # the refiner's half of the call is checked whole before the base runs
         import numpy as np
@@ -297,7 +316,8 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
         latents = np.zeros((1, m.latent_channels, request.height // m.vae_scale_factor,
                             request.width // m.vae_scale_factor), np.float32)  # the shape the base will hand on
         second.request(prompt, negative, num_inference_steps=request.steps, guidance_scale=guidance,
-                       num_images_per_prompt=num_images, image=latents, denoising_start=refiner_start)
+                       num_images_per_prompt=num_images, image=latents, denoising_start=refiner_start,
+                       cfg_cutoff=cfg_cutoff, **decode)
     # an uncompressed RGB image bounds its PNG: refuse a disk without room for all of them before the work
     check_writable(paths, overwrite, expected_bytes=request.height * request.width * 3 + 65536)
     with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -310,7 +330,8 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
             # the refiner continues the same schedule (steps, seeds) from the base's latents
             result = second(prompt, negative, num_inference_steps=request.steps, guidance_scale=guidance,
                             num_images_per_prompt=num_images, seed=list(result.seeds), rng=rng,
-                            image=result.latents, denoising_start=refiner_start, callback=on_step)
+                            image=result.latents, denoising_start=refiner_start, callback=on_step,
+                            cfg_cutoff=cfg_cutoff, **decode)
     datas = [png_bytes(image, result.image_parameters(k, prompt=prompt, rng=rng, backend=backend))
              for k, image in enumerate(result.images)]
     write_all(paths, datas, overwrite=overwrite)

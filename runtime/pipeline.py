@@ -16,8 +16,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import cfg_cutoff as cutoff
 from . import images as img
 from . import inpaint
+from . import tiny_vae
+from . import vae_tiling as tiling
 from . import validation as check
 from .bundle import layout
 from .bundle.reader import Bundle
@@ -147,6 +150,9 @@ class Pipeline:
         output_type: str = "pil",
         denoising_start: float | None = None,
         denoising_end: float | None = None,
+        cfg_cutoff: float | None = None,
+        decoder: str = "full",
+        vae_tiling: bool | None = None,
         **family_options: Any,
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
@@ -162,7 +168,12 @@ class Pipeline:
         refiner continues from those latents (``image=result.latents``) at ``denoising_start``. A family's own
         arguments (SDXL: ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
         ``target_size``, their ``negative_`` forms, ``aesthetic_score``, ``negative_aesthetic_score``) are passed by
-        name as in diffusers; one the bundle's family does not take is refused."""
+        name as in diffusers; one the bundle's family does not take is refused.
+
+        Speed options (each off by default): ``cfg_cutoff`` in [0, 1] stops classifier-free guidance after that
+        fraction of the steps (diffusers' SDCFGCutoffCallback; no effect on an unguided call); ``decoder="tiny"``
+        decodes with the bundle's tiny autoencoder (export --tiny-vae); ``vae_tiling`` True/False forces/forbids
+        tiled VAE decode and encode (default: tiled only when the full one would not fit in memory)."""
         callback = check.hook(callback, what="callback")
         cancel = check.hook(cancel, what="cancel")
         req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,
@@ -170,14 +181,15 @@ class Pipeline:
                            num_images_per_prompt=num_images_per_prompt, seed=seed, rng=rng, latents=latents,
                            image=image, strength=strength, mask_image=mask_image,
                            padding_mask_crop=padding_mask_crop, scheduler=scheduler, output_type=output_type,
-                           denoising_start=denoising_start, denoising_end=denoising_end, **family_options)
+                           denoising_start=denoising_start, denoising_end=denoising_end, cfg_cutoff=cfg_cutoff,
+                           decoder=decoder, vae_tiling=vae_tiling, **family_options)
         return self.generate(req, callback=callback, cancel=cancel)
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
                 mask_image=None, padding_mask_crop=None,
-                scheduler=None, output_type="pil", denoising_start=None, denoising_end=None,
-                **family_options) -> GenerationRequest:
+                scheduler=None, output_type="pil", denoising_start=None, denoising_end=None, cfg_cutoff=None,
+                decoder="full", vae_tiling=None, **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
         m = self.bundle.manifest
@@ -243,6 +255,11 @@ class Pipeline:
         total = len(prompts) * n
         self._check_static(h, w, total * (2 if guided else 1), total, guided)
         self._check_memory(total * (2 if guided else 1), h, w)
+        cfg_cutoff = cutoff.check_cutoff(cfg_cutoff)
+        decoder = tiny_vae.check_decoder(self.bundle, decoder)
+        vae_tiling = tiling.check_flag(vae_tiling)
+        tiling.check_request(self.bundle, vae_tiling, latent=(h // m.vae_scale_factor, w // m.vae_scale_factor),
+                             batch=total, img2img=init is not None)
         seeds = seeds_for(seed, total)
         if isinstance(rng, str):
             noise = make_noise(rng, seeds)
@@ -260,7 +277,8 @@ class Pipeline:
                                  strength=strength if image is not None else None,
                                  negative_given=negative_prompt is not None, denoising_start=start,
                                  denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra,
-                                 inpaint=inpainting)
+                                 inpaint=inpainting,
+                                 cfg_cutoff=cfg_cutoff, decoder=decoder, vae_tiling=vae_tiling)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
                  cancel: Callable[[], bool] | None = None,
@@ -311,7 +329,8 @@ class Pipeline:
         else:
             x = self._img2img_latents(req, sched, watch)
         return DenoiseJob(request=req, scheduler=sched, cond=cond, x=x, end=self._end_index(req, sched), watch=watch,
-                          start_time=t0, callback=callback, cancel=cancel, extensions=tuple(extensions))
+                          start_time=t0, callback=callback, cancel=cancel,
+                          extensions=(*extensions, *cutoff.extensions_for(req)))
 
     def finish(self, job: DenoiseJob) -> GenerationResult:
         """Decode a job's latents (unless output_type="latent") into the call's result."""
@@ -320,9 +339,12 @@ class Pipeline:
         if req.output_type == "latent":  # handed on undecoded (diffusers' output_type="latent")
             latents_out, out = job.x, list(job.x)
         else:
-            with self.components.use("vae_decoder") as vae, watch.span("vae_decode"):
-                z = job.x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
-                decoded = self._run(vae, {"latent_sample": z})[0]  # (N, 3, H, W) float32 in [-1, 1]
+            with watch.span("vae_decode"):  # (N, 3, H, W) float32 in [-1, 1]
+                if req.decoder == "tiny":
+                    decoded = tiny_vae.decode(self.components, self.bundle, job.x)
+                else:
+                    z = job.x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
+                    decoded = tiling.run_vae(self.components, self.bundle, "vae_decoder", z, req.vae_tiling)
             self._check_not_constant(decoded)
             with watch.span("postprocess"):
                 out = self._postprocess(decoded, req.output_type)
@@ -332,13 +354,21 @@ class Pipeline:
         params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
                       steps=req.steps, scheduler=job.scheduler.name, guidance_scale=req.guidance_scale,
                       height=req.height, width=req.width, strength=req.strength, bundle=self.bundle.digest)
-        for key in ("denoising_start", "denoising_end"):
+        for key in ("denoising_start", "denoising_end", "cfg_cutoff"):
             if getattr(req, key) is not None:
                 params[key] = getattr(req, key)
         if req.inpaint is not None:
             params.update(req.inpaint.parameters())
+        if req.decoder != "full" and req.output_type != "latent":
+            params["decoder"] = req.decoder
         return GenerationResult(images=out, seeds=req.seeds, timings=watch.totals(), spans=tuple(watch.spans),
                                 parameters=params, latents=latents_out)
+
+    def preview(self, latents) -> list:
+        """Cheap preview images of a step callback's latents ((N, C, h, w)) through the bundle's tiny decoder
+        (export --tiny-vae): e.g. every k steps, ``callback=lambda i, n, t, x: i % k or pipe.preview(x)[0].save(...)``.
+        Safe to call from a callback (it takes no call lock)."""
+        return tiny_vae.preview(self.components, self.bundle, latents)
 
     def autoencode(self, images) -> np.ndarray:
         """The VAE round trip of ``images`` ((N, H, W, 3) uint8): encoder mean -> decoder, as (N, H, W, 3) uint8.
@@ -417,8 +447,9 @@ class Pipeline:
         if req.init_latents is not None:
             z = req.init_latents
         else:
-            with self.components.use("vae_encoder") as enc, watch.span("vae_encode"):
-                out = self._run(enc, {"sample": np.repeat(req.init_image, req.total_images, axis=0)})[0]
+            with watch.span("vae_encode"):
+                image = np.repeat(req.init_image, req.total_images, axis=0)  # (N, 3, H, W)
+                out = tiling.run_vae(self.components, self.bundle, "vae_encoder", image, req.vae_tiling)
             if out.shape[1] == 2 * m.latent_channels:  # diagonal Gaussian parameters: sample it with our noise
                 mean, logvar = np.split(out, 2, axis=1)
                 std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))

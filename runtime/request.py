@@ -37,6 +37,9 @@ class GenerationRequest:
     rng: str = "numpy"  # the noise kind by name ("custom" for a caller's NoiseSource), for the record
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific options (SDXL's micro-conditioning, ...)
     inpaint: Any = None  # runtime/inpaint.InpaintInputs: mask_image= (init image and mask, preprocessed)
+    cfg_cutoff: float | None = None  # [0, 1]: guidance stops after this fraction of the steps (runtime/cfg_cutoff.py)
+    decoder: str = "full"  # "full": the VAE decoder; "tiny": the bundle's vae_decoder_tiny (runtime/tiny_vae.py)
+    vae_tiling: bool | None = None  # None: tile the VAE when it would not fit in memory; True/False: always/never
 
     @property
     def guided(self) -> bool:

@@ -37,17 +37,20 @@ async def metrics(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    data = []
-    for name, engine in _state(request).engines.items():
-        pipe = engine.pipe
-        m = pipe.bundle.manifest
-        data.append({"id": name, "object": "model", "created": 0, "owned_by": "edgediff",
-                     # edgediff's own facts, for clients that choose sizes and steps per model
-                     "family": m.family, "default_size": f"{m.default_width}x{m.default_height}",
-                     "size_multiple": pipe.size_multiple, "default_steps": pipe.default_steps,
-                     "default_guidance_scale": pipe.default_guidance, "default_scheduler": pipe.default_scheduler,
-                     "img2img": pipe.bundle.has("vae_encoder"), "digest": pipe.bundle.digest})
-    return {"object": "list", "data": data}
+    engines = _state(request).engines
+    return {"object": "list", "data": [model_card(name, e.pipe.bundle, e.pipe.default_scheduler)
+                                       for name, e in engines.items()]}
+
+
+def model_card(name: str, bundle, default_scheduler: str) -> dict:
+    """One /v1/models entry: OpenAI's fields, then edgediff's facts for clients that pick sizes and steps per
+    model (from the bundle alone, so a router that loads no model can answer too)."""
+    m = bundle.manifest
+    return {"id": name, "object": "model", "created": 0, "owned_by": "edgediff",
+            "family": m.family, "default_size": f"{m.default_width}x{m.default_height}",
+            "size_multiple": bundle.size_multiple, "default_steps": bundle.default_steps,
+            "default_guidance_scale": bundle.default_guidance, "default_scheduler": default_scheduler,
+            "img2img": bundle.has("vae_encoder"), "digest": bundle.digest}
 
 
 @router.get("/v1/files/{file_id}")

@@ -37,14 +37,15 @@ class ServerState:
     api_key: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     files: FileStore = field(default_factory=FileStore)
+    default_name: str | None = None  # the model a request without "model" gets; None: the first engine
 
     @property
     def default_model(self) -> str:
-        return next(iter(self.engines))
+        return self.default_name or next(iter(self.engines))
 
     def engine(self, name: str | None, param: str = "model") -> Engine:
         if name is None:
-            return self.engines[self.default_model]
+            name = self.default_model
         if name not in self.engines:
             raise errors.ApiError(400, f"model {name!r} is not loaded; this server has {sorted(self.engines)} "
                                        "(GET /v1/models)", param=param, code="model_not_found")

@@ -34,7 +34,8 @@ PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights
               "int8-storage")
 OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
 # Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
+              "vae_decoder_tiny", "vae_encoder_tiny")  # the tiny autoencoder (export --tiny-vae; TAESD)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "int8")
 
 REQUIRED = ("format_version", "family", "prediction_type", "default_height", "default_width", "latent_channels",
