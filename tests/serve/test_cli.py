@@ -62,7 +62,7 @@ def test_readme_command_serves_and_drains_on_sigterm(edgediff):
         assert client.images.generate(prompt="a red circle", extra_body={"num_inference_steps": 2}).data[0].b64_json
 
         with cf.ThreadPoolExecutor(2) as pool:
-            calls = [pool.submit(client.images.generate, prompt=p, extra_body={"num_inference_steps": 30, "seed": k})
+            calls = [pool.submit(client.images.generate, prompt=p, extra_body={"num_inference_steps": 20, "seed": k})
                      for k, p in enumerate(["a square", "a circle"])]
 
             def in_flight() -> bool:

@@ -62,7 +62,7 @@ def test_body_size_limit_declared_and_streamed(pipe):
 def test_full_queue_gets_429_with_retry_after(pipe):
     with serving(pipe, config=EngineConfig(warmup=False, max_active=1, max_queue=1)) as (url, state):
         engine = state.engines[MODEL]
-        long = {"prompt": "a circle", "num_inference_steps": 40, "seed": 1}
+        long = {"prompt": "a circle", "num_inference_steps": 20, "seed": 1}
         with cf.ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, url + GEN, json=long, timeout=120)
             wait_until(lambda: len(engine._active) == 1, what="the first request in flight")
