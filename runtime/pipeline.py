@@ -354,6 +354,8 @@ class Pipeline:
         params = dict(prompt=list(req.prompts), negative_prompt=None if req.negatives is None else list(req.negatives),
                       steps=req.steps, scheduler=job.scheduler.name, guidance_scale=req.guidance_scale,
                       height=req.height, width=req.width, strength=req.strength, bundle=self.bundle.digest)
+        if self.loras:  # the LoRAs applied (files and weights) are part of what made these images
+            params["loras"] = self.loras
         for key in ("denoising_start", "denoising_end", "cfg_cutoff"):
             if getattr(req, key) is not None:
                 params[key] = getattr(req, key)

@@ -78,12 +78,13 @@ def lora_specs(loras: Mapping[Any, Any] | Iterable[LoraSpec] | None) -> tuple[Lo
 def parse_lora_option(text: str) -> LoraSpec:
     """``FILE[:WEIGHT]`` (the CLI's ``--lora``): the weight after the last colon when it is a number, else 1."""
     path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return lora_specs([(path, float(tail))])[0]
-        except ValueError:
-            pass
-    return lora_specs([(text, 1.0)])[0]
+    try:
+        weight = float(tail) if sep else None
+    except ValueError:  # a colon inside the path
+        weight = None
+    if weight is None:
+        path, weight = text, 1.0
+    return lora_specs([(path, weight)])[0]  # the weight checked here: finite, bounded
 
 
 def check_hot_swappable(bundle: "Bundle", components: Iterable[str]) -> None:

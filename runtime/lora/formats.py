@@ -32,6 +32,7 @@ SUFFIXES = {
     ".lora_down.weight": "down", ".lora_up.weight": "up",  # kohya
     ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers' LoRACompatible layers (<= 0.24)
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",  # diffusers' old text encoders
+    "_lora.down.weight": "down", "_lora.up.weight": "up",  # diffusers' old attention processors (processor.to_q_lora)
     ".alpha": "alpha",
 }
 # diffusers component prefixes, and kohya's (prefix -> component)
@@ -131,6 +132,8 @@ def _split(path: Path, key: str) -> tuple[str, str, bool, str]:
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if key.endswith(suffix):
             stem, role = key[:-len(suffix)], SUFFIXES[suffix]
+            if suffix.startswith("_lora."):
+                stem += "_lora"  # the processor's name (to_q_lora) is resolved by _old_diffusers_name
             break
     else:
         raise InputError(f"{path.name}: key {key!r} is not a LoRA tensor (expected <layer>.lora_A/lora_B.weight, "

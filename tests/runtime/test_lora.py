@@ -1,0 +1,316 @@
+"""LoRA hot-swap on ONNX Runtime (runtime/lora/, Pipeline.load(loras=) / set_loras, generate --lora), checked
+against diffusers.
+
+Reference: diffusers StableDiffusionPipeline (installed version) with ``load_lora_weights`` + ``set_adapters`` +
+``fuse_lora``, same latents and noise (tests/streams.py). Tolerance: images within 1e-3 (pixels in [0, 1]), as the
+plain pipeline's parity tests. The LoRAs are random, made with peft on the tiny SD1 fixture (tests/lora_fixtures.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgediff import Pipeline
+from edgediff.cli import main
+from edgediff.errors import BundleError, InputError
+
+from streams import StreamFrom  # noqa: E402
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+TOL = 1e-3
+PROMPT = "a red circle on white"
+LATENTS = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd1_source, tmp_path_factory):
+    """a: UNet + text encoder, rank 4, alpha 8 (diffusers format); b: UNet attention only, rank 2, alpha 1;
+    a_kohya: a's layers in kohya's format."""
+    from lora_fixtures import make_lora, to_kohya
+
+    d = tmp_path_factory.mktemp("loras")
+    a = make_lora(tiny_sd1_source, d / "a.safetensors", seed=1)
+    b = make_lora(tiny_sd1_source, d / "b.safetensors", seed=2, rank=2, alpha=1.0, text_encoder=False,
+                  magnitude=0.6, unet_targets=["to_q", "to_k", "to_v", "to_out.0"])
+    return {"a": a, "b": b, "a_kohya": to_kohya(a, d / "a_kohya.safetensors")}
+
+
+def reference(source, weighted: list) -> np.ndarray:
+    """diffusers' images with the LoRAs ``[(file, weight), ...]`` loaded as adapters and fused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+                                                                  requires_safety_checker=False, local_files_only=True)
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        names = [f"l{i}" for i in range(len(weighted))]
+        for name, (path, _) in zip(names, weighted):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[w for _, w in weighted])
+            pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    return pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=torch.from_numpy(LATENTS),
+                generator=torch.Generator().manual_seed(1), output_type="np").images
+
+
+def ours(pipe) -> np.ndarray:
+    return np.stack(pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=LATENTS, scheduler="euler",
+                         rng=StreamFrom(1), output_type="np").images)
+
+
+def compare(mine, theirs):
+    err = float(np.max(np.abs(mine - theirs)))
+    assert err <= TOL, f"max abs {err:.2e} > {TOL} at {np.unravel_index(np.argmax(np.abs(mine - theirs)), mine.shape)}"
+
+
+def tree_digest(root) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base_images(tiny_sd1_bundle):
+    with Pipeline.load(tiny_sd1_bundle) as pipe:
+        return ours(pipe)
+
+
+# -- parity -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["a", "a_kohya"])
+def test_hot_swapped_lora_matches_diffusers_fuse_lora(tiny_sd1_source, tiny_sd1_bundle, loras, base_images, fmt):
+    with Pipeline.load(tiny_sd1_bundle, loras={loras[fmt]: 0.8}) as pipe:
+        mine = ours(pipe)
+    theirs = reference(tiny_sd1_source, [(loras[fmt], 0.8)])
+    compare(mine, theirs)
+    assert np.abs(theirs - base_images).max() > 50 * TOL  # the LoRA changes the images: the comparison means something
+
+
+def test_two_loras_with_weights_match_diffusers_set_adapters(tiny_sd1_source, tiny_sd1_bundle, loras):
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.7, loras["b"]: 1.3}) as pipe:
+        mine = ours(pipe)
+    theirs = reference(tiny_sd1_source, [(loras["a"], 0.7), (loras["b"], 1.3)])
+    compare(mine, theirs)
+    assert np.abs(theirs - reference(tiny_sd1_source, [(loras["a"], 0.7)])).max() > 50 * TOL
+
+
+def test_swap_a_b_a_is_bit_identical_and_empty_is_the_base(tiny_sd1_bundle, loras, base_images):
+    before = tree_digest(tiny_sd1_bundle)
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
+        a = ours(pipe)
+        pipe.set_loras({loras["b"]: 1.0})
+        b = ours(pipe)
+        assert pipe.loras == {str(loras["b"]): 1.0}
+        pipe.set_loras({loras["a"]: 0.8})
+        assert np.array_equal(ours(pipe), a)  # recomputed from the base, never from B's weights
+        pipe.set_loras({})
+        assert np.array_equal(ours(pipe), base_images) and pipe.loras == {}
+    assert np.abs(a - b).max() > 50 * TOL
+    assert tree_digest(tiny_sd1_bundle) == before  # nothing of the bundle changed or was added
+
+
+def test_a_swap_reopens_only_the_components_it_changes(tiny_sd1_bundle, loras):
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
+        opened = dict(pipe.components._open)
+        pipe.set_loras({loras["a"]: 0.8})  # the same LoRA: nothing recomputed, nothing reopened
+        assert all(pipe.components._open[n] is b for n, b in opened.items())
+        pipe.set_loras({loras["b"]: 0.8})  # UNet-only: the text encoder goes back to base, the VAE stays
+        assert pipe.components._open["vae_decoder"] is opened["vae_decoder"]
+        assert pipe.components._open["unet"] is not opened["unet"]
+        assert pipe.components._open["text_encoder"] is not opened["text_encoder"]
+
+
+def test_low_memory_mode_gives_the_same_images(tiny_sd1_bundle, loras):
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
+        resident = ours(pipe)
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}, low_memory=True) as pipe:
+        assert np.array_equal(ours(pipe), resident)
+
+
+def _external(bundle, dst, component="unet"):
+    """A copy of ``bundle`` whose ``component`` keeps its weights in model.onnx_data (as every graph over 2 GB,
+    e.g. SD-1.5's UNet), re-pinned in the manifest."""
+    import onnx
+
+    from edgediff.bundle.describe import component_entry
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+
+    shutil.copytree(bundle, dst)
+    path = dst / component / "model.onnx"
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    m = Bundle.open(bundle).manifest
+    old = m.components[component]
+    comps = dict(m.components, **{component: component_entry(dst, component, precision=old.precision,
+                                                             parity=old.parity)})
+    write_manifest(dst, dataclasses.replace(m, components=comps))
+    return dst
+
+
+def test_external_data_graphs_take_the_same_weights(tiny_sd1_bundle, loras, tmp_path):
+    """Graphs over 2 GB keep their weights in model.onnx_data: their initializers are replaced before ONNX
+    Runtime's optimizations (add_external_initializers), exactly as the embedded path's."""
+    ext = _external(tiny_sd1_bundle, tmp_path / "ext")
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
+        embedded = ours(pipe)
+    before = tree_digest(ext)
+    with Pipeline.load(ext, loras={loras["a"]: 0.8}) as pipe:
+        compare(ours(pipe), embedded)
+        assert np.abs(ours(pipe) - embedded).max() <= 1e-5
+    assert tree_digest(ext) == before
+
+
+# -- bad input: one line each, the pipeline keeps what it had ---------------------------------------------------
+def _lora_file(path, tensors):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(path))
+    return path
+
+
+Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _bad_files(d):
+    r = np.random.default_rng(0)
+    a, b = r.standard_normal((4, 32)), r.standard_normal((32, 4))
+    extra = {f"unet.down_blocks.{i}.attentions.7.to_q.lora_{x}.weight": (a if x == "A" else b)
+             for i in (4, 5, 6, 7) for x in "AB"}
+    return {
+        "unmatched": (_lora_file(d / "unmatched.safetensors", {f"{Q}.lora_A.weight": a, f"{Q}.lora_B.weight": b,
+                                                               **extra}),
+                      r"4 of its 5 layers match no layer of this sd1 bundle \(first: 'unet\.down_blocks\.4"),
+        "shape": (_lora_file(d / "shape.safetensors", {f"{Q}.lora_A.weight": r.standard_normal((4, 64)),
+                                                       f"{Q}.lora_B.weight": b}),
+                  r"is \(32, 64\) in the LoRA but \(32, 32\) in this sd1 bundle's unet"),
+        "rank": (_lora_file(d / "rank.safetensors", {f"{Q}.lora_A.weight": a,
+                                                     f"{Q}.lora_B.weight": r.standard_normal((32, 3))}),
+                 "lora_down has rank 4 but lora_up rank 3"),
+        "sdxl": (_lora_file(d / "sdxl.safetensors", {
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": a,
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": b}),
+            "has text_encoder_2 layers .*which this sd1 bundle does not have .*SDXL"),
+        "loha": (_lora_file(d / "loha.safetensors", {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": a,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": b}), "is a LyCORIS LoHa"),
+        "missing": (d / "nope.safetensors", "LoRA file not found"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return _bad_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", ["unmatched", "shape", "rank", "sdxl", "loha", "missing"])
+def test_bad_loras_are_one_line_and_change_nothing(tiny_sd1_bundle, loras, bad_files, case):
+    path, match = bad_files[case]
+    with pytest.raises(InputError, match=match) as info:
+        Pipeline.load(tiny_sd1_bundle, loras={path: 1.0})
+    assert "\n" not in str(info.value)
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
+        a = ours(pipe)
+        with pytest.raises(InputError, match=match):
+            pipe.set_loras({loras["b"]: 1.0, path: 1.0})
+        assert pipe.loras == {str(loras["a"]): 0.8} and np.array_equal(ours(pipe), a)
+
+
+@pytest.mark.parametrize("value,match", [
+    ({"x.safetensors": float("nan")}, "finite number"),
+    ({"x.safetensors": "strong"}, "finite number"),
+    ({"x.safetensors": True}, "finite number"),
+    (["x.safetensors"], "map LoRA files to weights"),
+    (3, "map LoRA files to weights"),
+])
+def test_bad_lora_arguments_are_one_line(tiny_sd1_bundle, value, match):
+    with pytest.raises(InputError, match=match):
+        Pipeline.load(tiny_sd1_bundle, loras=value)
+
+
+def _edited(bundle, dst, *, precision=None, optimized_for=None, drop_map=False):
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+
+    shutil.copytree(bundle, dst)
+    m = Bundle.open(bundle).manifest
+    unet = m.components["unet"]
+    if precision:
+        unet = dataclasses.replace(unet, precision=precision)
+    if optimized_for:
+        unet = dataclasses.replace(unet, optimized_for=optimized_for)
+    files = m.files
+    if drop_map:
+        (dst / "unet" / "weights_map.json").unlink()
+        files = tuple(f for f in files if f.path != "unet/weights_map.json")
+    write_manifest(dst, dataclasses.replace(m, components=dict(m.components, unet=unet), files=files))
+    return dst
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(precision="int8-qdq"), "unet is int8-qdq: .*fuse at export .*and re-quantize"),
+    (dict(precision="int8-storage"), "unet is int8-storage: .*fuse at export"),
+    (dict(precision="fp8-qdq"), "unet is fp8-qdq"),
+    (dict(drop_map=True), "has no weights_map.json.*re-export the bundle with this edgediff"),
+])
+def test_bundles_that_cannot_take_a_lora_at_run_time_say_why(tiny_sd1_bundle, loras, tmp_path, edit, match):
+    bundle = _edited(tiny_sd1_bundle, tmp_path / "b", **edit)
+    with pytest.raises(BundleError, match=match) as info:
+        Pipeline.load(bundle, loras={loras["b"]: 1.0})
+    assert "\n" not in str(info.value)
+    Pipeline.load(bundle).close()  # the bundle itself is fine without LoRAs
+
+
+def test_ort_tensorrt_provider_refuses_changed_weights(tiny_sd1_bundle):
+    """ORT's TensorRT provider caches engines by graph, not weights: changed weights are refused, not ignored."""
+    import onnxruntime as ort
+
+    from edgediff.backends.ort import _open_session
+    from edgediff.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="--backend trt .*--refit"):
+        _open_session(ort, tiny_sd1_bundle / "unet" / "model.onnx", ort.SessionOptions(), ["CPUExecutionProvider"],
+                      "unet", "tensorrt", {"x": np.zeros(1, np.float32)})
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_generate_with_loras_records_them(tiny_sd1_bundle, loras, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    r = cli("generate", PROMPT, "-m", tiny_sd1_bundle, "-o", out, "--steps", "3", "--seed", "5",
+            "--lora", f"{loras['a']}:0.8", "--lora", loras["b"])
+    assert r.exit_code == 0, r.output
+    params = json.loads(Image.open(out).text["parameters"])
+    assert params["loras"] == {str(loras["a"]): 0.8, str(loras["b"]): 1.0}
+    with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8, loras["b"]: 1.0}) as pipe:
+        again = pipe(PROMPT, num_inference_steps=3, seed=5).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(again))
+
+
+@pytest.mark.parametrize("case", ["unmatched", "sdxl", "loha", "missing"])
+def test_cli_bad_lora_is_one_red_line(tiny_sd1_bundle, bad_files, tmp_path, case):
+    path, match = bad_files[case]
+    r = cli("generate", PROMPT, "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--steps", "2", "--lora", f"{path}:1")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in r.output, r.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_bad_lora_weight_is_one_line(tiny_sd1_bundle, loras, tmp_path):
+    r = cli("generate", PROMPT, "-m", tiny_sd1_bundle, "-o", tmp_path / "o.png", "--lora", f"{loras['a']}:inf")
+    assert r.exit_code == 2 and "finite number" in r.output, r.output
