@@ -101,6 +101,10 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     feeds = {name: got.feeds.get(name, []) for name in m.components}
     if "vae_encoder" in m.components:
         feeds["vae_encoder"] = vae_encoder_feeds(got)
+    # the tiny autoencoder (export --tiny-vae) does not run in the capture; it takes what the VAE takes
+    for tiny, full in (("vae_decoder_tiny", "vae_decoder"), ("vae_encoder_tiny", "vae_encoder")):
+        if tiny in feeds and not feeds[tiny]:
+            feeds[tiny] = feeds.get(full, [])
 
     def transform(name: str, graph: Path, bundle: Bundle, work: Path):
         result = Result(precision=m.components[name].precision,

@@ -153,3 +153,18 @@ def test_cli_decoder_tiny(built, tiny_sd1_bundle, tmp_path):
                                   "--steps", "2", "--decoder", "tiny"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: decoder='tiny' needs"), r.output
     assert not (tmp_path / "p.png").exists()
+
+
+def test_optimize_keeps_the_tiny_autoencoder(built, ours, tmp_path):
+    """edgediff optimize checks vae_decoder_tiny / vae_encoder_tiny on the VAE's captured inputs (the tiny
+    autoencoder does not run in the capture) and the optimized bundle decodes as the exported one."""
+    from edgediff.engines.optimize import optimize_bundle
+
+    out = optimize_bundle(built.bundle, tmp_path / "opt", target="cpu")
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with Pipeline.load(out) as opt:
+        for name in ("vae_decoder_tiny", "vae_encoder_tiny"):
+            r = opt.bundle.component(name).parity
+            assert r is not None and r.passed and "parent bundle" in r.reference, (name, r)
+        a = np.asarray(opt.preview(latents)[0], dtype=np.int16)
+    assert np.abs(a - np.asarray(ours.preview(latents)[0], dtype=np.int16)).max() <= 1
