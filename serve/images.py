@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 from typing import Any
 
@@ -73,7 +72,3 @@ def encode(image, fmt: str, parameters: dict[str, Any], quality: int | None = No
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def parameters_text(parameters: dict[str, Any]) -> str:
-    return json.dumps(parameters, sort_keys=True)

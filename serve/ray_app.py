@@ -2,12 +2,14 @@
 
     serve run edgediff.serve.ray_app:app_builder models=shapes num_replicas=2
 
-starts it on the Ray cluster that ``RAY_ADDRESS`` names, or on a new local one when none is set (``ray start --head``
-first for a long-lived local cluster); the same command against a multi-node cluster's address spreads the
-replicas over its nodes. Ray's HTTP proxy listens on port 8000 of every node by default (``RAY_SERVE_HTTP_PORT``
-or Ray's own options to change it). Arguments (``key=value``): ``models`` (comma list of NAME or NAME=BUNDLE; the
-built-in model is ``shapes``; the first is the default), ``num_replicas`` (or ``min_replicas``/``max_replicas``
-for autoscaling on ongoing requests), ``max_active``, ``max_queue``, ``api_key``, ``backend``.
+starts it on the Ray cluster that ``RAY_ADDRESS`` (or ``--address``) names, or on a new local one when none is set
+(``ray start --head`` first for a long-lived local cluster); the same command against a multi-node cluster's
+address spreads the replicas over its nodes. Ray's HTTP proxy listens on port 8000; ``serve start --http-host H
+--http-port P`` before ``serve run`` changes that.
+
+Arguments (``key=value``): ``models`` (comma list of NAME or NAME=BUNDLE; the built-in model is ``shapes``; the
+first is the default), ``num_replicas`` (or ``min_replicas``/``max_replicas`` for autoscaling on ongoing
+requests), ``max_active``, ``max_queue``, ``api_key``, ``backend``.
 
 Two deployments:
     EdgediffRouter   the ingress. Reads the request's model (JSON ``model``, the edits form's ``model``, A1111's

@@ -10,7 +10,6 @@ import threading
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import MODEL, serving
