@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"runtime": "edgediff", "export": "edgediff.export", "engines": "edgediff.engines", "bench": "edgediff.bench"}
 COMPOSITION_ROOT = ROOT / "runtime" / "cli.py"
 
-CORE_MUST_NOT_IMPORT = ("edgediff.export", "edgediff.bench", "edgediff.engines", "edgediff.cli")
+CORE_MUST_NOT_IMPORT = ("edgediff.export", "edgediff.bench", "edgediff.engines", "edgediff.serve", "edgediff.cli")
 EXPORT_MUST_NOT_IMPORT = ("edgediff.bench",)
 
 
