@@ -1,6 +1,7 @@
 """``edgediff export SRC OUT --lora FILE[:WEIGHT] ...``: LoRAs fused into the PyTorch models before tracing, with
-diffusers' own ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora`` (then ``unload_lora_weights``, which keeps
-the fused weights), so the bundle's graphs are the fused models and any precision can follow (quantize after).
+diffusers' own LoRA loading (what ``load_lora_weights`` does: its state-dict reader and model loader) +
+``set_adapters`` + ``fuse_lora``, then ``unload_lora_weights`` (which keeps the fused weights); the bundle's graphs
+are the fused models, and any precision can follow (quantize after).
 
 Every file is first read and matched the runtime's way (edgediff.lora: format, component, names, shapes), so a key
 that matches no layer or a LoRA for another family is one ExportError line before minutes of export, where
@@ -69,13 +70,30 @@ def fuse_into(model, folder: str, loras: Loras, source: Source) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name, (spec, _) in zip(names, mine):
-                holder.load_lora_weights(str(spec.path), adapter_name=name)
+                _load_one(holder, folder, model, str(spec.path), name, source)
             holder.set_adapters(names, adapter_weights=[s.weight for s, _ in mine])
             holder.fuse_lora(components=[folder], lora_scale=1.0, adapter_names=names)
             holder.unload_lora_weights()  # the LoRA layers go; the fused weights stay
     except (ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"diffusers could not fuse the LoRAs into {folder}: {first}") from None
+
+
+def _load_one(holder, folder: str, model, path: str, adapter: str, source: Source) -> None:
+    """What ``holder.load_lora_weights(path)`` does, for the one model in memory: diffusers' state-dict reader
+    (kohya and old formats converted its way), then its loader into that model (load_lora_weights itself would
+    also load into the other models, which are not there)."""
+    kw = {"return_lora_metadata": True}
+    if source.sdxl and folder == "unet":
+        kw["unet_config"] = model.config  # SDXL kohya files name SGM blocks; diffusers maps them with the config
+    state_dict, alphas, metadata = holder.lora_state_dict(path, **kw)
+    if folder == "unet":
+        holder.load_lora_into_unet(state_dict, network_alphas=alphas, unet=model, adapter_name=adapter,
+                                   metadata=metadata, _pipeline=holder)
+    else:
+        holder.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=model, prefix=folder,
+                                           lora_scale=1.0, adapter_name=adapter, metadata=metadata,
+                                           _pipeline=holder)
 
 
 def _holder(folder: str, model, source: Source):

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -21,56 +20,18 @@ from edgediff import Pipeline
 from edgediff.cli import main
 from edgediff.errors import BundleError, InputError
 
-from streams import StreamFrom  # noqa: E402
-
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-TOL = 1e-3
-PROMPT = "a red circle on white"
-LATENTS = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+from lora_fixtures import PROMPT, TOL, compare, ours, reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def loras(tiny_sd1_source, tmp_path_factory):
-    """a: UNet + text encoder, rank 4, alpha 8 (diffusers format); b: UNet attention only, rank 2, alpha 1;
-    a_kohya: a's layers in kohya's format."""
-    from lora_fixtures import make_lora, to_kohya
+    from lora_fixtures import example_loras
 
-    d = tmp_path_factory.mktemp("loras")
-    a = make_lora(tiny_sd1_source, d / "a.safetensors", seed=1)
-    b = make_lora(tiny_sd1_source, d / "b.safetensors", seed=2, rank=2, alpha=1.0, text_encoder=False,
-                  magnitude=0.6, unet_targets=["to_q", "to_k", "to_v", "to_out.0"])
-    return {"a": a, "b": b, "a_kohya": to_kohya(a, d / "a_kohya.safetensors")}
-
-
-def reference(source, weighted: list) -> np.ndarray:
-    """diffusers' images with the LoRAs ``[(file, weight), ...]`` loaded as adapters and fused."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
-                                                                  requires_safety_checker=False, local_files_only=True)
-        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        names = [f"l{i}" for i in range(len(weighted))]
-        for name, (path, _) in zip(names, weighted):
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[w for _, w in weighted])
-            pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
-    return pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=torch.from_numpy(LATENTS),
-                generator=torch.Generator().manual_seed(1), output_type="np").images
-
-
-def ours(pipe) -> np.ndarray:
-    return np.stack(pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=LATENTS, scheduler="euler",
-                         rng=StreamFrom(1), output_type="np").images)
-
-
-def compare(mine, theirs):
-    err = float(np.max(np.abs(mine - theirs)))
-    assert err <= TOL, f"max abs {err:.2e} > {TOL} at {np.unravel_index(np.argmax(np.abs(mine - theirs)), mine.shape)}"
+    return example_loras(tiny_sd1_source, tmp_path_factory.mktemp("loras"))
 
 
 def tree_digest(root) -> dict:
@@ -171,45 +132,11 @@ def test_external_data_graphs_take_the_same_weights(tiny_sd1_bundle, loras, tmp_
 
 
 # -- bad input: one line each, the pipeline keeps what it had ---------------------------------------------------
-def _lora_file(path, tensors):
-    from safetensors.numpy import save_file
-
-    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(path))
-    return path
-
-
-Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-def _bad_files(d):
-    r = np.random.default_rng(0)
-    a, b = r.standard_normal((4, 32)), r.standard_normal((32, 4))
-    extra = {f"unet.down_blocks.{i}.attentions.7.to_q.lora_{x}.weight": (a if x == "A" else b)
-             for i in (4, 5, 6, 7) for x in "AB"}
-    return {
-        "unmatched": (_lora_file(d / "unmatched.safetensors", {f"{Q}.lora_A.weight": a, f"{Q}.lora_B.weight": b,
-                                                               **extra}),
-                      r"4 of its 5 layers match no layer of this sd1 bundle \(first: 'unet\.down_blocks\.4"),
-        "shape": (_lora_file(d / "shape.safetensors", {f"{Q}.lora_A.weight": r.standard_normal((4, 64)),
-                                                       f"{Q}.lora_B.weight": b}),
-                  r"is \(32, 64\) in the LoRA but \(32, 32\) in this sd1 bundle's unet"),
-        "rank": (_lora_file(d / "rank.safetensors", {f"{Q}.lora_A.weight": a,
-                                                     f"{Q}.lora_B.weight": r.standard_normal((32, 3))}),
-                 "lora_down has rank 4 but lora_up rank 3"),
-        "sdxl": (_lora_file(d / "sdxl.safetensors", {
-            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": a,
-            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": b}),
-            "has text_encoder_2 layers .*which this sd1 bundle does not have .*SDXL"),
-        "loha": (_lora_file(d / "loha.safetensors", {
-            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": a,
-            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": b}), "is a LyCORIS LoHa"),
-        "missing": (d / "nope.safetensors", "LoRA file not found"),
-    }
-
-
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
-    return _bad_files(tmp_path_factory.mktemp("bad"))
+    from lora_fixtures import bad_files as make
+
+    return make(tmp_path_factory.mktemp("bad"))
 
 
 @pytest.mark.parametrize("case", ["unmatched", "shape", "rank", "sdxl", "loha", "missing"])
@@ -268,6 +195,60 @@ def test_bundles_that_cannot_take_a_lora_at_run_time_say_why(tiny_sd1_bundle, lo
         Pipeline.load(bundle, loras={loras["b"]: 1.0})
     assert "\n" not in str(info.value)
     Pipeline.load(bundle).close()  # the bundle itself is fine without LoRAs
+
+
+def _with_map(bundle, dst, edit):
+    """A copy of ``bundle`` whose unet weights map was changed by ``edit(dict)`` and re-pinned."""
+    from edgediff.bundle.describe import file_entry
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+
+    shutil.copytree(bundle, dst)
+    path = dst / "unet" / "weights_map.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    m = Bundle.open(bundle).manifest
+    pinned = file_entry(dst, "unet/weights_map.json")
+    write_manifest(dst, dataclasses.replace(m, files=tuple(pinned if f.path == pinned.path else f for f in m.files)))
+    return dst
+
+
+TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+TO_K = TO_Q.replace("to_q", "to_k")
+
+
+def _share(m):
+    m["weights"][TO_K] = dict(m["weights"][TO_Q])
+
+
+def _elsewhere(m):
+    m["weights"][TO_Q]["initializer"] = "onnx::MatMul_999999"
+
+
+def _unmapped(m):
+    m["unmapped"].append(m["weights"].pop(TO_Q) and TO_Q)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_share, "share one weight in the exported graph .*fuse it at export"),
+    (_elsewhere, "is missing in the graph, its weights map says .*re-export the bundle"),
+    (_unmapped, "the exporter folded unet.*to_q.weight into another tensor.*fuse this LoRA at export"),
+])
+def test_weights_the_graph_cannot_take_alone_are_refused(tiny_sd1_bundle, loras, tmp_path, edit, match):
+    bundle = _with_map(tiny_sd1_bundle, tmp_path / "b", edit)
+    with pytest.raises((BundleError, InputError), match=match) as info:
+        Pipeline.load(bundle, loras={loras["b"]: 1.0})
+    assert "\n" not in str(info.value)
+
+
+def test_a_layer_missing_from_the_map_is_named(tiny_sd1_bundle, loras, tmp_path):
+    def folded(m):
+        m["weights"].pop(TO_Q)
+
+    bundle = _with_map(tiny_sd1_bundle, tmp_path / "b", folded)
+    with pytest.raises(InputError, match=r"1 of its \d+ layers match no layer .*attn1\.to_q"):
+        Pipeline.load(bundle, loras={loras["b"]: 1.0})
 
 
 def test_ort_tensorrt_provider_refuses_changed_weights(tiny_sd1_bundle):
