@@ -12,9 +12,9 @@ Which one a bundle gets is read from its UNet's ``sample`` input (9 channels), n
 Conventions (diffusers'): white (>= 0.5 after conversion to grayscale) is repainted, black is kept; the mask is
 binarized at 0.5 after the resize; the masked image is ``image * (mask < 0.5)``; the mask is brought to the latent
 grid by nearest-neighbour sampling. Unlike diffusers, which resizes to the model's default size, the output has the
-init image's size rounded down to the model's size multiple (as img2img here). ``strength`` defaults to 1.0: the
-start is pure noise (``is_strength_max``), and the init image reaches the denoiser only through the mask channels
-or the blend. ``padding_mask_crop`` crops image and mask to the mask's bounding box grown by that many pixels (and
+init image's size rounded down to the model's size multiple (as img2img here). ``strength`` defaults to diffusers'
+(``DEFAULT_STRENGTH``); at 1.0 the start is pure noise (``is_strength_max``), and the init image reaches the
+denoiser only through the mask channels or the blend. ``padding_mask_crop`` crops image and mask to the mask's bounding box grown by that many pixels (and
 to the image's aspect ratio), generates that crop at full size, and pastes the result back over the original
 (diffusers' ``get_crop_region`` / ``apply_overlay``).
 
@@ -34,8 +34,12 @@ from . import images as img
 from .errors import InputError
 from .stages import run_component
 
-# families whose pipelines this module reproduces (StableDiffusionInpaintPipeline: SD 1.x/2.x and SD-Turbo)
-FAMILIES = ("sd1", "sd2", "sd2-v", "sd-turbo")
+# family -> diffusers' default strength in the inpainting pipeline this module reproduces for it:
+# StableDiffusionInpaintPipeline (SD 1.x/2.x, SD-Turbo) and StableDiffusionXLInpaintPipeline (SDXL, its Turbo and
+# refiner), whose 0.9999 skips the first step and starts from the noised image rather than pure noise
+DEFAULT_STRENGTH = {"sd1": 1.0, "sd2": 1.0, "sd2-v": 1.0, "sd-turbo": 1.0,
+                    "sdxl": 0.9999, "sdxl-turbo": 0.9999, "sdxl-refiner": 0.9999}
+FAMILIES = tuple(DEFAULT_STRENGTH)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class InpaintInputs:
         if self.padding_mask_crop is not None:
             out["padding_mask_crop"] = self.padding_mask_crop
         return out
+
+
+def default_strength(bundle) -> float:
+    return DEFAULT_STRENGTH.get(bundle.manifest.family, 1.0)
 
 
 def unet_channels(bundle) -> int:

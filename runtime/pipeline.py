@@ -157,8 +157,8 @@ class Pipeline:
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
         PIL image) this is img2img: the image is noised to ``strength`` (default 0.8) and denoised from there.
-        With ``mask_image=`` too it is inpainting (runtime/inpaint.py; white is repainted, ``strength`` default 1.0,
-        ``padding_mask_crop`` as diffusers' StableDiffusionInpaintPipeline).
+        With ``mask_image=`` too it is inpainting (runtime/inpaint.py; white is repainted; ``strength`` and
+        ``padding_mask_crop`` as in diffusers' StableDiffusion(XL)InpaintPipeline, default strength 1.0 / SDXL 0.9999).
         Steps and guidance left as None take the bundle's recommended ones (``default_steps``, ``default_guidance``).
         Every argument is checked before any work (``request``); ``callback(step, total, t, latents)`` is called
         after each step and ``cancel()`` before each.
@@ -219,7 +219,7 @@ class Pipeline:
             inpainting = inpaint.prepare(self.bundle, image, mask_image, padding_mask_crop=padding_mask_crop,
                                          height=height, width=width, multiple=self.size_multiple, latents=latents,
                                          denoising_start=start, denoising_end=end, output_type=output_type)
-            strength = check.strength(1.0 if strength is None else strength)  # diffusers' inpainting default
+            strength = check.strength(inpaint.default_strength(self.bundle) if strength is None else strength)
             init = inpainting.image
             height, width = init.shape[2], init.shape[3]
         elif image is not None:

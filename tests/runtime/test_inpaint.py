@@ -2,8 +2,9 @@
 
 Reference: diffusers StableDiffusionInpaintPipeline (installed version), output_type="np" (max abs difference <= 1e-3,
 pixels in [0, 1]) or "pil" with padding_mask_crop (<= 2/255). Both kinds: a tiny random 9-channel inpainting UNet
-(preset tiny-sd1-inpaint) and the regular tiny SD1 UNet (the latent blend). diffusers is given height/width = the
-image's size (its default would resize to the UNet's native size; the runtime keeps the image's size).
+(preset tiny-sd1-inpaint) and the regular tiny SD1 UNet (the latent blend); the blend on the tiny SDXL base and
+refiner against StableDiffusionXLInpaintPipeline. diffusers is given height/width = the image's size (its default
+would resize to the UNet's native size; the runtime keeps the image's size).
 """
 from __future__ import annotations
 
@@ -143,6 +144,29 @@ def test_padding_mask_crop_matches_diffusers(kind, request):
     np.testing.assert_array_equal(np.asarray(mine.images[0])[kept], np.asarray(image)[kept])
 
 
+@pytest.mark.parametrize("fixture,strength", [("base", 1.0), ("base", 0.6), ("base", None), ("refiner", 0.6)])
+def test_sdxl_latent_blend_matches_diffusers(fixture, strength, request):
+    """The same code on SDXL bundles (base and refiner) against StableDiffusionXLInpaintPipeline, including its
+    default strength 0.9999 (the first step skipped, the start the noised image)."""
+    built = request.getfixturevalue(f"tiny_sdxl_{fixture}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = diffusers.DiffusionPipeline.from_pretrained(built.source, local_files_only=True)
+        ref = diffusers.StableDiffusionXLInpaintPipeline(
+            **base.components, requires_aesthetics_score=base.config.get("requires_aesthetics_score", False),
+            force_zeros_for_empty_prompt=base.config.get("force_zeros_for_empty_prompt", True))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    given = {} if strength is None else {"strength": strength}
+    theirs = ref("a red apple", image=picture(), mask_image=mask(), height=16, width=16, num_inference_steps=5,
+                 guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="np", **given).images
+    with Pipeline.load(built.bundle) as ours:
+        mine = ours("a red apple", image=picture(), mask_image=mask(), num_inference_steps=5, guidance_scale=5.0,
+                    scheduler="euler", rng=StreamFrom(7), output_type="np", **given)
+    compare(mine.images, theirs)
+    assert mine.parameters["strength"] == (0.9999 if strength is None else strength)
+
+
 def test_crop_region_matches_diffusers():
     """get_crop_region on random boxes, sizes and paddings: the same boxes, aspect-ratio growth and clamping."""
     from diffusers.image_processor import VaeImageProcessor
@@ -231,13 +255,13 @@ def test_bundle_that_cannot_inpaint_is_refused(tiny_sd1_bundle, tmp_path):
             pipe.request("a cat", image=picture(), mask_image=mask())
         pipe.request("a cat")  # text-to-image still runs
 
-    sdxl = tmp_path / "sdxl-family"
-    shutil.copytree(tiny_sd1_bundle, sdxl)
-    write_manifest(sdxl, dataclasses.replace(Bundle.open(tiny_sd1_bundle).manifest, family="sdxl"))
+    other = tmp_path / "other-family"
+    shutil.copytree(tiny_sd1_bundle, other)
+    write_manifest(other, dataclasses.replace(Bundle.open(tiny_sd1_bundle).manifest, family="lcm"))
     from edgediff.inpaint import prepare
 
-    with pytest.raises(InputError, match="not supported for sdxl bundles"):
-        prepare(Bundle.open(sdxl), picture(), mask(), multiple=4)
+    with pytest.raises(InputError, match="not supported for lcm bundles"):
+        prepare(Bundle.open(other), picture(), mask(), multiple=4)
 
 
 def test_cli_inpaints_and_refuses_a_mismatched_mask(tiny_sd1_bundle, tmp_path):
