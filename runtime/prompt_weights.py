@@ -165,7 +165,7 @@ def emphasize(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def chunk(tokenizer, prompts: Sequence[WeightedTokens], *, long: bool, what: str = "prompt") -> Chunks:
     """Cut and pad every prompt to the same number of chunks. ``long`` False (the denoiser's text axis is fixed
-    at ``max_length``): one chunk each, the rest cut with a warning naming the dropped words."""
+    at ``max_length``): one chunk each, the rest cut with a warning naming the dropped words, as diffusers does."""
     room = tokenizer.max_length - 2  # BOS and EOS around each chunk
     prompts = list(prompts)
     if not long:
@@ -174,8 +174,8 @@ def chunk(tokenizer, prompts: Sequence[WeightedTokens], *, long: bool, what: str
                 cut = tokenizer.decode(p.ids[room:])
                 cut = cut if len(cut) <= 200 else cut[:200] + "..."
                 warnings.warn(f"{what} {k} is longer than the text encoder's {tokenizer.max_length} tokens and this "
-                              "bundle's denoiser takes only that many (its text axis is fixed); this part was cut: "
-                              f"{cut!r}", stacklevel=3)
+                              "denoiser takes only that many (its text axis is fixed: a static bundle or a TensorRT "
+                              f"engine); this part was cut: {cut!r}", stacklevel=3)
                 prompts[k] = WeightedTokens(p.ids[:room], p.weights[:room])
     chunks = max(max(1, -(-len(p.ids) // room)) for p in prompts)
     ids = np.full((len(prompts), chunks, tokenizer.max_length), tokenizer.pad_id, np.int64)  # (T, C, L)

@@ -17,6 +17,11 @@ from ..timing import Stopwatch
 from ..tokenizer import ClipTokenizer
 
 
+# backends whose denoiser engines fix the text axis at the encoder's length whatever the bundle says: the native
+# TensorRT engines of `edgediff build` (engines/tensorrt/profiles.py builds "sequence" as text_max_length)
+FIXED_TEXT_BACKENDS = ("trt",)
+
+
 def takes_long_prompts(bundle: Bundle) -> bool:
     """True when the denoiser's text axis is symbolic (an exported bundle): it attends over any number of tokens,
     so prompts longer than the text encoder's window can be given as several chunks. A bundle made static
@@ -47,7 +52,8 @@ class SdTextConditioner:
         texts = list(request.prompts) if not request.guided else [*request.negatives, *request.prompts]  # [uncond; cond]
         with watch.span("tokenize"):
             tokens = prompt_weights.weighted_tokens(self.tokenizer, texts)
-            chunks = prompt_weights.chunk(self.tokenizer, tokens, long=self.long_prompts)
+            long = self.long_prompts and getattr(components, "backend", None) not in FIXED_TEXT_BACKENDS
+            chunks = prompt_weights.chunk(self.tokenizer, tokens, long=long)
         t, c, length = chunks.ids.shape  # T texts, C chunks of the encoder's length each
         with components.use("text_encoder") as te, watch.span("text_encoder"):
             hidden = run_component(te, {"input_ids": chunks.ids.reshape(t * c, length)})[0]  # (T * C, L, D) float32

@@ -318,6 +318,23 @@ def test_fixed_text_axis_truncates_with_the_warning(tiny_sd1_bundle, tmp_path):
     np.testing.assert_allclose(hidden[0], full[0, :77], atol=TOL)  # the first chunk is the same
 
 
+def test_native_tensorrt_engines_take_one_chunk(ours):
+    """edgediff build's engines fix the text axis at 77 whatever the bundle says: on that backend the prompt is cut
+    with the warning, not sent as 3 chunks the engine would refuse."""
+
+    class OnTrt:  # the real graphs, reported as the native TensorRT backend
+        backend = "trt"
+
+        def use(self, name):
+            return ours.components.use(name)
+
+    req = ours.request(LONG, guidance_scale=1.0, num_inference_steps=2)
+    with pytest.warns(UserWarning, match="a static bundle or a TensorRT engine"):
+        hidden = ours.conditioner(req, OnTrt(), Stopwatch()).encoder_hidden_states
+    assert hidden.shape == (1, 77, 32)
+    assert ours.conditioner(req, ours.components, Stopwatch()).encoder_hidden_states.shape[1] > 77
+
+
 def test_unbalanced_prompt_fails_before_any_work(ours, tiny_sd1_bundle, tmp_path):
     from click.testing import CliRunner
 
