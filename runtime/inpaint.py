@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from . import images as img
+from . import vae_tiling as tiling
 from .errors import InputError
-from .stages import run_component
 
 # family -> diffusers' default strength in the inpainting pipeline this module reproduces for it:
 # StableDiffusionInpaintPipeline (SD 1.x/2.x, SD-Turbo) and StableDiffusionXLInpaintPipeline (SDXL, its Turbo and
@@ -317,31 +317,29 @@ def begin(bundle, components, req, sched, watch) -> tuple[np.ndarray, object]:
     sched.set_begin_index((req.steps - init_steps) * sched.order)
     strength_max = req.strength == 1.0
     shape = (n, c, req.height // f, req.width // f)
-    with components.use("vae_encoder") as enc:
-        def encode(x: np.ndarray) -> np.ndarray:  # (1, 3, H, W) -> (N, C, h, w) scaled latents, one sample per image
-            with watch.span("vae_encode"):
-                out = run_component(enc, {"sample": x}, precision=bundle.component("vae_encoder").precision)[0]
-            if out.shape[1] == 2 * c:  # diagonal Gaussian parameters: sample them with the request's noise
-                mean, logvar = np.split(out, 2, axis=1)
-                z = mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * req.noise.standard_normal(shape)
-            else:  # optimum's vae_encoder returns a sample already
-                z = np.repeat(out, n, axis=0)
-            return ((z - np.float32(m.shift_factor or 0.0)) * np.float32(m.scaling_factor)).astype(np.float32)
 
-        image_latents = encode(inp.image) if not (inp.inpainting_unet and strength_max) else None
-        noise = req.noise.standard_normal(shape)  # (N, C, h, w)
-        if strength_max:  # pure noise: the image comes in through the mask channels or the blend only
-            x = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
-        else:
-            x = sched.add_noise(image_latents, noise, sched.begin_index)
-        mask = np.repeat(inp.mask[:, :, ::f, ::f], n, axis=0)  # (N, 1, h, w): nearest, as F.interpolate
-        if inp.inpainting_unet:
-            ext = InpaintingUnet(np.concatenate([mask, encode(inp.masked_image)], axis=1))
-        else:
-            if _samples(bundle):
-                req.noise.standard_normal(shape)  # diffusers' draw for the masked image it encodes and does not use
-            ext = LatentBlend(image_latents, noise, mask)
-    return x, ext
+    def encode(x: np.ndarray) -> np.ndarray:  # (1, 3, H, W) -> (N, C, h, w) scaled latents, one sample per image
+        with watch.span("vae_encode"):  # tiled as the request asks (runtime/vae_tiling.py), like img2img
+            out = tiling.run_vae(components, bundle, "vae_encoder", x, getattr(req, "vae_tiling", None))
+        if out.shape[1] == 2 * c:  # diagonal Gaussian parameters: sample them with the request's noise
+            mean, logvar = np.split(out, 2, axis=1)
+            z = mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * req.noise.standard_normal(shape)
+        else:  # optimum's vae_encoder returns a sample already
+            z = np.repeat(out, n, axis=0)
+        return ((z - np.float32(m.shift_factor or 0.0)) * np.float32(m.scaling_factor)).astype(np.float32)
+
+    image_latents = encode(inp.image) if not (inp.inpainting_unet and strength_max) else None
+    noise = req.noise.standard_normal(shape)  # (N, C, h, w)
+    if strength_max:  # pure noise: the image comes in through the mask channels or the blend only
+        x = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+    else:
+        x = sched.add_noise(image_latents, noise, sched.begin_index)
+    mask = np.repeat(inp.mask[:, :, ::f, ::f], n, axis=0)  # (N, 1, h, w): nearest, as F.interpolate
+    if inp.inpainting_unet:
+        return x, InpaintingUnet(np.concatenate([mask, encode(inp.masked_image)], axis=1))
+    if _samples(bundle):
+        req.noise.standard_normal(shape)  # diffusers' draw for the masked image it encodes and does not use
+    return x, LatentBlend(image_latents, noise, mask)
 
 
 def _samples(bundle) -> bool:
