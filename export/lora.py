@@ -16,7 +16,7 @@ from edgediff.bundle.checksums import sha256_file
 from edgediff.errors import ExportError, InputError
 from edgediff.lora.apply import LoraSpec, lora_specs
 from edgediff.lora.formats import LoraFile, read_lora
-from edgediff.lora.resolve import ModelTable, resolve
+from edgediff.lora.resolve import ModelTable, resolve, sgm_named
 from edgediff.lora.weights_map import LORA_COMPONENTS
 
 from .source import Source
@@ -58,25 +58,47 @@ def fuse_into(model, folder: str, loras: Loras, source: Source) -> None:
         return
     table = ModelTable(folder, {f"{n}.weight": tuple(m.weight.shape) for n, m in model.named_modules()
                                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+    counts = []
     for spec, f in mine:
         part = LoraFile(f.path, tuple(layer for layer in f.layers if layer.component == folder))
+        counts.append(len(part.layers))
+        if any(sgm_named(layer) for layer in part.layers):
+            continue  # SDXL kohya block names: diffusers converts them; the count below checks that all were placed
         try:
             resolve(part, {folder: table}, model=f"the source's {folder}")
         except InputError as exc:
             raise ExportError(str(exc)) from None
+    import diffusers.utils.logging as dlog
+
     holder = _holder(folder, model, source)
     names = [f"edgediff_lora_{i}" for i in range(len(mine))]
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load before raising: our line says it once
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for name, (spec, _) in zip(names, mine):
+            for name, (spec, _), count in zip(names, mine, counts):
                 _load_one(holder, folder, model, str(spec.path), name, source)
+                placed = _placed(model, name)
+                if placed != count:  # diffusers only logs layers it cannot place
+                    raise ExportError(f"{spec.path.name}: diffusers placed {placed} of its {count} {folder} layers; "
+                                      f"the others match no layer of the source's {folder} (a LoRA for another "
+                                      "model?)")
             holder.set_adapters(names, adapter_weights=[s.weight for s, _ in mine])
             holder.fuse_lora(components=[folder], lora_scale=1.0, adapter_names=names)
             holder.unload_lora_weights()  # the LoRA layers go; the fused weights stay
     except (ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"diffusers could not fuse the LoRAs into {folder}: {first}") from None
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _placed(model, adapter: str) -> int:
+    """How many of the model's layers carry ``adapter`` (PEFT LoRA layers keep one lora_A per adapter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
 
 
 def _load_one(holder, folder: str, model, path: str, adapter: str, source: Source) -> None:

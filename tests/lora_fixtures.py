@@ -162,5 +162,9 @@ def bad_files(d: Path) -> dict:
         "loha": (_lora_file(d / "loha.safetensors", {
             "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": a,
             "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": b}), "is a LyCORIS LoHa"),
+        "sgm": (_lora_file(d / "sgm.safetensors", {
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": a,
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": b}),
+            "names UNet blocks the original SGM/LDM way .*fuse it at export"),
         "missing": (d / "nope.safetensors", "LoRA file not found"),
     }

@@ -19,6 +19,12 @@ from ..errors import InputError
 from .formats import LoraFile, LoraLayer
 
 SHOWN = 3  # how many unmatched layer names an error message lists
+# kohya files for SDXL name UNet blocks the original (SGM/LDM) way; diffusers maps them with the UNet's config
+SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
+
+
+def sgm_named(layer: LoraLayer) -> bool:
+    return layer.kohya and layer.component == "unet" and layer.module.startswith(SGM_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,11 @@ def resolve(lora: LoraFile, tables: Mapping[str, ModelTable], *, model: str) -> 
                              "(edgediff export --lora)")
         _check_shape(name, layer, param, shape, model)
         hits.append(Hit(layer=layer, param=param, shape=shape))
+    sgm = next((layer.name for layer in lora.layers if sgm_named(layer)), None)
+    if unmatched and sgm is not None:
+        raise InputError(f"{name} names UNet blocks the original SGM/LDM way (e.g. {sgm!r}), not diffusers' "
+                         "down_blocks/up_blocks; fuse it at export, where diffusers converts them "
+                         "(edgediff export SRC OUT --lora FILE)")
     if unmatched:
         n, total = len(unmatched), len(lora.layers)
         which = "none of its" if n == total else f"{n} of its"

@@ -131,6 +131,7 @@ def bad_export_files(tmp_path_factory):
     ("loha", "is a LyCORIS LoHa"),
     ("shape", r"is \(32, 64\) in the LoRA but \(32, 32\)"),
     ("missing", "LoRA file not found"),
+    ("sgm", "diffusers (placed 0 of its 1 unet layers|could not fuse)"),  # diffusers converts SGM names, or fails
 ])
 def test_bad_loras_at_export_are_one_line_and_write_nothing(tiny_sd1_source, bad_export_files, tmp_path, case, match):
     from edgediff.export.pipeline_export import export_pipeline

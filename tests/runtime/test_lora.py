@@ -139,7 +139,7 @@ def bad_files(tmp_path_factory):
     return make(tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("case", ["unmatched", "shape", "rank", "sdxl", "loha", "missing"])
+@pytest.mark.parametrize("case", ["unmatched", "shape", "rank", "sdxl", "loha", "sgm", "missing"])
 def test_bad_loras_are_one_line_and_change_nothing(tiny_sd1_bundle, loras, bad_files, case):
     path, match = bad_files[case]
     with pytest.raises(InputError, match=match) as info:
