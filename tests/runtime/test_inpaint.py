@@ -115,6 +115,19 @@ def test_inpainting_matches_diffusers(kind, scheduler, strength, guidance, steps
     assert mine.parameters["strength"] == strength
 
 
+def test_inpainting_pipeline_exports_with_a_9_channel_unet(inpaint_bundle):
+    """export accepts StableDiffusionInpaintPipeline; the manifest's UNet sample input says 9 channels (what the
+    runtime reads to choose the mask channels over the blend), and the UNet's parity receipt passed at 9 channels."""
+    from edgediff.bundle.reader import Bundle
+    from edgediff.inpaint import is_inpainting_unet
+
+    b = Bundle.open(inpaint_bundle)
+    unet = b.component("unet")
+    assert unet.input("sample").shape[1] == 9 and unet.parity.passed
+    assert b.manifest.provenance.source_class == "StableDiffusionInpaintPipeline" and b.manifest.family == "sd1"
+    assert is_inpainting_unet(b)
+
+
 def test_default_strength_is_diffusers_inpainting_default(ours_9ch, inpaint_source):
     """strength left out is 1.0 (pure-noise start), not img2img's 0.8."""
     ref = reference(inpaint_source, "euler")
