@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BundleError, BundleIntegrityError
 
@@ -114,6 +114,3 @@ def load_weights_map(bundle: "Bundle", component: str, *, verify: bool = True) -
         raise BundleError(f"{rel} describes {m.component!r}, not {component!r}; re-export the bundle")
     return m
 
-
-def from_entries(component: str, entries: Mapping[str, WeightEntry], unmapped=()) -> WeightsMap:
-    return WeightsMap(component=component, weights=dict(entries), unmapped=tuple(unmapped))

@@ -131,6 +131,20 @@ def test_external_data_graphs_take_the_same_weights(tiny_sd1_bundle, loras, tmp_
     assert tree_digest(ext) == before
 
 
+def test_fp16_bundles_take_the_lora_in_their_own_dtype(tiny_sd1_source, tiny_sd1_bundle, loras, tmp_path):
+    """quantize --fp16 keeps the initializers' names (the weights map carries over): the fused weights are cast to
+    each initializer's dtype; images within 2/255 of diffusers' fp32 fuse."""
+    from edgediff.bundle.reader import Bundle
+    from edgediff.engines.quantize import quantize_bundle
+
+    fp16 = quantize_bundle(tiny_sd1_bundle, tmp_path / "fp16", mode="fp16", calib_size=1, steps=2)
+    assert Bundle.open(fp16).manifest.components["unet"].precision == "fp16"
+    with Pipeline.load(fp16, loras={loras["a"]: 0.8}) as pipe:
+        mine = ours(pipe)
+    theirs = reference(tiny_sd1_source, [(loras["a"], 0.8)])
+    assert np.abs(mine - theirs).max() <= 2 / 255
+
+
 # -- bad input: one line each, the pipeline keeps what it had ---------------------------------------------------
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
