@@ -91,7 +91,9 @@ class DiffusersWorker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         hello = self.proc.stdout.readline()
         if not hello:
-            raise InputError(f"the diffusers reference process failed to start: {self._last_error()}")
+            err = self._last_error()
+            self.close()
+            raise InputError(f"the diffusers reference process failed to start: {err}")
         self.versions = json.loads(hello)
 
     def run(self, cfg: BenchConfig, *, height: int, width: int, seed: int, scheduler: str) -> dict:

@@ -17,6 +17,7 @@ import sys
 import threading
 
 INTERVAL_S = 0.2
+USAGE = "usage: python bench/scripts/tree_rss.py RESULT.json -- COMMAND [ARGS...]"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -55,7 +56,7 @@ def tree_rss(root: int) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print(__doc__.strip().splitlines()[3].strip(), file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     result, command = argv[0], argv[2:]
     proc = subprocess.Popen(command)
