@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     kw = {}
     if "safety_checker" in params:  # SD 1.x/2.x: ours has no safety checker
         kw.update(safety_checker=None, requires_safety_checker=False)
-    if "add_watermarker" in params:  # SDXL: ours does not watermark (diffusers does when invisible-watermark is installed)
+    if "add_watermarker" in params:  # SDXL: ours does not watermark (diffusers does with invisible-watermark)
         kw["add_watermarker"] = False
     pipe = cls.from_pretrained(args.source, local_files_only=True, torch_dtype=torch.float32, **kw)
     pipe.set_progress_bar_config(disable=True)
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     # The whole prompt encoding, as ours times it: every tokenizer and text encoder (SDXL: both towers), not only
     # text_encoder.forward (which on SDXL would miss text_encoder_2)
     pipe.encode_prompt = timed("text_encoder", pipe.encode_prompt)
-    pipe.unet.forward = timed("unet", pipe.unet.forward, lambda sample, *a, **k: unet_batches.append(int(sample.shape[0])))
+    pipe.unet.forward = timed("unet", pipe.unet.forward,
+                              lambda sample, *a, **k: unet_batches.append(int(sample.shape[0])))
     pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
     answer({"ready": True, "torch": torch.__version__, "diffusers": diffusers.__version__, "pipeline": args.pipeline})
     for line in sys.stdin:

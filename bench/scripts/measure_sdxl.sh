@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16's SDXL measurements on this machine, in one go, each figure next to the command that produced it:
 #   (a) build a random SDXL-shaped diffusers pipeline             python -m edgediff.export.random_pipeline PRESET
-#   (b) export it: wall time and peak RSS (largest process, and the process tree: export runs one component per child)
+#   (b) export it: wall time and peak RSS (the largest process, and the whole process tree)
 #   (c) edgediff bench --compare diffusers: 1 step at SIZE (UNet step, CFG batch 2) and a Turbo-style 1-step
 #       TURBO_SIZE run at guidance 0 (UNet batch 1, Euler a): ours/diffusers ratios from one run each
 #   (d) peak RSS of one SIZE generation, each a fresh process, load included: edgediff generate vs the diffusers
@@ -175,7 +175,8 @@ for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
     lines.append(f"    peak RSS during generation {gib(m['ours'])} vs {gib(m['theirs'])}"
                  + (f" = {m['ratio']:.3f}x" if m.get("ratio") else ""))
 gens = {"gen-ours": "ours, fp32", "gen-diffusers": "diffusers StableDiffusionXLPipeline, fp32",
-        "gen-lowmem": "ours, fp32, --low-memory", "gen-int8s-lowmem": f"ours, int8-storage of {int8_from}, --low-memory"}
+        "gen-lowmem": "ours, fp32, --low-memory",
+        "gen-int8s-lowmem": f"ours, int8-storage of {int8_from}, --low-memory"}
 lines.append(f"  one {size} generation in a fresh process (load included), peak RSS:")
 for name, label in gens.items():
     t = timed(name)

@@ -1,7 +1,7 @@
 """Run a command and record the peak of its whole process tree's resident memory: the sum of RSS over the command and
 every descendant, sampled from /proc. ``/usr/bin/time -v`` reports the largest *single* process (the kernel's
-high-water mark); ``edgediff export`` runs each component in a child process next to its parent, and what has to fit
-in the machine is the two together.
+high-water mark); ``edgediff optimize`` and ``quantize`` run their heavy steps in child processes next to the parent
+(engines/isolate.py), and what has to fit in the machine is the two together.
 
     python bench/scripts/tree_rss.py RESULT.json -- COMMAND [ARGS...]
 

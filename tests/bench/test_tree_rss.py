@@ -11,8 +11,9 @@ SCRIPT = Path(__file__).parents[2] / "bench" / "scripts" / "tree_rss.py"
 MB = 2**20
 # a parent holding 150 MB runs a child holding 150 MB for a second; the child exits with status 3
 HOLD = "import time; a = bytearray({n} * 2**20); time.sleep(1.5)"
+CHILD = HOLD.format(n=150) + "; raise SystemExit(3)"
 PARENT = (f"import subprocess, sys; {HOLD.format(n=150)}; "
-          f"sys.exit(subprocess.run([sys.executable, '-c', {HOLD.format(n=150) + '; raise SystemExit(3)'!r}]).returncode)")
+          f"sys.exit(subprocess.run([sys.executable, '-c', {CHILD!r}]).returncode)")
 
 
 def test_tree_peak_sums_parent_and_child_and_keeps_the_exit_status(tmp_path):
