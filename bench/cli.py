@@ -225,3 +225,13 @@ def _bundles_or_builtin(bundles) -> list:
     from edgediff.builtin_model import default_bundle
 
     return [default_bundle()]
+
+
+def _attach_serve_load_test() -> None:
+    """`edgediff bench serve URL`: the load tester of a running `edgediff serve` (serve/loadtest.py, stdlib only)."""
+    from edgediff.serve.loadtest import bench_serve
+
+    bench.add_command(bench_serve)
+
+
+_attach_serve_load_test()

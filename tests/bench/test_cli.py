@@ -46,7 +46,7 @@ def test_bench_without_a_command_is_the_run_command(tmp_path):
 def test_help_lists_the_commands_and_edgediff_help_imports_none_of_them():
     r = bench("--help")
     assert r.exit_code == 0
-    for command in ("run", "sweep", "cold-start", "memory-modes", "session-levels"):
+    for command in ("run", "sweep", "cold-start", "memory-modes", "session-levels", "serve"):
         assert f"  {command} " in r.output
     code = "import sys, edgediff.cli; print(sorted(m for m in sys.modules if m.startswith('edgediff.bench')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
