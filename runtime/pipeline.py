@@ -334,17 +334,64 @@ class Pipeline:
 
     def finish(self, job: DenoiseJob) -> GenerationResult:
         """Decode a job's latents (unless output_type="latent") into the call's result."""
-        m, req, watch = self.bundle.manifest, job.request, job.watch
+        return self._result(job, None if job.request.output_type == "latent" else self._decode([job]))
+
+    def finish_many(self, jobs: Sequence[DenoiseJob]) -> list[GenerationResult | BaseException]:
+        """``finish`` for several jobs, one decoder call for each group whose latents and decoding settings agree
+        (a step-level scheduler's finished jobs). The decoder computes each row on its own, so every result is the
+        one ``finish`` gives; a group whose shared call fails is decoded job by job, so each failure is its own."""
+        out: dict[int, GenerationResult | BaseException] = {}
+        groups: dict[tuple, list[int]] = {}
+        for k, job in enumerate(jobs):
+            r = job.request
+            if r.output_type == "latent":
+                out[k] = self._settle(job, None)
+            else:
+                groups.setdefault((job.x.shape[1:], r.decoder, r.vae_tiling), []).append(k)
+        for members in groups.values():
+            try:
+                decoded = self._decode([jobs[k] for k in members])
+            except Exception:
+                for k in members:
+                    out[k] = self._settle(jobs[k], "alone")
+                continue
+            offset = 0
+            for k in members:
+                n = jobs[k].x.shape[0]
+                out[k] = self._settle(jobs[k], decoded[offset:offset + n])
+                offset += n
+        return [out[k] for k in range(len(jobs))]
+
+    def _settle(self, job: DenoiseJob, decoded) -> GenerationResult | BaseException:
+        try:
+            if isinstance(decoded, str):  # "alone": decode this job by itself
+                return self.finish(job)
+            return self._result(job, decoded)
+        except Exception as exc:
+            return exc
+
+    def _decode(self, jobs: Sequence[DenoiseJob]) -> np.ndarray:
+        """The decoder's pixels for these jobs' latents, concatenated: (sum N, 3, H, W) float32 in [-1, 1]."""
+        m, req = self.bundle.manifest, jobs[0].request
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        t0 = time.perf_counter()
+        if req.decoder == "tiny":
+            decoded = tiny_vae.decode(self.components, self.bundle, x)
+        else:
+            z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
+            decoded = tiling.run_vae(self.components, self.bundle, "vae_decoder", z, req.vae_tiling)
+        t1 = time.perf_counter()
+        for j in jobs:
+            j.watch.spans.append(Span("vae_decode", t0, t1))
+        return decoded
+
+    def _result(self, job: DenoiseJob, decoded: np.ndarray | None) -> GenerationResult:
+        """The call's result from its decoded pixels (None: output_type="latent", the latents themselves)."""
+        req, watch = job.request, job.watch
         latents_out = None
-        if req.output_type == "latent":  # handed on undecoded (diffusers' output_type="latent")
+        if decoded is None:  # handed on undecoded (diffusers' output_type="latent")
             latents_out, out = job.x, list(job.x)
         else:
-            with watch.span("vae_decode"):  # (N, 3, H, W) float32 in [-1, 1]
-                if req.decoder == "tiny":
-                    decoded = tiny_vae.decode(self.components, self.bundle, job.x)
-                else:
-                    z = job.x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
-                    decoded = tiling.run_vae(self.components, self.bundle, "vae_decoder", z, req.vae_tiling)
             self._check_not_constant(decoded)
             with watch.span("postprocess"):
                 out = self._postprocess(decoded, req.output_type)

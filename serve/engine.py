@@ -7,7 +7,8 @@ iteration the thread
        ``Pipeline.start``),
     3. advances every in-flight request by one denoising step, in as few denoiser calls as their inputs allow
        (``edgediff.batching.step_together``: requests join and leave between steps),
-    4. finishes the requests that took their last step (VAE decode: ``Pipeline.finish``) and resolves their futures.
+    4. finishes the requests that took their last step (VAE decode, one call for all that share a shape:
+       ``Pipeline.finish_many``) and resolves their futures.
 Each request keeps its own scheduler, guidance, step count and noise stream, so its images are the ones
 ``Pipeline`` gives alone (tests/serve/test_parity.py). With ``batching=False`` one request is in flight at a time:
 the baseline the batching figure is measured against.
@@ -242,15 +243,17 @@ class Engine:
         for t, job in finished:
             if job.error is not None:
                 self._done(t, error=job.error)
+        ready = [(t, j) for t, j in finished if j.error is None]
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        results = self.pipe.finish_many([j for _, j in ready])  # one decoder call per compatible group
+        done = time.perf_counter()
+        self.metrics.stage_seconds.observe(done - t0, model=self.name, stage="finish")
+        for (t, _), result in zip(ready, results):
+            if isinstance(result, BaseException):
+                self._done(t, error=result)
                 continue
-            t0 = time.perf_counter()
-            try:
-                result = self.pipe.finish(job)
-            except Exception as exc:
-                self._done(t, error=exc)
-                continue
-            done = time.perf_counter()
-            self.metrics.stage_seconds.observe(done - t0, model=self.name, stage="finish")
             self._recent.append(done - t.admitted_at)
             self._done(t, result)
 

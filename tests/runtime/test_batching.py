@@ -119,3 +119,21 @@ def test_step_extensions_apply_alone_and_batched(pipe):
         step_together(jobs, pipe.run_denoiser)
     assert np.array_equal(pipe.finish(jobs[0]).latents, alone.latents)
     assert _pixels(pipe.finish(jobs[1])) == _pixels(pipe(**REQUESTS[1]))  # the other job untouched
+
+
+def test_finish_many_decodes_together_and_equals_finish(pipe):
+    kws = [REQUESTS[0], REQUESTS[4], dict(REQUESTS[1], output_type="latent"), dict(REQUESTS[2], height=128, width=64)]
+    alone = [pipe(**kw) for kw in kws]
+    jobs = [pipe.start(pipe.request(**kw)) for kw in kws]
+    while any(not j.done for j in jobs):
+        step_together(jobs, pipe.run_denoiser)
+    calls = []
+    real = pipe.components.get("vae_decoder").run
+    pipe.components.get("vae_decoder").run = lambda feeds: calls.append(feeds["latent_sample"].shape) or real(feeds)
+    try:
+        results = pipe.finish_many(jobs)
+    finally:
+        pipe.components.get("vae_decoder").run = real
+    assert [_pixels(r) for r in results[:2] + results[3:]] == [_pixels(a) for a in alone[:2] + alone[3:]]
+    assert np.array_equal(results[2].latents, alone[2].latents)
+    assert sorted(c[0] for c in calls) == [1, 3]  # the two 64x64 requests (1 + 2 images) shared one call
