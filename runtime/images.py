@@ -29,30 +29,37 @@ def _check_pixels(size: tuple[int, int]) -> None:
                          f"{MAX_INIT_PIXELS / 1e6:.0f} megapixels: downscale it first")
 
 
-def load_image(source, *, multiple: int):
-    """An init image (path or PIL image) -> (1, 3, H, W) float32 in [-1, 1], H and W rounded down to ``multiple``
-    (diffusers' VaeImageProcessor.preprocess: resize with Lanczos, normalize)."""
+def open_image(source, name: str = "init image", *, what: str = "image"):
+    """A path or PIL image -> a loaded PIL image in its own mode. The pixel limit is checked from the file's header,
+    before decoding (a decompression bomb never reaches memory); ``name`` and ``what`` name it in messages."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise InputError(f"init image not found: {path}")
+            raise InputError(f"{name} not found: {path}")
         try:
             with Image.open(path) as im:
-                _check_pixels(im.size)  # from the header, before decoding a decompression bomb
+                _check_pixels(im.size)
                 im.load()
-                img = im.convert("RGB")
+                return im.copy()
         except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"cannot read init image {path}: {exc.__class__.__name__}; use a PNG or JPEG") from None
+            raise InputError(f"cannot read {name} {path}: {exc.__class__.__name__}; use a PNG or JPEG") from None
         except Image.DecompressionBombError:
-            raise InputError(f"init image {path} is too large to decode safely; use one of at most "
+            raise InputError(f"{name} {path} is too large to decode safely; use one of at most "
                              f"{MAX_INIT_PIXELS // 10**6} megapixels") from None
-    elif isinstance(source, Image.Image):
+    if isinstance(source, Image.Image):
         _check_pixels(source.size)
-        img = source.convert("RGB")
-    else:
-        raise InputError(f"image must be a path or a PIL.Image, not {type(source).__name__}")
+        return source
+    raise InputError(f"{what} must be an image (a path or a PIL.Image), not {type(source).__name__}")
+
+
+def load_image(source, *, multiple: int):
+    """An init image (path or PIL image) -> (1, 3, H, W) float32 in [-1, 1], H and W rounded down to ``multiple``
+    (diffusers' VaeImageProcessor.preprocess: resize with Lanczos, normalize)."""
+    from PIL import Image
+
+    img = open_image(source).convert("RGB")
     w, h = (d - d % multiple for d in img.size)
     if w < multiple or h < multiple:
         raise InputError(f"init image is {img.size[0]}x{img.size[1]}; it must be at least {multiple}x{multiple} pixels")

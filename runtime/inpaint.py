@@ -25,7 +25,6 @@ scheduler's later draws stay where diffusers has them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,8 +104,8 @@ def prepare(bundle, image, mask_image, *, padding_mask_crop=None, height=None, w
     if pad is not None and output_type != "pil":
         raise InputError(f"padding_mask_crop pastes the result into the original image, a PIL image; "
                          f"output_type={output_type!r} cannot hold it: use output_type='pil' or drop padding_mask_crop")
-    picture = _open(image, "init image", what="image")
-    mask = _open(mask_image, "mask", what="mask_image")
+    picture = img.open_image(image, "init image", what="image")
+    mask = img.open_image(mask_image, "mask", what="mask_image")
     if picture.size != mask.size:
         raise InputError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is {picture.size[0]}x"
                          f"{picture.size[1]}; give a mask of the image's size (white = repaint, black = keep)")
@@ -147,31 +146,6 @@ def _padding(value) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise InputError(f"padding_mask_crop={value!r}; expected a number of pixels >= 0")
     return int(value)
-
-
-def _open(source, name: str, *, what: str):
-    """A path or PIL image -> a loaded PIL image (its own mode); the decompression-bomb and pixel limits of
-    init images apply."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise InputError(f"{name} not found: {path}")
-        try:
-            with Image.open(path) as im:
-                img._check_pixels(im.size)  # from the header, before decoding a decompression bomb
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"cannot read {name} {path}: {exc.__class__.__name__}; use a PNG or JPEG") from None
-        except Image.DecompressionBombError:
-            raise InputError(f"{name} {path} is too large to decode safely; use one of at most "
-                             f"{img.MAX_INIT_PIXELS // 10**6} megapixels") from None
-    if isinstance(source, Image.Image):
-        img._check_pixels(source.size)
-        return source
-    raise InputError(f"{what} must be an image (a path or a PIL.Image), not {type(source).__name__}")
 
 
 def _to_array(im) -> np.ndarray:
