@@ -58,8 +58,8 @@ class _Metric:
     def lines(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples()]
 
-    def samples(self) -> list[str]:  # abstract: each metric kind writes its own sample lines
-        raise NotImplementedError
+    def samples(self) -> list[str]:
+        raise NotImplementedError  # abstract: each metric kind writes its own sample lines
 
 
 class Counter(_Metric):
