@@ -107,7 +107,7 @@ def prepare(bundle, image, mask_image, *, padding_mask_crop=None, height=None, w
     picture = img.open_image(image, "init image", what="image")
     mask = img.open_image(mask_image, "mask", what="mask_image")
     if picture.size != mask.size:
-        raise InputError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is {picture.size[0]}x"
+        raise InputError(f"mask_image is {mask.size[0]}x{mask.size[1]} but the init image is {picture.size[0]}x"
                          f"{picture.size[1]}; give a mask of the image's size (white = repaint, black = keep)")
     w, h = (d - d % multiple for d in picture.size)
     if w < multiple or h < multiple:
@@ -207,7 +207,7 @@ def crop_region(mask, width: int, height: int, pad: int) -> tuple[int, int, int,
     h, w = a.shape
     cols, rows = np.flatnonzero(a.any(axis=0)), np.flatnonzero(a.any(axis=1))
     if not len(cols):
-        raise InputError("the mask is all black: nothing to repaint, and padding_mask_crop has no region to crop to")
+        raise InputError("mask_image is all black: nothing to repaint, and padding_mask_crop has no region to crop to")
     x1, y1 = max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0)
     x2, y2 = min(int(cols[-1]) + 1 + pad, w), min(int(rows[-1]) + 1 + pad, h)
     if (x2 - x1) / (y2 - y1) > width / height:

@@ -48,6 +48,30 @@ def open_image(data: bytes, param: str):
                           param) from None
 
 
+def open_mask(data: bytes, param: str):
+    """An edits ``mask`` upload -> the pipeline's mask (mode "L", white = repaint). OpenAI's convention: the fully
+    transparent pixels (alpha 0) are the ones to edit. A mask without transparency is read as diffusers reads one
+    (white = repaint), so a diffusers-style black-and-white mask works too."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise bad_request(f"{param} is empty; send a PNG whose transparent pixels mark what to edit", param)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_INIT_PIXELS:
+                raise bad_request(f"{param} is {w}x{h}; the limit is {MAX_INIT_PIXELS // 10**6} megapixels", param)
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            if has_alpha:
+                alpha = im.convert("RGBA").getchannel("A")
+                return alpha.point(lambda a: 255 if a == 0 else 0)  # transparent -> repaint (white)
+            return im.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        raise bad_request(f"{param} is not an image this server can read; send a PNG with transparent pixels where "
+                          "to edit", param) from None
+
+
 def fit(image, size: tuple[int, int] | None):
     """``image`` resized to (height, width) with Lanczos when a size was asked for, else as it is."""
     if size is None or (image.size[1], image.size[0]) == size:

@@ -29,7 +29,7 @@ router = APIRouter()
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
           "guidance_scale": "cfg_scale", "height": "height", "width": "width", "num_images_per_prompt": "batch_size",
           "seed": "seed", "scheduler": "sampler_name", "strength": "denoising_strength", "image": "init_images",
-          "init": "init_images"}
+          "init": "init_images", "mask_image": "mask"}
 # A1111 sampler names -> edgediff schedulers ("<name> Karras" is the name with scheduler="Karras")
 SAMPLERS = {"Euler a": "euler_a", "Euler": "euler", "DDIM": "ddim", "PLMS": "pndm", "PNDM": "pndm",
             "DPM++ 2M": "dpmpp_2m", "DPM++ 2M Karras": "dpmpp_2m_karras", "LCM": "lcm", "UniPC": "unipc"}
@@ -83,9 +83,6 @@ async def _generate(request: Request, *, img2img: bool) -> dict:
         name = "script_name" if f.string("script_name") else "alwayson_scripts"
         raise bad_request(f"{name}: scripts and extensions are not supported; leave it empty", name,
                           code="unsupported_parameter")
-    if img2img and body.get("mask"):
-        raise bad_request("mask: inpainting is not supported yet; send init_images without a mask", "mask",
-                          code="unsupported_parameter")
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise bad_request("override_settings must be an object", "override_settings", code="invalid_type")
@@ -118,6 +115,13 @@ async def _generate(request: Request, *, img2img: bool) -> dict:
         size = None if width is None and height is None else (height or picture.size[1], width or picture.size[0])
         knobs.update(image=images.fit(picture, size), height=None, width=None,
                      strength=f.number("denoising_strength", lo=0.0, hi=1.0))
+        if body.get("mask"):  # inpainting, A1111's convention: white is repainted (inverted on request)
+            mask = images.open_image(images.decode_base64(body["mask"], "mask"), "mask").convert("L")
+            if f.integer("inpainting_mask_invert", 0, lo=0, hi=1):
+                from PIL import ImageOps
+
+                mask = ImageOps.invert(mask)
+            knobs["mask_image"] = images.fit(mask, size)
     req = build_request(engine, FIELDS, **knobs)
     t0 = time.perf_counter()
     _, result = await run_ticket(state, engine, req, request, FIELDS)

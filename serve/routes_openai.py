@@ -39,7 +39,8 @@ router = APIRouter()
 # runtime argument name (the start of its InputError messages) -> this API's field name
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "num_inference_steps",
           "guidance_scale": "guidance_scale", "height": "size", "width": "size", "num_images_per_prompt": "n",
-          "seed": "seed", "scheduler": "scheduler", "strength": "strength", "image": "image", "init": "image"}
+          "seed": "seed", "scheduler": "scheduler", "strength": "strength", "image": "image", "init": "image",
+          "mask_image": "mask", "mask": "mask"}
 COMMON = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "user",
           "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "background",
           "partial_images", "stream")
@@ -66,9 +67,6 @@ async def edits(request: Request):
     t0 = time.perf_counter()
     state = request.app.state.edgediff
     form = await request.form(max_files=4, max_fields=64, max_part_size=state.limits.max_body_bytes)
-    if "mask" in form:
-        raise bad_request("mask: inpainting is not supported yet; send the image without a mask for img2img "
-                          "(strength sets how much of it changes)", "mask", code="unsupported_parameter")
     uploads = form.getlist("image") + form.getlist("image[]")
     if not uploads:
         raise bad_request("image is required: a PNG, JPEG or WebP file (multipart field 'image')", "image",
@@ -77,7 +75,11 @@ async def edits(request: Request):
         raise bad_request(f"image: {len(uploads)} images were sent; img2img takes one", "image")
     if not isinstance(uploads[0], UploadFile):
         raise bad_request("image must be a file upload (multipart), not a text field", "image", code="invalid_type")
-    texts = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+    masks = form.getlist("mask")
+    if len(masks) > 1 or (masks and not isinstance(masks[0], UploadFile)):
+        raise bad_request("mask must be one file upload (a PNG whose transparent pixels mark what to edit)", "mask",
+                          code="invalid_type")
+    texts = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")}
     f = Fields(texts, form=True, allowed=COMMON + ("strength",), ignored=IGNORED + ("input_fidelity",))
     engine = state.engine(f.string("model"))
     if not engine.pipe.bundle.has("vae_encoder"):
@@ -88,6 +90,9 @@ async def edits(request: Request):
     check_multiple(engine, size, ("size", "size"))
     picture = images.open_image(await uploads[0].read(), "image")
     knobs["image"] = images.fit(picture, None if size[0] is None else size)  # a size asked for: the image resized
+    if masks:  # inpainting: the transparent pixels are edited, the rest kept (the runtime checks the sizes match)
+        mask = images.open_mask(await masks[0].read(), "mask")
+        knobs["mask_image"] = images.fit(mask, None if size[0] is None else size)
     knobs["strength"] = f.number("strength", lo=0.0, hi=1.0)
     req = build_request(engine, FIELDS, **knobs)
     if out["stream"]:

@@ -217,7 +217,7 @@ def test_latent_blend_keeps_the_unmasked_latents(ours_4ch):
 def test_bad_inputs_are_one_clear_line(ours_9ch, ours_4ch, tmp_path):
     image, m = picture(), mask()
     cases = [
-        (dict(image=image, mask_image=mask((16, 12))), "mask is 16x12 but the init image is 16x16"),
+        (dict(image=image, mask_image=mask((16, 12))), "mask_image is 16x12 but the init image is 16x16"),
         (dict(mask_image=m), "a mask needs the image to inpaint"),
         (dict(image=image, mask_image=np.zeros((16, 16))), "mask_image must be an image"),
         (dict(image=image, mask_image=tmp_path / "nope.png"), "mask not found"),
@@ -228,7 +228,7 @@ def test_bad_inputs_are_one_clear_line(ours_9ch, ours_4ch, tmp_path):
         (dict(image=image, mask_image=m, denoising_start=0.5), "do not apply to inpainting"),
         (dict(image=image, mask_image=m, strength=0.0), "strength=0.0"),
         (dict(image=image, mask_image=m, height=32, width=32), "inpainting keeps the image's size"),
-        (dict(image=image, mask_image=mask(box=(0, 0, 0, 0)), padding_mask_crop=1), "the mask is all black"),
+        (dict(image=image, mask_image=mask(box=(0, 0, 0, 0)), padding_mask_crop=1), "mask_image is all black"),
     ]
     (tmp_path / "bad.png").write_bytes(b"not a png")
     cases.append((dict(image=image, mask_image=tmp_path / "bad.png"), "cannot read mask"))
@@ -293,7 +293,7 @@ def test_cli_inpaints_and_refuses_a_mismatched_mask(tiny_sd1_bundle, tmp_path):
         assert '"inpaint": "latent blend"' in im.info["parameters"]
     r = run(main, ["generate", "a cat", "-m", str(tiny_sd1_bundle), "--init-image", str(tmp_path / "in.png"),
                    "--mask", str(tmp_path / "small.png"), "-o", str(tmp_path / "x.png")])
-    assert r.exit_code == 2 and "mask is 16x12 but the init image is 16x16" in r.output
+    assert r.exit_code == 2 and "mask_image is 16x12 but the init image is 16x16" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
     r = run(main, ["generate", "a cat", "-m", str(tiny_sd1_bundle), "--mask", str(tmp_path / "mask.png"),
                    "-o", str(tmp_path / "y.png")])

@@ -54,6 +54,25 @@ def test_img2img_keeps_the_init_size_and_matches_the_pipeline(url, pipe):
     assert _decode(img).tobytes() == np.asarray(alone).tobytes()
 
 
+def _b64_png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_img2img_with_a_mask_inpaints_white_and_matches_the_pipeline(url, pipe):
+    init = pipe("a red circle", num_inference_steps=4, seed=5).images[0]
+    w, h = init.size
+    mask = Image.new("L", (w, h), 0)
+    mask.paste(255, (w // 2, 0, w, h))  # A1111: white is repainted
+    body = {"prompt": "a green cross", "init_images": [_b64_png(init)], "mask": _b64_png(mask), "denoising_strength": 0.9,
+            "steps": 6, "seed": 4}
+    r = httpx.post(url + "/sdapi/v1/img2img", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    alone = pipe("a green cross", image=init, mask_image=mask, strength=0.9, num_inference_steps=6, seed=4).images[0]
+    assert _decode(r.json()["images"][0]).tobytes() == np.asarray(alone).tobytes()
+
+
 def test_listings(url):
     models = httpx.get(url + "/sdapi/v1/sd-models", timeout=30).json()
     assert [m["model_name"] for m in models] == [MODEL]

@@ -84,7 +84,7 @@ def test_generations_body_that_is_not_a_json_object(url, content):
     ({"image": ("x.png", b"", "image/png")}, {"prompt": "x"}, "image"),
     ({}, {"prompt": "x"}, "image"),  # missing
     ({"image": ("x.png", _png(), "image/png")}, {}, "prompt"),
-    ({"image": ("x.png", _png(), "image/png"), "mask": ("m.png", _png(), "image/png")}, {"prompt": "x"}, "mask"),
+    ({"image": ("x.png", _png(), "image/png"), "mask": ("m.png", b"not a png", "image/png")}, {"prompt": "x"}, "mask"),
     ({"image": ("x.png", _png(), "image/png")}, {"prompt": "x", "strength": "0"}, "strength"),
     ({"image": ("x.png", _png(), "image/png")}, {"prompt": "x", "strength": "lots"}, "strength"),
     ({"image": ("x.png", _png(), "image/png")}, {"prompt": "x", "n": "0"}, "n"),
@@ -121,7 +121,8 @@ def test_edits_image_sent_as_text_is_refused(url):
     ("img2img", {"init_images": []}, "init_images"),
     ("img2img", {"denoising_strength": 0}, "denoising_strength"),
     ("img2img", {"width": 60, "height": 64}, "width"),  # refused, not resized then rounded down
-    ("img2img", {"mask": base64.b64encode(_png()).decode()}, "mask"),
+    ("img2img", {"mask": "%%% not base64 %%%"}, "mask"),
+    ("img2img", {"mask": base64.b64encode(_png((32, 32))).decode()}, "mask"),  # not the init image's size
 ])
 def test_a1111_bad_field(url, route, change, param):
     body = {"prompt": "a red circle", "steps": 2}

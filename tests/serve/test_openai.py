@@ -74,12 +74,30 @@ def test_edit_is_img2img_of_the_upload(client, pipe):
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(alone))
 
 
-def test_edit_with_a_mask_is_refused_naming_the_field(client):
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(png, format="PNG")
+def test_edit_with_a_mask_inpaints_its_transparent_pixels(client, pipe):
+    """OpenAI's mask: fully transparent pixels are edited. The same edit as Pipeline inpainting with the diffusers
+    mask (white = repaint), to the bit; a mask of another size is a 400 naming the field."""
+    init = pipe("a red circle", num_inference_steps=STEPS, seed=5).images[0]
+    w, h = init.size
+    rgba = Image.new("RGBA", (w, h), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, w // 2, h))  # the left half transparent: edit it
+    buf, mbuf = io.BytesIO(), io.BytesIO()
+    init.save(buf, format="PNG")
+    rgba.save(mbuf, format="PNG")
+    res = client.images.edit(image=("init.png", buf.getvalue(), "image/png"), mask=("m.png", mbuf.getvalue(),
+                             "image/png"), prompt="a blue square", model=MODEL,
+                             extra_body={"strength": 0.9, "num_inference_steps": 6, "seed": 3})
+    out = _image(base64.b64decode(res.data[0].b64_json))
+    diffusers_mask = Image.new("L", (w, h), 0)
+    diffusers_mask.paste(255, (0, 0, w // 2, h))
+    alone = pipe("a blue square", image=init, mask_image=diffusers_mask, strength=0.9, num_inference_steps=6,
+                 seed=3).images[0]
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(alone))
+    small = io.BytesIO()
+    Image.new("RGBA", (w // 2, h // 2), (0, 0, 0, 0)).save(small, format="PNG")
     with pytest.raises(openai.BadRequestError) as err:
-        client.images.edit(image=("i.png", png.getvalue(), "image/png"), mask=("m.png", png.getvalue(), "image/png"),
-                           prompt="x")
+        client.images.edit(image=("i.png", buf.getvalue(), "image/png"), mask=("m.png", small.getvalue(),
+                           "image/png"), prompt="x", extra_body={"num_inference_steps": 2})
     assert err.value.status_code == 400 and err.value.body["param"] == "mask"
 
 
