@@ -1,7 +1,9 @@
 """Opening a component with changed weights (initializer name -> fused values), per backend kind:
 
-- ONNX Runtime (``cpu``, ``cuda``): a new session whose options override those initializers (OrtOptions.initializers,
-  SessionOptions.add_initializer): no graph rewrite, nothing written, the stored tensors never read.
+- ONNX Runtime (``cpu``, ``cuda``): a new session with those initializers replaced before ORT optimizes the graph
+  (OrtOptions.initializers; runtime/backends/ort.py: add_external_initializers for external-data graphs, an
+  in-memory copy of the graph for embedded ones — not add_initializer, which ORT applies after its layout passes):
+  no file written, the bundle's tensors never modified.
 - native TensorRT (``trt``): the cached refittable engine, refitted from the base weights plus the LoRA
   (backends/tensorrt/refit.py).
 
