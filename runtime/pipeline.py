@@ -392,9 +392,10 @@ class Pipeline:
         if decoded is None:  # handed on undecoded (diffusers' output_type="latent")
             latents_out, out = job.x, list(job.x)
         else:
-            self._check_not_constant(decoded)
+            pixels = img.to_uint8(decoded)  # (N, H, W, 3) uint8: what the user gets, judged and converted once
+            self._check_not_constant(pixels)
             with watch.span("postprocess"):
-                out = self._postprocess(decoded, req.output_type)
+                out = self._postprocess(decoded, pixels, req.output_type)
                 if req.inpaint is not None and req.inpaint.crop is not None:  # padding_mask_crop: paste back
                     out = inpaint.overlay(req.inpaint, out)
         watch.spans.append(Span("total", job.start_time, time.perf_counter()))
@@ -527,22 +528,21 @@ class Pipeline:
                              "it or the steps")
         return end
 
-    def _postprocess(self, decoded: np.ndarray, output_type: str) -> list:
+    def _postprocess(self, decoded: np.ndarray, pixels: np.ndarray, output_type: str) -> list:
         if output_type == "np":
             return list(img.to_float(decoded))
         from PIL import Image
 
-        return [Image.fromarray(a) for a in img.to_uint8(decoded)]
+        return [Image.fromarray(a) for a in pixels]
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _run(self, backend, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run a component; NaN/Inf in its outputs is reported by that component."""
         return run_component(backend, feeds, precision=self.bundle.component(backend.component).precision)
 
-    def _check_not_constant(self, decoded: np.ndarray) -> None:
+    def _check_not_constant(self, pixels: np.ndarray) -> None:
         """A decoder that saturates (every pixel at -1 or +1) or returns one flat colour is broken, not an image:
         refuse it rather than write an all-black, all-white or flat PNG. Judged on the uint8 pixels the user gets."""
-        pixels = img.to_uint8(decoded)  # (N, H, W, 3) uint8
         flat = [k for k in range(len(pixels)) if (pixels[k] == pixels[k, :1, :1]).all()]
         if flat:
             rgb = tuple(int(v) for v in pixels[flat[0], 0, 0])
