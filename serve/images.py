@@ -30,46 +30,37 @@ def decode_base64(value: Any, param: str) -> bytes:
 
 
 def open_image(data: bytes, param: str):
-    """Upload bytes -> an RGB PIL image. The pixel count is checked from the header, before decoding, so a
-    decompression bomb is refused without being expanded."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise bad_request(f"{param} is empty; send a PNG, JPEG or WebP file", param)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > MAX_INIT_PIXELS:
-                raise bad_request(f"{param} is {w}x{h}; the limit is {MAX_INIT_PIXELS // 10**6} megapixels", param)
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise bad_request(f"{param} is not an image this server can read; send a PNG, JPEG or WebP file",
-                          param) from None
+    """Upload bytes -> an RGB PIL image."""
+    return _decode(data, param, "a PNG, JPEG or WebP file").convert("RGB")
 
 
 def open_mask(data: bytes, param: str):
     """An edits ``mask`` upload -> the pipeline's mask (mode "L", white = repaint). OpenAI's convention: the fully
     transparent pixels (alpha 0) are the ones to edit. A mask without transparency is read as diffusers reads one
     (white = repaint), so a diffusers-style black-and-white mask works too."""
+    im = _decode(data, param, "a PNG whose transparent pixels mark what to edit")
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = im.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 if a == 0 else 0)  # transparent -> repaint (white)
+    return im.convert("L")
+
+
+def _decode(data: bytes, param: str, wanted: str):
+    """Upload bytes -> a loaded PIL image in its own mode. The pixel count is checked from the header, before
+    decoding, so a decompression bomb is refused without being expanded."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise bad_request(f"{param} is empty; send a PNG whose transparent pixels mark what to edit", param)
+        raise bad_request(f"{param} is empty; send {wanted}", param)
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_INIT_PIXELS:
                 raise bad_request(f"{param} is {w}x{h}; the limit is {MAX_INIT_PIXELS // 10**6} megapixels", param)
             im.load()
-            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
-            if has_alpha:
-                alpha = im.convert("RGBA").getchannel("A")
-                return alpha.point(lambda a: 255 if a == 0 else 0)  # transparent -> repaint (white)
-            return im.convert("L")
+            return im.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise bad_request(f"{param} is not an image this server can read; send a PNG with transparent pixels where "
-                          "to edit", param) from None
+        raise bad_request(f"{param} is not an image this server can read; send {wanted}", param) from None
 
 
 def fit(image, size: tuple[int, int] | None):
