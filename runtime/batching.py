@@ -72,7 +72,7 @@ def _run_chunk(graph: str, chunk, run: RunDenoiser) -> None:
     t1 = time.perf_counter()
     offset = 0
     for job, _ in chunk:
-        job.watch.spans.append(Span(graph, t0, t1, job.step))
+        job.watch.spans.append(Span(job.span_name(graph), t0, t1, job.step))
         rows = eps[offset:offset + job.batch]
         offset += job.batch
         try:

@@ -11,7 +11,8 @@ from .backends.base import Backend
 from .bundle.reader import Bundle
 
 
-RESIDENT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # opened at load; the rest on first use
+# opened at load (those the bundle has); the rest on first use
+RESIDENT = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
 
 
 class Components:

@@ -71,7 +71,7 @@ def default_strength(bundle) -> float:
 
 def unet_channels(bundle) -> int:
     """The UNet's ``sample`` channels, from the graph's input spec (its config as a fallback)."""
-    c = bundle.component("unet").input("sample").shape[1]
+    c = bundle.component(bundle.denoiser).input("sample").shape[1]
     return c if isinstance(c, int) else int(bundle.unet_config.get("in_channels", bundle.manifest.latent_channels))
 
 

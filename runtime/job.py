@@ -19,7 +19,8 @@ from .request import GenerationRequest
 from .timing import Span, Stopwatch
 
 StepCallback = Callable[[int, int, float, np.ndarray], None]  # (step done, total steps, timestep, latents)
-DENOISER = "unet"  # the bundle component a step runs unless an extension picks another graph
+DENOISER = "unet"  # the bundle component a step runs by default (Bundle.denoiser: "transformer" for SD3/FLUX)
+STEP_SPAN = "unet"  # the timing span of a call to the job's denoiser, whatever its component: what the bench reads
 
 
 class StepExtension(Protocol):
@@ -28,7 +29,7 @@ class StepExtension(Protocol):
     optional (a plain object with only some of these methods works); they run in the order of ``job.extensions``."""
 
     def graph(self, job: "DenoiseJob", graph: str) -> str:
-        """The bundle component this step runs (``DENOISER`` by default)."""
+        """The bundle component this step runs (``job.denoiser`` by default)."""
 
     def feeds(self, job: "DenoiseJob", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The step's denoiser inputs, after the job's own (more inputs, other channels)."""
@@ -49,6 +50,7 @@ class DenoiseJob:
     callback: StepCallback | None = None
     cancel: Callable[[], bool] | None = None
     extensions: tuple = ()  # StepExtension objects, applied in order at each step
+    denoiser: str = DENOISER  # the bundle's denoiser component (Bundle.denoiser), the graph a step runs by default
     step: int = field(init=False)  # the next step index
     error: BaseException | None = field(default=None, init=False)  # set by a step-level scheduler when a step failed
     _step_start: float = field(default=0.0, init=False)
@@ -71,11 +73,16 @@ class DenoiseJob:
 
     def graph(self) -> str:
         """The bundle component the next step runs."""
-        name = DENOISER
+        name = self.denoiser
         for ext in self.extensions:
             if hasattr(ext, "graph"):
                 name = ext.graph(self, name)
         return name
+
+    def span_name(self, graph: str) -> str:
+        """The timing span of a call to ``graph``: STEP_SPAN for the denoiser itself, so a UNet's and a
+        transformer's steps are read alike; another graph an extension picks keeps its own name."""
+        return STEP_SPAN if graph == self.denoiser else graph
 
     def unet_feeds(self) -> dict[str, np.ndarray]:
         """The denoiser's inputs for the next step, (batch, ...) each."""

@@ -19,6 +19,7 @@ import numpy as np
 from . import cfg_cutoff as cutoff
 from . import images as img
 from . import inpaint
+from . import presets
 from . import tiny_vae
 from . import vae_tiling as tiling
 from . import validation as check
@@ -153,6 +154,7 @@ class Pipeline:
         cfg_cutoff: float | None = None,
         decoder: str = "full",
         vae_tiling: bool | None = None,
+        preset: str | None = None,
         **family_options: Any,
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
@@ -182,17 +184,20 @@ class Pipeline:
                            image=image, strength=strength, mask_image=mask_image,
                            padding_mask_crop=padding_mask_crop, scheduler=scheduler, output_type=output_type,
                            denoising_start=denoising_start, denoising_end=denoising_end, cfg_cutoff=cfg_cutoff,
-                           decoder=decoder, vae_tiling=vae_tiling, **family_options)
+                           decoder=decoder, vae_tiling=vae_tiling, preset=preset, **family_options)
         return self.generate(req, callback=callback, cancel=cancel)
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
                 mask_image=None, padding_mask_crop=None,
                 scheduler=None, output_type="pil", denoising_start=None, denoising_end=None, cfg_cutoff=None,
-                decoder="full", vae_tiling=None, **family_options) -> GenerationRequest:
+                decoder="full", vae_tiling=None, preset=None, **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
         m = self.bundle.manifest
+        if preset is not None:  # runtime/presets.py: its steps/guidance/scheduler where the call names none
+            num_inference_steps, guidance_scale, scheduler = presets.resolve(
+                preset, self.bundle, steps=num_inference_steps, guidance=guidance_scale, scheduler=scheduler)
         prompts = check.prompts(prompt)
         steps = check.steps(self.default_steps if num_inference_steps is None else num_inference_steps,
                             max_steps=self.scheduler_config.num_train_timesteps)
@@ -201,7 +206,11 @@ class Pipeline:
         output_type = check.output_type(output_type)
         scheduler = scheduler or self.default_scheduler
         make_scheduler(scheduler, self.scheduler_config).set_timesteps(steps)  # unknown name or bad count: now
-        guided = g > 1.0
+        cfg = getattr(self.conditioner, "classifier_free_guidance", True)  # False: g is a model input (LCM)
+        if not cfg and negative_prompt is not None:
+            raise InputError(f"negative_prompt does not apply to this {m.family} bundle: its guidance is distilled into "
+                             "the model (no unconditional branch, guidance_scale sets its strength); drop it")
+        guided = cfg and g > 1.0
         negatives = self._negatives(negative_prompt, len(prompts)) if guided else None
         if hasattr(self.conditioner, "check_prompts"):  # e.g. SD's weighting grammar: a bad bracket fails now
             self.conditioner.check_prompts(prompts, negatives)
@@ -297,7 +306,7 @@ class Pipeline:
                 if graph not in graphs:
                     graphs[graph] = stack.enter_context(self.components.use(graph))
                 feeds = job.unet_feeds()
-                with job.watch.span(graph, job.step):
+                with job.watch.span(job.span_name(graph), job.step):
                     eps = self._run(graphs[graph], feeds)[0]  # (2N or N, C, h, w) float32, checked finite
                 job.advance(eps)
         return self.finish(job)
@@ -330,7 +339,7 @@ class Pipeline:
             x = self._img2img_latents(req, sched, watch)
         return DenoiseJob(request=req, scheduler=sched, cond=cond, x=x, end=self._end_index(req, sched), watch=watch,
                           start_time=t0, callback=callback, cancel=cancel,
-                          extensions=(*extensions, *cutoff.extensions_for(req)))
+                          extensions=(*extensions, *cutoff.extensions_for(req)), denoiser=self.bundle.denoiser)
 
     def finish(self, job: DenoiseJob) -> GenerationResult:
         """Decode a job's latents (unless output_type="latent") into the call's result."""
@@ -553,7 +562,7 @@ class Pipeline:
 
     def _static_size(self) -> tuple[int, int] | None:
         """(height, width) when the denoiser's spatial dims are fixed (``edgediff optimize --static``)."""
-        shape = self.bundle.component("unet").input("sample").shape
+        shape = self.bundle.component(self.bundle.denoiser).input("sample").shape
         f = self.bundle.manifest.vae_scale_factor
         if isinstance(shape[2], int) and isinstance(shape[3], int):
             return shape[2] * f, shape[3] * f
@@ -561,7 +570,7 @@ class Pipeline:
 
     def _check_static(self, h: int, w: int, unet_batch: int, images: int, guided: bool) -> None:
         """A static-shape bundle runs one size and batch only: say which, before any work."""
-        shape = self.bundle.component("unet").input("sample").shape
+        shape = self.bundle.component(self.bundle.denoiser).input("sample").shape
         fixed = self._static_size()
         if fixed is not None and fixed != (h, w):
             raise InputError(f"this bundle is fixed to {fixed[1]}x{fixed[0]} (built with edgediff optimize --static); "
@@ -577,6 +586,8 @@ class Pipeline:
         unet_config = self.bundle.unet_config
         heads = unet_config.get("attention_head_dim", 8)
         heads = max(heads) if isinstance(heads, (list, tuple)) else heads
+        if self.bundle.denoiser != "unet":  # a transformer: its heads, and attention over patch_size^2-cell tokens
+            heads, f = unet_config.get("num_attention_heads", heads), f * int(unet_config.get("patch_size", 1))
         need = check.activation_bytes(batch=batch, latent_h=h // f, latent_w=w // f, attention_heads=int(heads),
                                       channels=unet_config.get("block_out_channels", [320]))
         have = check.available_memory()

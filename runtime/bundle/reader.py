@@ -65,12 +65,21 @@ class Bundle:
 
     # -- derived values (one source each) -------------------------------------------------------------------
     @cached_property
+    def denoiser(self) -> str:
+        """The component a denoising step runs: the bundle's UNet or diffusion transformer (layout.DENOISERS)."""
+        return next((name for name in layout.DENOISERS if self.has(name)), layout.DENOISERS[0])
+
+    @cached_property
     def unet_config(self) -> dict[str, Any]:
-        return self.config(layout.config_path("unet"))
+        """The denoiser's diffusers config (a UNet's, or SD3/FLUX's transformer's: the name predates them)."""
+        return self.config(layout.config_path(self.denoiser))
 
     @cached_property
     def size_multiple(self) -> int:
-        """Image height and width must be multiples of this (VAE factor x the UNet's downsampling)."""
+        """Image height and width must be multiples of this: VAE factor x the UNet's downsampling, or x the
+        transformer's patch size (it cuts the latent grid into patch_size x patch_size tokens)."""
+        if self.denoiser != "unet":
+            return self.manifest.vae_scale_factor * int(self.unet_config.get("patch_size", 1))
         return latent_multiple(self.manifest.vae_scale_factor, self.unet_config.get("block_out_channels", [0]))
 
     @property
@@ -168,7 +177,7 @@ class Bundle:
                         problems.append(unpinned)
                 except BundleError as exc:  # escapes (UnsafePathError) and unreadable graphs: what load says
                     problems.append(str(exc))
-        for which in (layout.TOKENIZER_DIR, layout.TOKENIZER_2_DIR):
+        for which in (layout.TOKENIZER_DIR, layout.TOKENIZER_2_DIR, layout.TOKENIZER_3_DIR):
             problems.extend(self._unpinned_tokenizer_files(which))
         return problems
 

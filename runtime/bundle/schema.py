@@ -29,19 +29,25 @@ _DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 
 # Allowed values (re-exported by manifest.py, where the dataclasses that hold them live).
 # Model families. Only the first three run today; the rest are reserved so that their bundles need no format change.
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-turbo", "lcm")
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-turbo", "lcm", "sd3", "flux")
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
               "int8-storage")
 OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
 # Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
-              "vae_decoder_tiny", "vae_encoder_tiny")  # the tiny autoencoder (export --tiny-vae; TAESD)
+              "vae_decoder_tiny", "vae_encoder_tiny",  # the tiny autoencoder (export --tiny-vae; TAESD)
+              "transformer", "text_encoder_3")  # SD3 / FLUX: the diffusion transformer (MMDiT) and the T5 encoder
+# ControlNet (export --controlnet; runtime/controlnet.py): the UNet that also takes the residuals, and one
+# component per ControlNet, named "controlnet_<name>" (a name of a-z, 0-9, "_", "-")
+RESIDUAL_UNET = "unet_controlnet"
+CONTROLNET_PREFIX = "controlnet_"
+_CONTROLNET = re.compile(r"controlnet_[a-z0-9][a-z0-9_-]{0,47}")
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "int8")
 
 REQUIRED = ("format_version", "family", "prediction_type", "default_height", "default_width", "latent_channels",
             "vae_scale_factor", "scaling_factor", "text_max_length", "components", "files", "provenance")
 OPTIONAL = ("shift_factor", "defaults")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: the velocity of rectified flow (SD3, FLUX)
 METRICS = ("max_rel", "rel_l2")
 
 
@@ -69,11 +75,17 @@ def check_manifest(data: Any) -> None:
     seen: set[str] = set()
     comps = _object(d["components"], "components")
     for name, comp in comps.items():
-        _choice(name, "components key", COMPONENTS)
+        if not is_component(name):
+            _choice(name, "components key", COMPONENTS)
         _component(comp, f"components.{name}", name, seen)
     for i, entry in enumerate(_list(d["files"], "files")):
         _file(entry, f"files[{i}]", seen)
     _provenance(_object(d["provenance"], "provenance"))
+
+
+def is_component(name: Any) -> bool:
+    """A component name a manifest may list: one of COMPONENTS, the residual UNet, or ``controlnet_<name>``."""
+    return name in COMPONENTS or name == RESIDUAL_UNET or (isinstance(name, str) and bool(_CONTROLNET.fullmatch(name)))
 
 
 # -- parts ---------------------------------------------------------------------------------------------------
