@@ -184,8 +184,7 @@ def _component_weights(bundle: "Bundle", component: str, wmap: WeightsMap,
             raise BundleError(f"{component}: initializer {entry.initializer!r} for {param} is {found} in the graph, "
                               f"its weights map says {tuple(want)}; the map does not describe this graph: "
                               "re-export the bundle")
-        base = graph.read(entry.initializer)  # read-only view of the stored weights
-        w = fused(base.T if entry.transposed else base, terms, entry.shape)  # (out, in[, kh, kw]) float32, new
-        w = w.T if entry.transposed else w
-        out[entry.initializer] = np.ascontiguousarray(w, dtype=info.dtype)
+        base = graph.read(entry.initializer)  # read-only view of the stored weights, in the graph's layout
+        w = fused(base, terms, entry.shape, transposed=entry.transposed)  # the graph's layout, float32, new
+        out[entry.initializer] = w if w.dtype == info.dtype else w.astype(info.dtype)
     return out

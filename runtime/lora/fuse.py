@@ -4,6 +4,10 @@ Always from the base weights the bundle stores, never from a previously fused we
 A's weights from the same inputs in the same order, so it gives A's images bit for bit (TensorRT #3628 is the
 failure of adding deltas to the previous LoRA's weights). Layers are added one LoRA at a time, as PEFT merges
 adapters (``base_layer.weight += (B @ A) * scaling``), in float32 as diffusers' fp32 fuse does.
+
+Everything is computed in the layout the graph stores: a Linear exported as MatMul keeps W^T (in, out), whose
+delta is (B @ A)^T = A^T @ B^T — one small GEMM writing the stored layout directly. Transposing the large base to
+PyTorch's layout and back (two strided copies of every weight) cost more than the products themselves.
 """
 from __future__ import annotations
 
@@ -14,19 +18,26 @@ import numpy as np
 from .formats import LoraLayer
 
 
-def delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
-    """B @ A of one layer in the weight's PyTorch layout ``shape`` ((out, in) or (out, in, kh, kw)), float32.
-    A conv LoRA's product is (out, r) @ (r, in*kh*kw), which is PEFT's conv2d of the two factors."""
+def delta(layer: LoraLayer, shape: tuple[int, ...], *, transposed: bool = False) -> np.ndarray:
+    """B @ A of one layer in the weight's PyTorch layout ``shape`` ((out, in) or (out, in, kh, kw)), float32; with
+    ``transposed`` (a Linear stored as (in, out)) its transpose A^T @ B^T, (in, out). A conv LoRA's product is
+    (out, r) @ (r, in*kh*kw), which is PEFT's conv2d of the two factors."""
     out, r = layer.up.shape[0], layer.up.shape[1]
     up = layer.up.reshape(out, r)
     down = layer.down.reshape(r, -1)
+    if transposed:
+        return down.T @ up.T  # (in, r) @ (r, out) = (in, out) float32, C-contiguous
     return (up @ down).reshape(shape)  # (out, in[, kh, kw]) float32
 
 
-def fused(base: np.ndarray, terms: Sequence[tuple[LoraLayer, float]], shape: tuple[int, ...]) -> np.ndarray:
-    """A new float32 array: ``base`` (PyTorch layout, any float dtype; never written) plus each layer's product
-    times its factor (the user's weight x the layer's alpha / rank)."""
-    w = np.array(base, dtype=np.float32, copy=True)  # (out, in[, kh, kw]): the base stays untouched
+def fused(base: np.ndarray, terms: Sequence[tuple[LoraLayer, float]], shape: tuple[int, ...], *,
+          transposed: bool = False) -> np.ndarray:
+    """A new C-contiguous float32 array: ``base`` (the stored layout: PyTorch's ``shape``, or its transpose
+    (in, out) when ``transposed``; any float dtype; never written) plus each layer's product times its factor
+    (the user's weight x the layer's alpha / rank)."""
+    w = np.array(base, dtype=np.float32, order="C", copy=True)  # the base stays untouched
     for layer, factor in terms:
-        w += delta(layer, shape) * np.float32(factor)
+        d = delta(layer, shape, transposed=transposed)  # a new array: scaled in place, then added
+        d *= np.float32(factor)
+        w += d
     return w

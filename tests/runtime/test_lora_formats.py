@@ -190,3 +190,19 @@ def test_fused_is_base_plus_scaled_products_and_never_writes_the_base():
     out = fused(base, [(layer, 0.5), (layer, 0.25)], base.shape)
     expect = base + 0.75 * np.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
     assert np.allclose(out, expect, atol=1e-5) and out is not base
+
+
+def test_fused_in_the_stored_transposed_layout_equals_the_transposed_pytorch_layout():
+    # A Linear exported as MatMul stores W^T (in, out); its fused weight is computed in that layout directly.
+    from edgediff.lora.formats import LoraLayer
+
+    a = rng.standard_normal((4, 48)).astype(np.float32)  # lora_A / down: (r, in)
+    b = rng.standard_normal((32, 4)).astype(np.float32)  # lora_B / up: (out, r)
+    layer = LoraLayer("unet", Q, False, a, b, 0.5)
+    base = rng.standard_normal((32, 48)).astype(np.float32)  # PyTorch layout (out, in)
+    stored = np.ascontiguousarray(base.T)
+    stored.flags.writeable = False
+    out = fused(stored, [(layer, 0.5), (layer, 0.25)], base.shape, transposed=True)
+    assert out.shape == (48, 32) and out.flags.c_contiguous
+    assert np.allclose(out, fused(base, [(layer, 0.5), (layer, 0.25)], base.shape).T, atol=1e-5)
+    assert np.allclose(out, (base + 0.75 * b @ a).T, atol=1e-5)
