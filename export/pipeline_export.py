@@ -28,6 +28,7 @@ from edgediff.errors import ExportError, ParityError, missing
 
 from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
+from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, check_max_sequence_length, sd3_manifest
 from .components_tiny_vae import TINY_FOLDER, with_tiny_vae
 from .plan import MODEL_CLASSES, MODULE_OF, _model_config, export_plan
 from .source import Source, inspect_source
@@ -55,17 +56,21 @@ def export_pipeline(
     defaults: GenerationDefaults = GenerationDefaults(),
     tiny_vae: str | Path | None = None,
     loras=(),
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> Path:
     """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``. ``defaults``
     records the steps / guidance the model should run with when a call names none. ``tiny_vae``: a diffusers
     AutoencoderTiny folder (TAESD) exported too, as vae_decoder_tiny / vae_encoder_tiny. ``loras``: LoRA files
-    -> weights ({"style.safetensors": 0.8}) fused into the models before tracing (export/lora.py)."""
+    -> weights ({"style.safetensors": 0.8}) fused into the models before tracing (export/lora.py).
+    ``max_sequence_length``: SD3's T5 token length, recorded in the manifest (calls may ask for up to it)."""
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
     source = inspect_source(src, allow_pickle=allow_pickle)
     if tiny_vae is not None:
         source = with_tiny_vae(source, tiny_vae, _model_config(source, "vae"), allow_pickle=allow_pickle)
+    if source.pipeline_class in SD3_PIPELINES:  # T5's token length, checked before any model loads
+        source = dataclasses.replace(source, max_sequence_length=check_max_sequence_length(max_sequence_length))
     lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)
     try:
@@ -81,6 +86,8 @@ def export_pipeline(
         _copy_side_files(source, tmp, configs)
         prov = dataclasses.replace(_provenance(source), transforms=lora.provenance(lora_files))
         manifest = dataclasses.replace(describe(tmp, prov, parity=receipts), defaults=defaults)
+        if source.max_sequence_length is not None:
+            manifest = sd3_manifest(manifest, source.max_sequence_length, defaults)
         write_manifest(tmp, manifest)  # last: the commit marker
     progress("write", "bundle", time.perf_counter() - t0)
     return out
@@ -98,7 +105,7 @@ def _load(source: Source, folder: str):
     for log in (dlog, tlog):  # our progress lines replace theirs
         log.disable_progress_bar()
         log.set_verbosity_error()
-    lib, cls_name = MODEL_CLASSES[folder]
+    lib, cls_name = source.classes.get(folder) or MODEL_CLASSES[folder]
     cls = getattr(importlib.import_module(lib), cls_name)
     kw = dict(local_files_only=True, torch_dtype=torch.float32, use_safetensors=folder not in source.pickle_components)
     try:
@@ -223,7 +230,7 @@ def _copy_side_files(source: Source, tmp: Path, configs: dict[str, dict]) -> Non
     shutil.copy2(src / "model_index.json", tmp / layout.MODEL_INDEX)
     (tmp / "scheduler").mkdir()
     shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / layout.SCHEDULER_CONFIG)
-    dirs = {"tokenizer": layout.TOKENIZER_DIR, "tokenizer_2": layout.TOKENIZER_2_DIR}
+    dirs = {"tokenizer": layout.TOKENIZER_DIR, "tokenizer_2": layout.TOKENIZER_2_DIR, "tokenizer_3": layout.TOKENIZER_3_DIR}
     for tok in source.tokenizers:
         shutil.copytree(src / tok, tmp / dirs[tok], ignore=shutil.ignore_patterns(".*"))
     for name, cfg in configs.items():

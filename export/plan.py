@@ -14,12 +14,14 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry, table
+from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, sd3_plan
 from .components_sdxl import sdxl_table
 from .components_tiny_vae import TINY_FOLDER, tiny_vae_rows
 from .source import Source
 
 # bundle component -> the source pipeline's model folder it is traced from
 MODULE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+             "text_encoder_3": "text_encoder_3", "transformer": "transformer",  # SD3 (components_sd3.py)
              "vae_decoder": "vae", "vae_encoder": "vae", "vae_decoder_tiny": TINY_FOLDER,
              "vae_encoder_tiny": TINY_FOLDER}
 # source model folder -> (library, class) it is loaded with
@@ -45,6 +47,8 @@ class ExportPlan:
 
 
 def export_plan(source: Source) -> ExportPlan:
+    if source.pipeline_class in SD3_PIPELINES:  # a transformer denoiser and three text towers: its own plan
+        return sd3_plan(source, source.max_sequence_length or MAX_SEQUENCE_LENGTH)
     unet = _model_config(source, "unet")
     texts = {m: _model_config(source, m) for m in source.modules if m.startswith("text_encoder")}
     if source.sdxl:

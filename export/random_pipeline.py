@@ -15,9 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from .random_sd3 import SD3_PRESETS
 from .random_sdxl import SDXL_PRESETS
 
-PRESETS = ("tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS)
+PRESETS = ("tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS, *SD3_PRESETS)
 
 _CORPUS = [
     "a photograph of an astronaut riding a horse", "a red circle on a white background", "an oil painting of a cat",
@@ -27,7 +28,7 @@ _CORPUS = [
 ]
 
 
-def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
+def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0, depth: int | None = None) -> Path:
     """Write a diffusers StableDiffusionPipeline (or, for the SDXL presets, StableDiffusionXL[Img2Img]Pipeline)
     folder (safetensors) with random weights to ``out``."""
     if preset not in PRESETS:
@@ -36,6 +37,12 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
         from .random_sdxl import build_sdxl_pipeline
 
         return build_sdxl_pipeline(Path(out), preset, _CORPUS, seed=seed)
+    if preset in SD3_PRESETS:  # StableDiffusion3Pipeline (random_sd3.py); depth: transformer blocks
+        from .random_sd3 import build_sd3_pipeline
+
+        return build_sd3_pipeline(Path(out), preset, _CORPUS, seed=seed, depth=depth)
+    if depth is not None:
+        raise ValueError(f"--depth applies to the transformer presets, not {preset!r}")
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
                            StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
@@ -102,7 +109,10 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0) ->
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in PRESETS:
-        sys.stderr.write(f"usage: python -m edgediff.export.random_pipeline {{{','.join(PRESETS)}}} OUT\n")
+    args, depth = sys.argv[1:], None
+    if len(args) == 4 and args[2] == "--depth" and args[3].isdigit():  # transformer presets: blocks to build
+        args, depth = args[:2], int(args[3])
+    if len(args) != 2 or args[0] not in PRESETS:
+        sys.stderr.write(f"usage: python -m edgediff.export.random_pipeline {{{','.join(PRESETS)}}} OUT [--depth N]\n")
         raise SystemExit(2)
-    print(build_random_pipeline(Path(sys.argv[2]), sys.argv[1]))
+    print(build_random_pipeline(Path(args[1]), args[0], depth=depth))

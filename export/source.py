@@ -41,6 +41,10 @@ class Source:
     tokenizers: tuple[str, ...] = ("tokenizer",)  # tokenizer folders, in the order of their text encoders
     index: dict = field(default_factory=dict, compare=False)  # model_index.json (pipeline flags such as SDXL's)
     tiny_vae: Path | None = None  # an AutoencoderTiny folder to export too (--tiny-vae; components_tiny_vae.py)
+    # source folder -> (library, class) to load it with, where the family's differ from plan.MODEL_CLASSES (SD3's
+    # text_encoder_2 is a CLIPTextModelWithProjection as SDXL's, its transformer an SD3Transformer2DModel)
+    classes: dict = field(default_factory=dict, compare=False)
+    max_sequence_length: int | None = None  # T5's token length to export for (SD3: export --max-sequence-length)
 
     @property
     def sdxl(self) -> bool:
@@ -63,6 +67,10 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
             f"{root} is not a diffusers pipeline: no readable model_index.json (save one with pipeline.save_pretrained)"
         ) from None
     cls = index.get("_class_name", "")
+    if cls in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"):  # its own folder layout
+        from .components_sd3 import inspect_sd3
+
+        return inspect_sd3(root, index, allow_pickle=allow_pickle)
     if cls not in SUPPORTED_PIPELINES:
         raise ExportError(f"pipeline class {cls!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
     sdxl = cls in SDXL_PIPELINES

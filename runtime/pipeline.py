@@ -490,7 +490,8 @@ class Pipeline:
         """The starting latents of img2img and where in the schedule they start (diffusers' get_timesteps)."""
         m = self.bundle.manifest
         if req.denoising_start is None:  # skip the first (1 - strength) of the schedule, then noise to that level
-            init_steps = min(int(req.steps * req.strength), req.steps)
+            run = getattr(self.conditioner, "img2img_steps", None)  # a family whose pipeline rounds otherwise (SD3)
+            init_steps = run(req.steps, req.strength) if run else min(int(req.steps * req.strength), req.steps)
             if init_steps < 1:
                 raise InputError(f"strength={req.strength} with {req.steps} steps runs no denoising step; raise either")
             sched.set_begin_index((req.steps - init_steps) * sched.order)

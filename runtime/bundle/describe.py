@@ -18,6 +18,8 @@ from .manifest import COMPONENTS, MANIFEST_NAME, Component, FileEntry, Manifest,
 from .safety import check_external_data, resolve_inside
 
 _VAE_CONFIG_DIRS = ("vae_decoder", "vae_encoder", "vae")
+# transformer config _class_name -> manifest family
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 def _config(root: Path, rel: str) -> dict[str, Any]:
@@ -33,7 +35,8 @@ def model_facts(root: Path) -> dict[str, Any]:
     if vae_rel is None:
         raise BundleError(f"{root}: no VAE config (vae_decoder/config.json); re-export the bundle")
     vae = _config(root, vae_rel)
-    unet = _config(root, layout.config_path("unet"))
+    denoiser = next((d for d in layout.DENOISERS if (root / d / "config.json").is_file()), layout.DENOISERS[0])
+    unet = _config(root, layout.config_path(denoiser))  # the UNet's config, or SD3/FLUX's transformer's
     # SDXL's refiner has only the second (OpenCLIP-G) text encoder
     text_dir = next((d for d in ("text_encoder", "text_encoder_2") if (root / d / "config.json").is_file()), "text_encoder")
     text = _config(root, layout.config_path(text_dir))
@@ -44,7 +47,13 @@ def model_facts(root: Path) -> dict[str, Any]:
     scaling_factor = float(vae.get("scaling_factor", 0.18215))
     scale = vae_scale_factor(vae.get("block_out_channels", [0]))
     prediction_type = sched.get("prediction_type", "epsilon")
-    if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
+    if denoiser != "unet":  # a diffusion transformer trained with rectified flow: the class names the family
+        family = TRANSFORMER_FAMILIES.get(unet.get("_class_name", ""))
+        if family is None:
+            raise BundleError(f"{root}: transformer class {unet.get('_class_name')!r} is not one edgediff knows "
+                              f"(known: {', '.join(TRANSFORMER_FAMILIES)})")
+        prediction_type = "flow"
+    elif unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
         index = _config(root, layout.MODEL_INDEX)
         family = "sdxl-refiner" if index.get("requires_aesthetics_score") else "sdxl"
     elif prediction_type == "v_prediction":
@@ -110,7 +119,7 @@ def describe(
     parity = parity or {}
     precision = precision or {}
     names = present_components(root)
-    if "unet" not in names:
+    if not any(d in names for d in layout.DENOISERS):
         raise BundleError(f"{root}: no unet/model.onnx; not an ONNX Stable Diffusion bundle")
     comps = {
         n: component_entry(root, n, precision=precision.get(n, "fp32"), parity=parity.get(n)) for n in names

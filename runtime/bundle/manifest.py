@@ -143,6 +143,9 @@ class Manifest:
     files: tuple[FileEntry, ...]  # every non-graph file: model_index.json, configs, tokenizer, scheduler
     provenance: Provenance
     shift_factor: float | None = None  # reserved (VAEs with a shift, e.g. SD3/FLUX); None = no shift
+    # the longest T5 token sequence the bundle was exported for (SD3 / FLUX: export --max-sequence-length); a call's
+    # max_sequence_length defaults to it and may not exceed it. None: the family has no T5 stream
+    max_sequence_length: int | None = None
     format_version: int = FORMAT_VERSION
     defaults: GenerationDefaults = GenerationDefaults()  # recommended steps / guidance (none: the runtime's)
 
@@ -198,6 +201,7 @@ class Manifest:
             files=tuple(_file(f) for f in data["files"]),
             provenance=_provenance(data["provenance"]),
             shift_factor=None if data.get("shift_factor") is None else float(data["shift_factor"]),
+            max_sequence_length=data.get("max_sequence_length"),
             format_version=version,
             defaults=_defaults(data.get("defaults") or {}),
         )

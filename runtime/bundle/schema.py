@@ -46,7 +46,7 @@ DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8", "
 
 REQUIRED = ("format_version", "family", "prediction_type", "default_height", "default_width", "latent_channels",
             "vae_scale_factor", "scaling_factor", "text_max_length", "components", "files", "provenance")
-OPTIONAL = ("shift_factor", "defaults")
+OPTIONAL = ("shift_factor", "defaults", "max_sequence_length")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: the velocity of rectified flow (SD3, FLUX)
 METRICS = ("max_rel", "rel_l2")
 
@@ -69,6 +69,8 @@ def check_manifest(data: Any) -> None:
     if d.get("shift_factor") is not None:
         _number(d["shift_factor"], "shift_factor", low=-1e6, high=1e6)
     _int(d["text_max_length"], "text_max_length", 3, MAX_TEXT_LENGTH)
+    if d.get("max_sequence_length") is not None:  # T5's token length (SD3 / FLUX)
+        _int(d["max_sequence_length"], "max_sequence_length", 1, MAX_TEXT_LENGTH)
     if d.get("defaults") is not None:
         _defaults(_object(d["defaults"], "defaults"))
 

@@ -8,6 +8,7 @@ from ..bundle.reader import Bundle
 from ..conditioning import TextConditioner
 from ..errors import BundleError
 from .sd import SdTextConditioner
+from .sd3 import Sd3TextConditioner
 from .sdxl import SdxlTextConditioner
 
 # family -> factory of its text conditioner
@@ -19,6 +20,7 @@ CONDITIONERS: dict[str, Callable[[Bundle], TextConditioner]] = {
     "sdxl": SdxlTextConditioner,
     "sdxl-turbo": SdxlTextConditioner,
     "sdxl-refiner": SdxlTextConditioner,
+    "sd3": Sd3TextConditioner,  # SD 3 / 3.5: CLIP-L + OpenCLIP-G + optional T5, an MMDiT transformer
 }
 SUPPORTED_FAMILIES = tuple(CONDITIONERS)
 

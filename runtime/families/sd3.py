@@ -1,0 +1,150 @@
+"""Stable Diffusion 3 / 3.5 text conditioning, numpy only: what diffusers 0.42's StableDiffusion3Pipeline.encode_prompt
+gives, as the transformer's inputs (``encoder_hidden_states`` plus ``extra`` = ``pooled_projections``).
+
+Three text towers (export/components_sd3.py names their graphs' I/O): CLIP ViT-L (``text_encoder``) and OpenCLIP
+ViT-bigG (``text_encoder_2``), each giving its penultimate hidden state (B, 77, D) and its projected pooled embedding;
+and T5 v1.1 (``text_encoder_3``, optional) giving (B, L, J) for L = ``max_sequence_length`` tokens. The CLIP states
+are concatenated on the feature axis and zero-padded to T5's width J (the transformer's joint_attention_dim), then
+concatenated with T5's along the sequence: (B, 77 + L, J). Without T5 its part is zeros, as diffusers does with
+``text_encoder_3=None``. The pooled input is concat(pooled_L, pooled_G).
+
+Guidance is classifier-free (guided when guidance_scale > 1): the unconditional rows come first, from the negative
+prompts ("" when none is given); ``negative_prompt_2`` / ``_3`` default to ``negative_prompt`` and ``prompt_2`` /
+``prompt_3`` to ``prompt``, as in diffusers.
+
+Refused with one line (diffusers would ignore them silently): ``prompt_3`` / ``negative_prompt_3`` on a bundle without
+T5 (they would change nothing, which a caller who passes them does not expect), and ``max_sequence_length`` above
+the length the bundle was exported for (``Manifest.max_sequence_length``; re-export with a longer one).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import validation as check
+from ..bundle import layout
+from ..bundle.reader import Bundle
+from ..components import Components
+from ..conditioning import Conditioning
+from ..errors import BundleError, InputError
+from ..request import GenerationRequest
+from ..stages import run_component
+from ..t5_tokenizer import T5Tokenizer
+from ..timing import Stopwatch
+from ..tokenizer import ClipTokenizer
+
+CLIP_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, OpenCLIP-G: diffusers' concatenation order
+T5_ENCODER = "text_encoder_3"
+POOLED = "text_embeds"
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default when the bundle records none
+
+
+def _penultimate(bundle: Bundle, enc: str) -> str:
+    layers = bundle.config(layout.config_path(enc)).get("num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 2:
+        raise BundleError(f"{bundle.root}/{enc}/config.json: num_hidden_layers={layers!r}; expected an integer >= 2")
+    name = f"hidden_states.{layers - 1}"  # hidden_states[-2] of layers + 1 states
+    if name not in {o.name for o in bundle.component(enc).outputs}:
+        raise BundleError(f"{bundle.root}: {enc} has no output {name!r} (the penultimate hidden state); re-export "
+                          "the bundle with edgediff export")
+    return name
+
+
+class Sd3TextConditioner:
+    options: frozenset[str] = frozenset({"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3",
+                                         "max_sequence_length"})
+
+    def __init__(self, bundle: Bundle):
+        m = bundle.manifest
+        for name in (*CLIP_ENCODERS, bundle.denoiser):
+            bundle.component(name)  # a missing tower is one BundleError now, not at the first call
+        self.hidden = {enc: _penultimate(bundle, enc) for enc in CLIP_ENCODERS}
+        dirs = {"text_encoder": layout.TOKENIZER_DIR, "text_encoder_2": layout.TOKENIZER_2_DIR}
+        self.tokenizers = {enc: ClipTokenizer.from_files(bundle.tokenizer_files(dirs[enc]), max_length=m.text_max_length,
+                                                         where=bundle.root / dirs[enc]) for enc in CLIP_ENCODERS}
+        self.t5 = T5Tokenizer.from_files(bundle.tokenizer_files(layout.TOKENIZER_3_DIR)) if bundle.has(T5_ENCODER) else None
+        self.max_sequence_length = m.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+        # T5's width = the transformer's joint_attention_dim (the text axis of its encoder_hidden_states)
+        width = bundle.component(bundle.denoiser).input("encoder_hidden_states").shape[-1]
+        self.joint_dim = int(width) if isinstance(width, int) else int(bundle.unet_config["joint_attention_dim"])
+
+    def prepare(self, options: dict[str, Any], *, img2img: bool) -> dict[str, Any]:
+        """Check a call's SD3 options before any work; what ``__call__`` reads back from ``request.extra``."""
+        extra: dict[str, Any] = {}
+        for key in ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3"):
+            if options.get(key) is not None:
+                if key.endswith("_3") and self.t5 is None:
+                    raise InputError(f"{key}= goes to T5 (text_encoder_3), which this bundle was exported without; "
+                                     "drop it (diffusers would ignore it silently), or use a bundle exported with "
+                                     "text_encoder_3")
+                extra[key] = check.prompts(options[key], what=key)
+        n = options.get("max_sequence_length")
+        if n is None:
+            n = self.max_sequence_length
+        elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"max_sequence_length={n!r}; expected a positive integer (T5's token count, default "
+                             f"{self.max_sequence_length})")
+        elif n > self.max_sequence_length:
+            raise InputError(f"max_sequence_length={n} is over this bundle's exported limit {self.max_sequence_length}; "
+                             "lower it, or re-export with edgediff export --max-sequence-length "
+                             f"{min(int(n), 512)}")
+        extra["max_sequence_length"] = int(n)
+        return extra
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        """Steps img2img runs: StableDiffusion3Img2ImgPipeline.get_timesteps rounds the skipped steps down
+        (t_start = int(steps - min(steps * strength, steps))), where SD's pipelines round the run steps down."""
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+
+    def __call__(self, request: GenerationRequest, components: Components, watch: Stopwatch) -> Conditioning:
+        extra, n = request.extra, request.images_per_prompt
+        count = len(request.prompts)
+        streams = [self._texts(extra, "prompt", list(request.prompts), count, k) for k in (1, 2, 3)]
+        if request.guided:  # [uncond; cond] rows, one batch per encoder
+            negs = list(request.negatives)
+            streams = [[*self._texts(extra, "negative_prompt", negs, count, k), *s] for k, s in zip((1, 2, 3), streams)]
+        hidden, pooled = self._encode(streams, extra["max_sequence_length"], components, watch)
+        # each prompt's embedding for each of its n images (prompt-major, diffusers' repeat + view)
+        hidden, pooled = np.repeat(hidden, n, axis=0), np.repeat(pooled, n, axis=0)
+        return Conditioning(encoder_hidden_states=np.ascontiguousarray(hidden), guided=request.guided,
+                            extra={"pooled_projections": np.ascontiguousarray(pooled)})
+
+    @staticmethod
+    def _texts(extra: dict, base: str, default: list[str], count: int, k: int) -> list[str]:
+        """The texts of stream ``k`` (1: CLIP-L, 2: OpenCLIP-G, 3: T5): ``<base>_k`` if given, else ``default``."""
+        if k == 1:
+            return default
+        given = extra.get(f"{base}_{k}")
+        if given is None:
+            return default
+        if len(given) == 1:
+            return list(given) * count
+        if len(given) != count:
+            raise InputError(f"{base}_{k} has {len(given)} entries for {count} prompts; give one, or one per prompt")
+        return list(given)
+
+    def _encode(self, streams: Sequence[list[str]], length: int, components: Components,
+                watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 77 + length, J) text states and (B, P_L + P_G) pooled embeddings of the three text streams."""
+        states, pooled = [], []
+        for enc, texts in zip(CLIP_ENCODERS, streams):
+            with watch.span("tokenize"):
+                ids = self.tokenizers[enc].encode(texts)  # (B, 77) int64
+            with components.use(enc) as be, watch.span("text_encoder"):
+                outs = dict(zip([o.name for o in be.outputs], run_component(be, {"input_ids": ids})))
+            states.append(outs[self.hidden[enc]])  # (B, 77, D) float32
+            pooled.append(outs[POOLED])  # (B, P) float32
+        clip = np.concatenate(states, axis=-1)  # (B, 77, D_L + D_G)
+        d = clip.shape[-1]
+        # torch.nn.functional.pad(clip, (0, J - d)): zeros up to T5's width (a negative pad would crop)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, self.joint_dim - d))) if d <= self.joint_dim else clip[..., :self.joint_dim]
+        if self.t5 is None:  # diffusers' text_encoder_3=None: zeros of the joint width
+            t5 = np.zeros((clip.shape[0], length, self.joint_dim), np.float32)  # (B, L, J)
+        else:
+            with watch.span("tokenize"):
+                ids = self.t5.encode(streams[2], length)  # (B, L) int64
+            with components.use(T5_ENCODER) as be, watch.span("text_encoder"):
+                t5 = run_component(be, {"input_ids": ids})[0]  # (B, L, J) float32
+        hidden = np.concatenate([clip.astype(np.float32), t5], axis=1)  # (B, 77 + L, J)
+        return hidden, np.concatenate(pooled, axis=-1)  # (B, P_L + P_G)
