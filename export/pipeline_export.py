@@ -29,6 +29,7 @@ from edgediff.errors import ExportError, ParityError, missing
 from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
 from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, check_max_sequence_length, sd3_manifest
+from .components_lcm import recommended_defaults
 from .components_tiny_vae import TINY_FOLDER, with_tiny_vae
 from .plan import MODEL_CLASSES, MODULE_OF, _model_config, export_plan
 from .source import Source, inspect_source
@@ -85,7 +86,8 @@ def export_pipeline(
         t0 = time.perf_counter()
         _copy_side_files(source, tmp, configs)
         prov = dataclasses.replace(_provenance(source), transforms=lora.provenance(lora_files))
-        manifest = dataclasses.replace(describe(tmp, prov, parity=receipts), defaults=defaults)
+        manifest = describe(tmp, prov, parity=receipts)
+        manifest = dataclasses.replace(manifest, defaults=recommended_defaults(manifest.family, defaults))
         if source.max_sequence_length is not None:
             manifest = sd3_manifest(manifest, source.max_sequence_length, defaults)
         write_manifest(tmp, manifest)  # last: the commit marker

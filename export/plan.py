@@ -14,6 +14,7 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry, table
+from .components_lcm import lcm_unet_row, takes_timestep_cond
 from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, sd3_plan
 from .components_sdxl import sdxl_table
 from .components_tiny_vae import TINY_FOLDER, tiny_vae_rows
@@ -57,6 +58,12 @@ def export_plan(source: Source) -> ExportPlan:
         rows = sdxl_table({m: int(c["num_hidden_layers"]) for m, c in texts.items()}, time_ids)
     else:
         rows = table()
+    if takes_timestep_cond(unet):  # an LCM UNet: the guidance embedding is one more input (components_lcm.py)
+        if source.sdxl:
+            raise ExportError("this SDXL UNet takes a guidance embedding (time_cond_proj_dim: an LCM-distilled SDXL); "
+                              "edgediff exports LCMs distilled from SD 1.x/2.x only — for SDXL use the base model with an "
+                              "LCM-LoRA and --preset lcm")
+        rows = {**rows, **lcm_unet_row()}
     if source.tiny_vae is not None:
         rows = {**rows, **tiny_vae_rows()}
     seq = int(next(iter(texts.values()))["max_position_embeddings"])

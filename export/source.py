@@ -8,10 +8,12 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# Latent Consistency Models distilled from SD 1.x: SD's folder layout, a UNet with time_cond_proj_dim (components_lcm.py)
+LCM_PIPELINES = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # the inpainting pipeline's folder is an SD one; its UNet may take 9 channels (latents + mask + masked image),
 # which the exporter reads from the UNet config and the runtime from the graph's sample input
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       *SDXL_PIPELINES)
+                       *SDXL_PIPELINES, *LCM_PIPELINES)
 # component folder -> the classes we know how to export
 EXPECTED = {
     "text_encoder": ("CLIPTextModel",),

@@ -286,14 +286,22 @@ def doctor(engine_dirs) -> None:
               help="tiny: the bundle's tiny autoencoder (export --tiny-vae), much faster, lower quality.")
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles (default: only when it would not fit in memory).")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Set scheduler, steps and guidance together; --scheduler/--steps/--guidance still override. "
+                   "lcm: scheduler lcm on the bundle's training schedule, 4 steps, guidance 1.0 (no CFG branch), "
+                   "for an SD 1.5/SDXL bundle with an LCM-LoRA (e.g. --lora lcm-lora.safetensors --preset lcm).")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
              backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, refiner, refiner_start, cfg_cutoff, decoder,
-             vae_tiling, mask, padding_mask_crop) -> None:
+             vae_tiling, mask, padding_mask_crop, preset) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
 
     height, width = size or (None, None)
+    if preset is not None and refiner is not None:  # the refiner would run its own scheduler and guidance
+        from .errors import InputError
+
+        raise InputError("--preset does not combine with --refiner; give --scheduler/--steps/--guidance instead")
     paths = image_paths(output, num_images)  # the count is bounded before anything else
     check_writable(paths, overwrite)
     from .lora import parse_lora_option
@@ -306,7 +314,8 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
                            mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,
-                           cfg_cutoff=cfg_cutoff, **({} if refiner is not None else decode), **handoff, **family)
+                           cfg_cutoff=cfg_cutoff, preset=preset, **({} if refiner is not None else decode), **handoff,
+                           **family)
     second = None
     if refiner is not None:  # the refiner's half of the call is checked whole before the base runs
         import numpy as np

@@ -8,7 +8,7 @@ from __future__ import annotations
 DEFAULT_STEPS = 25  # diffusers' StableDiffusionPipeline uses 50; 25 with a multistep solver matches it closely
 DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
 # Families whose diffusers pipeline defaults to another scale (StableDiffusionXLPipeline: 5.0)
-FAMILY_GUIDANCE = {"sdxl": 5.0, "sdxl-refiner": 5.0, "sd3": 7.0}
+FAMILY_GUIDANCE = {"sdxl": 5.0, "sdxl-refiner": 5.0, "lcm": 8.5, "sd3": 7.0}
 
 
 def default_guidance(family: str) -> float:

@@ -59,6 +59,22 @@ def tiny_sd2v_bundle(tiny_sd2v_source, tmp_path_factory) -> Path:
     return export_pipeline(tiny_sd2v_source, tmp_path_factory.mktemp("bundles") / "tiny-sd2v")
 
 
+@pytest.fixture(scope="session")
+def tiny_lcm_source(tmp_path_factory) -> Path:
+    """A tiny random Latent Consistency Model (tiny-sd1 with a time_cond_proj_dim UNet and LCMScheduler)."""
+    pytest.importorskip("diffusers")
+    from edgediff.export.random_pipeline import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("src") / "tiny-lcm", "tiny-lcm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_bundle(tiny_lcm_source, tmp_path_factory) -> Path:
+    from edgediff.export.pipeline_export import export_pipeline
+
+    return export_pipeline(tiny_lcm_source, tmp_path_factory.mktemp("bundles") / "tiny-lcm")
+
+
 @pytest.fixture
 def bundle_copy(tiny_sd1_bundle, tmp_path) -> Path:
     """A private copy of the tiny SD1 bundle that a test may damage."""

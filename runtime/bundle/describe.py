@@ -56,6 +56,8 @@ def model_facts(root: Path) -> dict[str, Any]:
     elif unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
         index = _config(root, layout.MODEL_INDEX)
         family = "sdxl-refiner" if index.get("requires_aesthetics_score") else "sdxl"
+    elif unet.get("time_cond_proj_dim"):  # a Latent Consistency Model: the UNet takes a guidance embedding
+        family = "lcm"
     elif prediction_type == "v_prediction":
         family = "sd2-v"
     elif text.get("hidden_act") == "gelu":  # OpenCLIP ViT-H text tower (SD 2.x); SD 1.x's CLIP uses quick_gelu
