@@ -16,6 +16,8 @@ class SchedulerBase:
     DEFAULTS: ClassVar[Mapping[str, Any]] = {}  # diffusers' constructor defaults for keys the config may omit
     # config values this registry entry fixes whatever the file says; its diffusers equivalent is built with them too
     OVERRIDES: ClassVar[Mapping[str, Any]] = {}
+    kind: ClassVar[str] = "diffusion"  # the model schedules it runs: "diffusion" (DDPM betas) or "flow" (rectified flow)
+    schedule_inputs: ClassVar[tuple[str, ...]] = ()  # which of set_timesteps' keywords (mu, sigmas) it takes
     order: int = 1
 
     def __init__(self, config: SchedulerConfig):
@@ -37,9 +39,14 @@ class SchedulerBase:
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
 
-    def _check_steps(self, n) -> int:
-        """``n`` as an int, or InputError naming the most steps this scheduler and config can run. Called first by
-        every ``set_timesteps``, so a refused count changes no state."""
+    def _check_steps(self, n, mu=None, sigmas=None) -> int:
+        """``n`` as an int, or InputError naming the most steps this scheduler and config can run; InputError too for
+        a schedule input (``mu``, ``sigmas``) this scheduler does not take. Called first by every ``set_timesteps``,
+        so a refused count changes no state."""
+        given = [k for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None and k not in self.schedule_inputs]
+        if given:
+            raise InputError(f"{self.name} takes no {' or '.join(given)} (diffusers' {self.diffusers_class} has none); "
+                             "flow_euler takes both, for flow-matching models")
         T = self.config.num_train_timesteps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
             raise InputError(f"{self.name}: num_inference_steps={n!r}; expected an integer from 1 to {T} "

@@ -13,8 +13,8 @@ class DDIM(AlphaBarScheduler):
     DEFAULTS = dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True, clip_sample=True,
                     clip_sample_range=1.0, rescale_betas_zero_snr=False)
 
-    def set_timesteps(self, n: int) -> None:
-        n = self._check_steps(n)
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
+        n = self._check_steps(n, mu, sigmas)
         self.num_inference_steps = n
         self.timesteps = self._spaced(n)
 

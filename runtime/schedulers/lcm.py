@@ -26,8 +26,8 @@ class LCM(AlphaBarScheduler):
             return f"exceed the {original} steps this model was distilled with (original_inference_steps)"
         return None
 
-    def set_timesteps(self, n: int) -> None:
-        n = self._check_steps(n)
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
+        n = self._check_steps(n, mu, sigmas)
         original = int(self.opt("original_inference_steps"))
         k = self.config.num_train_timesteps // original
         origin = np.asarray(list(range(1, original + 1))) * k - 1  # the distillation's skipping-step schedule

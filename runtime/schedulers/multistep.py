@@ -67,8 +67,8 @@ class MultistepBase(SchedulerBase):
             return float(S.train_sigmas(self.alphas_cumprod[:1])[0])
         return 0.0
 
-    def set_timesteps(self, n: int) -> None:
-        n = self._check_steps(n)
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
+        n = self._check_steps(n, mu, sigmas)
         ts = self._spaced(n)
         train_sigmas = S.train_sigmas(self.alphas_cumprod)  # (T,)
         if self.opt("use_karras_sigmas"):

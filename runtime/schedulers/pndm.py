@@ -28,8 +28,8 @@ class PNDM(AlphaBarScheduler):
         self._counter = 0
         self._cur_sample = None
 
-    def set_timesteps(self, n: int) -> None:
-        n = self._check_steps(n)
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
+        n = self._check_steps(n, mu, sigmas)
         ts = self._spaced(n)[::-1]  # ascending
         # PLMS needs one extra model call at the start: the second-to-last timestep is repeated
         self.timesteps = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()

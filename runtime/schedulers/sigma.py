@@ -19,9 +19,9 @@ class SigmaScheduler(SchedulerBase):
         self.alphas_cumprod = S.alphas_cumprod(config, self.opt("rescale_betas_zero_snr"), sigma_space=True)
         self.sigmas = np.zeros((1,), np.float32)
 
-    def set_timesteps(self, n: int) -> None:
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
         # Any count from 1 to T runs: a "leading" timestep past T - 1 reads the last sigma, as in diffusers.
-        n = self._check_steps(n)
+        n = self._check_steps(n, mu, sigmas)
         self.num_inference_steps = n
         spacing = self.opt("timestep_spacing")
         ts = spaced_timesteps(self.config.num_train_timesteps, n, spacing, self.opt("steps_offset"), integer=False)
