@@ -28,10 +28,13 @@ from edgediff.errors import ExportError, ParityError, missing
 
 from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
-from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, check_max_sequence_length, sd3_manifest
 from .components_lcm import recommended_defaults
+from .components_flux import flux_manifest, flux_max_sequence_length
+from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, check_max_sequence_length, sd3_manifest
 from .components_tiny_vae import TINY_FOLDER, with_tiny_vae
-from .plan import MODEL_CLASSES, MODULE_OF, _model_config, export_plan
+from .components_deepcache import check_unet, parse_branches
+from .components_controlnet import controlnet_folder, with_controlnets
+from .plan import _model_config, export_plan, model_class, module_of
 from .source import Source, inspect_source
 
 MIN_OPSET = 17
@@ -57,21 +60,42 @@ def export_pipeline(
     defaults: GenerationDefaults = GenerationDefaults(),
     tiny_vae: str | Path | None = None,
     loras=(),
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    controlnets=(),
+    max_sequence_length: int | None = None,
+    deepcache=None,
 ) -> Path:
     """Export ``src`` (a diffusers pipeline folder) to the bundle folder ``out``; return ``out``. ``defaults``
     records the steps / guidance the model should run with when a call names none. ``tiny_vae``: a diffusers
     AutoencoderTiny folder (TAESD) exported too, as vae_decoder_tiny / vae_encoder_tiny. ``loras``: LoRA files
     -> weights ({"style.safetensors": 0.8}) fused into the models before tracing (export/lora.py).
-    ``max_sequence_length``: SD3's T5 token length, recorded in the manifest (calls may ask for up to it)."""
+    ``controlnets``: ``[(ControlNetModel folder, name or None), ...]`` exported too, with the UNet that takes their
+    residuals (export/components_controlnet.py); a ControlNet pipeline folder's own controlnet/ always is.
+    ``max_sequence_length``: SD3's / FLUX's T5 token length, recorded in the manifest (calls may ask for up to it;
+    default SD3 256, FLUX 512). ``deepcache``: DeepCache branch ids ("0,3" or (0, 3)) to export the full and shallow
+    UNet graphs for (export/components_deepcache.py)."""
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
     source = inspect_source(src, allow_pickle=allow_pickle)
     if tiny_vae is not None:
         source = with_tiny_vae(source, tiny_vae, _model_config(source, "vae"), allow_pickle=allow_pickle)
+    if controlnets or "unet" in source.modules:  # (SD3 has no UNet to attach ControlNets to)
+        source = with_controlnets(source, controlnets, _model_config(source, "unet"), _model_config(source, "vae"),
+                                  allow_pickle=allow_pickle)
     if source.pipeline_class in SD3_PIPELINES:  # T5's token length, checked before any model loads
-        source = dataclasses.replace(source, max_sequence_length=check_max_sequence_length(max_sequence_length))
+        source = dataclasses.replace(source, max_sequence_length=check_max_sequence_length(
+            MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length))
+    elif source.flux:  # components_flux.py
+        source = dataclasses.replace(source, max_sequence_length=flux_max_sequence_length(max_sequence_length))
+    elif max_sequence_length is not None:
+        raise ExportError(f"--max-sequence-length applies to SD3 and FLUX pipelines (T5 prompts), not "
+                          f"{source.pipeline_class}")
+    if deepcache is not None:  # branch ids checked against the UNet's config before any model loads
+        if "unet" not in source.modules:
+            raise ExportError(f"--deepcache needs a UNet; {source.pipeline_class} has none")
+        unet_config = _model_config(source, "unet")
+        check_unet(unet_config, sdxl=source.sdxl)
+        source = dataclasses.replace(source, deepcache=parse_branches(deepcache, unet_config))
     lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)
     try:
@@ -88,7 +112,9 @@ def export_pipeline(
         prov = dataclasses.replace(_provenance(source), transforms=lora.provenance(lora_files))
         manifest = describe(tmp, prov, parity=receipts)
         manifest = dataclasses.replace(manifest, defaults=recommended_defaults(manifest.family, defaults))
-        if source.max_sequence_length is not None:
+        if source.flux:
+            manifest = flux_manifest(manifest, source.max_sequence_length, defaults)
+        elif source.max_sequence_length is not None:
             manifest = sd3_manifest(manifest, source.max_sequence_length, defaults)
         write_manifest(tmp, manifest)  # last: the commit marker
     progress("write", "bundle", time.perf_counter() - t0)
@@ -107,7 +133,7 @@ def _load(source: Source, folder: str):
     for log in (dlog, tlog):  # our progress lines replace theirs
         log.disable_progress_bar()
         log.set_verbosity_error()
-    lib, cls_name = source.classes.get(folder) or MODEL_CLASSES[folder]
+    lib, cls_name = source.classes.get(folder) or model_class(folder)
     cls = getattr(importlib.import_module(lib), cls_name)
     kw = dict(local_files_only=True, torch_dtype=torch.float32, use_safetensors=folder not in source.pickle_components)
     try:
@@ -117,6 +143,8 @@ def _load(source: Source, folder: str):
                 model = cls.from_pretrained(source.root / folder, **kw)
             elif folder == TINY_FOLDER:  # --tiny-vae: its own folder, outside the pipeline's
                 model = cls.from_pretrained(source.tiny_vae, **kw)
+            elif cls_name == "ControlNetModel":  # --controlnet, or the pipeline's controlnet/: its own folder
+                model = cls.from_pretrained(controlnet_folder(source, folder), **kw)
             else:
                 model = cls.from_pretrained(source.root, subfolder=folder, **kw)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -143,7 +171,7 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress,
     configs: dict[str, dict] = {}
     loaded: dict = {}  # source model folder -> the one model in memory
     for name, spec in plan.rows.items():
-        folder = MODULE_OF[name]
+        folder = module_of(name)
         if folder not in loaded:
             loaded.clear()
             gc.collect()  # the previous model is gone before the next one loads

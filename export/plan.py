@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from edgediff.bundle.derived import latent_multiple
 from edgediff.config import read_json
+from edgediff.bundle.schema import DEEPCACHE_COMPONENTS
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry, table
@@ -18,13 +19,16 @@ from .components_lcm import lcm_unet_row, takes_timestep_cond
 from .components_sd3 import MAX_SEQUENCE_LENGTH, SD3_PIPELINES, sd3_plan
 from .components_sdxl import sdxl_table
 from .components_tiny_vae import TINY_FOLDER, tiny_vae_rows
+from .components_deepcache import check_unet, deepcache_rows
+from .components_controlnet import CONTROLNET_CLASS, controlnet_rows
 from .source import Source
 
 # bundle component -> the source pipeline's model folder it is traced from
 MODULE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
              "text_encoder_3": "text_encoder_3", "transformer": "transformer",  # SD3 (components_sd3.py)
              "vae_decoder": "vae", "vae_encoder": "vae", "vae_decoder_tiny": TINY_FOLDER,
-             "vae_encoder_tiny": TINY_FOLDER}
+             "vae_encoder_tiny": TINY_FOLDER,
+             **dict.fromkeys(DEEPCACHE_COMPONENTS, "unet")}  # DeepCache's graphs (components_deepcache.py)
 # source model folder -> (library, class) it is loaded with
 MODEL_CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModel"),
@@ -44,12 +48,27 @@ class ExportPlan:
     def last_use(self, name: str) -> bool:
         """True when no row after ``name`` is traced from the same source model (it can be freed now)."""
         later = list(self.rows)[list(self.rows).index(name) + 1:]
-        return all(MODULE_OF[n] != MODULE_OF[name] for n in later)
+        return all(module_of(n) != module_of(name) for n in later)
+
+
+def module_of(name: str) -> str:
+    """The source model a bundle component is traced from (MODULE_OF; a ControlNet from its own folder, its
+    component name; the residual UNet from the UNet)."""
+    return MODULE_OF.get(name) or ("unet" if name == "unet_controlnet" else name)
+
+
+def model_class(folder: str) -> tuple[str, str]:
+    """(library, class) the source model ``folder`` (a module_of value) is loaded with."""
+    return MODEL_CLASSES.get(folder) or ("diffusers", CONTROLNET_CLASS)
 
 
 def export_plan(source: Source) -> ExportPlan:
     if source.pipeline_class in SD3_PIPELINES:  # a transformer denoiser and three text towers: its own plan
         return sd3_plan(source, source.max_sequence_length or MAX_SEQUENCE_LENGTH)
+    if source.flux:  # packed-latent transformer, CLIP pooled + T5 (components_flux.py)
+        from .components_flux import flux_plan
+
+        return flux_plan(source)
     unet = _model_config(source, "unet")
     texts = {m: _model_config(source, m) for m in source.modules if m.startswith("text_encoder")}
     if source.sdxl:
@@ -64,8 +83,24 @@ def export_plan(source: Source) -> ExportPlan:
                               "edgediff exports LCMs distilled from SD 1.x/2.x only — for SDXL use the base model with an "
                               "LCM-LoRA and --preset lcm")
         rows = {**rows, **lcm_unet_row()}
+    if source.deepcache:  # DeepCache's graphs right after the UNet, traced from the model already loaded
+        check_unet(unet, sdxl=source.sdxl)
+        extra, ordered = deepcache_rows(source.deepcache), {}
+        for n, row in rows.items():
+            ordered.update({n: row, **(extra if n == "unet" else {})})
+        rows = ordered
     if source.tiny_vae is not None:
         rows = {**rows, **tiny_vae_rows()}
+    if source.controlnets:  # the residual UNet right after the UNet (same model loaded), the ControlNets last
+        if takes_timestep_cond(unet):
+            raise ExportError("--controlnet with an LCM UNet (time_cond_proj_dim) is not supported; export the base "
+                              "model with the ControlNet and use an LCM-LoRA")
+        extra, ordered = controlnet_rows(source, unet), {}
+        for n, row in rows.items():
+            ordered[n] = row
+            if n == "unet":
+                ordered["unet_controlnet"] = extra.pop("unet_controlnet")
+        rows = {**ordered, **extra}
     seq = int(next(iter(texts.values()))["max_position_embeddings"])
     trace, check = geometries(unet, seq)
     return ExportPlan(rows=rows, trace=trace, check=check)

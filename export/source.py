@@ -8,12 +8,15 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")  # FLUX.1 schnell/dev (components_flux.py)
 # Latent Consistency Models distilled from SD 1.x: SD's folder layout, a UNet with time_cond_proj_dim (components_lcm.py)
 LCM_PIPELINES = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # the inpainting pipeline's folder is an SD one; its UNet may take 9 channels (latents + mask + masked image),
 # which the exporter reads from the UNet config and the runtime from the graph's sample input
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       *SDXL_PIPELINES, *LCM_PIPELINES)
+                       *SDXL_PIPELINES, *LCM_PIPELINES, *FLUX_PIPELINES,
+                       # an SD folder plus controlnet/ (components_controlnet.py exports it with the pipeline)
+                       "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline")
 # component folder -> the classes we know how to export
 EXPECTED = {
     "text_encoder": ("CLIPTextModel",),
@@ -28,7 +31,16 @@ EXPECTED_SDXL = {
     "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 OPTIONAL_SDXL = ("text_encoder", "tokenizer")
-WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
+# FLUX.1: CLIP ViT-L (pooled output), T5 v1.1 XXL, the flow transformer, a 16-channel VAE
+EXPECTED_FLUX = {
+    "text_encoder": ("CLIPTextModel",),
+    "text_encoder_2": ("T5EncoderModel",),
+    "transformer": ("FluxTransformer2DModel",),
+    "vae": ("AutoencoderKL",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "tokenizer_2": ("T5TokenizerFast", "T5Tokenizer"),
+}
+WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -43,6 +55,8 @@ class Source:
     tokenizers: tuple[str, ...] = ("tokenizer",)  # tokenizer folders, in the order of their text encoders
     index: dict = field(default_factory=dict, compare=False)  # model_index.json (pipeline flags such as SDXL's)
     tiny_vae: Path | None = None  # an AutoencoderTiny folder to export too (--tiny-vae; components_tiny_vae.py)
+    controlnets: tuple = ()  # (name, ControlNetModel folder) pairs to export too (--controlnet; components_controlnet.py)
+    deepcache: tuple[int, ...] = ()  # DeepCache branch ids to export graphs for (--deepcache; components_deepcache.py)
     # source folder -> (library, class) to load it with, where the family's differ from plan.MODEL_CLASSES (SD3's
     # text_encoder_2 is a CLIPTextModelWithProjection as SDXL's, its transformer an SD3Transformer2DModel)
     classes: dict = field(default_factory=dict, compare=False)
@@ -51,6 +65,10 @@ class Source:
     @property
     def sdxl(self) -> bool:
         return self.pipeline_class in SDXL_PIPELINES
+
+    @property
+    def flux(self) -> bool:
+        return self.pipeline_class in FLUX_PIPELINES
 
 
 def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
@@ -76,7 +94,7 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
     if cls not in SUPPORTED_PIPELINES:
         raise ExportError(f"pipeline class {cls!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
     sdxl = cls in SDXL_PIPELINES
-    expected = EXPECTED_SDXL if sdxl else EXPECTED
+    expected = EXPECTED_FLUX if cls in FLUX_PIPELINES else EXPECTED_SDXL if sdxl else EXPECTED
     absent = [c for c in OPTIONAL_SDXL if sdxl and _null(index.get(c))]
     if len(absent) == 1:
         raise ExportError(f"{root}/model_index.json has {absent[0]!r} null but not its partner; "
@@ -111,8 +129,10 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         raise ExportError(f"{root}/scheduler/scheduler_config.json is missing; the pipeline folder is incomplete")
     tokenizers = tuple(t for t in ("tokenizer", "tokenizer_2") if t in expected and t not in absent)
+    # FLUX: load each model with the class model_index.json names (text_encoder_2 is T5, not CLIP-G)
+    classes = {c: tuple(index[c]) for c in modules} if cls in FLUX_PIPELINES else {}
     return Source(root=root, pipeline_class=cls, scheduler_class=str(sched[1]), pickle_components=tuple(pickled),
-                  modules=modules, tokenizers=tokenizers, index=index)
+                  modules=modules, tokenizers=tokenizers, index=index, classes=classes)
 
 
 def _null(entry) -> bool:

@@ -64,8 +64,16 @@ def main() -> None:
               help="A diffusers AutoencoderTiny folder (TAESD): also export it, for generate --decoder tiny.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
               help="Fuse a LoRA .safetensors into the models before export, weight default 1 (repeatable).")
+@click.option("--max-sequence-length", "max_sequence_length", type=int, default=None,
+              help="SD3/FLUX: the longest T5 prompt (tokens) the bundle takes, 1-512 (default SD3 256, FLUX 512).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="DIR[:NAME]",
+              help="A diffusers ControlNetModel folder to export too, named NAME (default: the folder's name); "
+                   "repeatable. Adds the UNet that takes ControlNet residuals (generate --control-image).")
+@click.option("--deepcache", default=None, metavar="B[,B]",
+              help="Also export DeepCache's full and shallow UNet graphs for these branch ids (0: fastest), for "
+                   "generate --cache-interval N --cache-branch B.")
 def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool, default_steps, default_guidance,
-           tiny_vae, loras) -> None:
+           tiny_vae, loras, controlnets, deepcache, max_sequence_length) -> None:
     """Export a diffusers pipeline folder SRC to an ONNX bundle OUT (needs the [export] extra)."""
     from .bundle.manifest import GenerationDefaults
     from .errors import BundleError, InputError
@@ -89,7 +97,9 @@ def export(src: Path, out: Path, opset: int, overwrite: bool, allow_pickle: bool
 
     click.echo(f"exporting {src} -> {out}", err=True)
     export_pipeline(src, out, opset=opset, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
-                    defaults=defaults, tiny_vae=tiny_vae, loras=[parse_lora_option(t) for t in loras])
+                    defaults=defaults, tiny_vae=tiny_vae, loras=[parse_lora_option(t) for t in loras],
+                    controlnets=[_controlnet_option(t) for t in controlnets], deepcache=deepcache,
+                    max_sequence_length=max_sequence_length)
     click.echo(f"wrote {out}")
 
 
@@ -276,6 +286,10 @@ def doctor(engine_dirs) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT).")
 @click.option("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder.")
+@click.option("--prompt-3", default=None, help="SD3: the prompt for T5 (text_encoder_3; default: PROMPT).")
+@click.option("--negative-3", default=None, help="SD3: the negative prompt for T5.")
+@click.option("--max-sequence-length", type=int, default=None,
+              help="SD3: T5's token count (default: the bundle's, which is also the most it takes).")
 @click.option("--refiner", type=click.Path(path_type=Path), default=None,
               help="SDXL: a refiner bundle that finishes the schedule from --refiner-start (ensemble of experts).")
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
@@ -290,9 +304,28 @@ def doctor(engine_dirs) -> None:
               help="Set scheduler, steps and guidance together; --scheduler/--steps/--guidance still override. "
                    "lcm: scheduler lcm on the bundle's training schedule, 4 steps, guidance 1.0 (no CFG branch), "
                    "for an SD 1.5/SDXL bundle with an LCM-LoRA (e.g. --lora lcm-lora.safetensors --preset lcm).")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(path_type=Path),
+              help="ControlNet: the control image (edges, pose, depth...), one per --controlnet (repeatable).")
+@click.option("--controlnet", "controlnet_names", multiple=True, metavar="NAME",
+              help="ControlNet: which of the bundle's ControlNets (export --controlnet) takes the control image at "
+                   "the same position (repeatable; default: the bundle's only one).")
+@click.option("--control-scale", "control_scales", multiple=True, type=float,
+              help="ControlNet: conditioning scale, one for all or one per ControlNet (default 1.0).")
+@click.option("--control-start", "control_starts", multiple=True, type=float,
+              help="ControlNet: fraction of the steps where it starts acting, [0, 1) (default 0).")
+@click.option("--control-end", "control_ends", multiple=True, type=float,
+              help="ControlNet: fraction of the steps where it stops acting, (0, 1] (default 1).")
+@click.option("--guess-mode", is_flag=True, default=None,
+              help="ControlNet guess mode: control on the conditional branch only, residuals scaled 0.1 -> 1.")
+@click.option("--cache-interval", type=int, default=None,
+              help="DeepCache: run the full UNet every N-th step and the cheaper shallow one between (N >= 1; the "
+                   "bundle needs export --deepcache).")
+@click.option("--cache-branch", type=int, default=None,
+              help="DeepCache: which exported branch's feature is cached (default 0, the fastest).")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
-             backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, refiner, refiner_start, cfg_cutoff, decoder,
-             vae_tiling, mask, padding_mask_crop, preset) -> None:
+             backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, prompt_3, negative_3, max_sequence_length,
+             refiner, refiner_start, cfg_cutoff, decoder, vae_tiling, mask, padding_mask_crop, preset, control_images, controlnet_names, control_scales,
+             control_starts, control_ends, guess_mode, cache_interval, cache_branch) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
@@ -308,14 +341,18 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
 
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend, scheduler=scheduler,
                          low_memory=low_memory, loras=[parse_lora_option(t) for t in lora])
-    family = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_2)) if v is not None}
+    family = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_2), ("prompt_3", prompt_3),
+                                ("negative_prompt_3", negative_3), ("max_sequence_length", max_sequence_length))
+              if v is not None}
     handoff = dict(denoising_end=refiner_start, output_type="latent") if refiner is not None else {}
     decode = dict(decoder=decoder, vae_tiling=vae_tiling)  # applies to the model that decodes (the refiner, if any)
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
                            mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,
-                           cfg_cutoff=cfg_cutoff, preset=preset, **({} if refiner is not None else decode), **handoff,
-                           **family)
+                           cfg_cutoff=cfg_cutoff, preset=preset, cache_interval=cache_interval,
+                           cache_branch=cache_branch, **({} if refiner is not None else decode), **handoff,
+                           **family, **_control_options(control_images, controlnet_names, control_scales,
+                                                        control_starts, control_ends, guess_mode))
     second = None
     if refiner is not None:  # the refiner's half of the call is checked whole before the base runs
         import numpy as np
@@ -349,6 +386,23 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     t = result.timings
     click.echo(f"{t.get('total', 0):.2f} s  (text {t.get('text_encoder', 0):.2f} s, denoise {t.get('step', 0):.2f} s, "
                f"decode {t.get('vae_decode', 0):.2f} s)", err=True)
+
+
+def _controlnet_option(text: str):
+    from .export.components_controlnet import parse_option
+
+    return parse_option(text)
+
+
+def _control_options(images, names, scales, starts, ends, guess_mode) -> dict:
+    """generate's ControlNet options as Pipeline keywords (only those given: a stray one is refused there)."""
+    def one_or_list(values):
+        return None if not values else (values[0] if len(values) == 1 else list(values))
+
+    out = dict(control_image=one_or_list(images), controlnets=list(names) or None,
+               controlnet_conditioning_scale=one_or_list(scales), control_guidance_start=one_or_list(starts),
+               control_guidance_end=one_or_list(ends), guess_mode=guess_mode)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _default_bundle() -> Path:
@@ -393,9 +447,19 @@ main.add_command(_LazyCommand("serve", "edgediff.serve.cli:serve",
 @click.option("--autoencode", is_flag=True,
               help="Judge the VAE round trip of the ground-truth images of the same scenes instead of generations: "
                    "the ceiling of any denoiser through this bundle's VAE (PSNR is against the ground truth).")
-def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference, autoencode) -> None:
-    """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy."""
-    from .bench.shapes.evaluate import EvalSettings, report_lines
+@click.option("--decoder", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="Speed option to judge: tiny = the bundle's tiny decoder (--reference MODEL: PSNR vs the plain run).")
+@click.option("--cfg-cutoff", type=float, default=None, help="Speed option to judge: stop guidance after this fraction.")
+@click.option("--vae-tiling", is_flag=True, help="Speed option to judge: tiled VAE decode.")
+@click.option("--cache-interval", type=click.IntRange(min=1), default=None,
+              help="Speed option to judge: DeepCache, the full UNet every N-th step.")
+@click.option("--cache-branch", type=click.IntRange(min=0), default=None, help="DeepCache's cached block.")
+def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference, autoencode, decoder,
+                 cfg_cutoff, vae_tiling, cache_interval, cache_branch) -> None:
+    """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy.
+    With a speed option (--decoder tiny, --cfg-cutoff, --vae-tiling, --cache-interval) every image is made with it;
+    the adherence it loses is this table's all-correct column against a run without it (same seeds)."""
+    from .bench.shapes.evaluate import EvalSettings, check_options, report_lines
     from .errors import InputError
     from .pipeline import Pipeline
 
@@ -403,11 +467,17 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, ref
         raise InputError(f"--n {n}; must be at least 1")
     if autoencode and reference is not None:
         raise InputError("--autoencode compares with the ground truth; drop --reference")
+    options = tuple((k, v) for k, v in (("decoder", decoder), ("cfg_cutoff", cfg_cutoff),
+                                        ("vae_tiling", vae_tiling or None), ("cache_interval", cache_interval),
+                                        ("cache_branch", cache_branch)) if v is not None and v != "full")
+    if autoencode and options:
+        raise InputError("--autoencode judges the VAE round trip of ground-truth images; drop the speed options")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)
     recommended = pipe.bundle.manifest.defaults
     settings = EvalSettings(n=n, steps=steps if steps is not None else pipe.default_steps, guidance=(
         guidance if guidance is not None else recommended.guidance_scale if recommended.guidance_scale is not None
-        else EvalSettings.guidance), scheduler=scheduler, seed=seed)
+        else EvalSettings.guidance), scheduler=scheduler, seed=seed, options=options)
+    check_options(pipe, settings)  # a bad option is one line before the table starts
     ref = Pipeline.load(reference, backend=backend) if reference is not None else None
     for line in report_lines(pipe, ["train", "heldout"] if split == "both" else [split], settings, reference=ref,
                              autoencode=autoencode):

@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import cfg_cutoff as cutoff
+from . import deepcache
 from . import images as img
+from . import controlnet
 from . import inpaint
 from . import presets
 from . import tiny_vae
@@ -155,6 +157,14 @@ class Pipeline:
         decoder: str = "full",
         vae_tiling: bool | None = None,
         preset: str | None = None,
+        cache_interval: int | None = None,
+        cache_branch: int | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] | None = None,
+        control_guidance_end: float | Sequence[float] | None = None,
+        guess_mode: bool | None = None,
+        controlnets: str | Sequence[str] | None = None,
         **family_options: Any,
     ) -> GenerationResult:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline. With ``image=`` (a path or
@@ -175,7 +185,9 @@ class Pipeline:
         Speed options (each off by default): ``cfg_cutoff`` in [0, 1] stops classifier-free guidance after that
         fraction of the steps (diffusers' SDCFGCutoffCallback; no effect on an unguided call); ``decoder="tiny"``
         decodes with the bundle's tiny autoencoder (export --tiny-vae); ``vae_tiling`` True/False forces/forbids
-        tiled VAE decode and encode (default: tiled only when the full one would not fit in memory)."""
+        tiled VAE decode and encode (default: tiled only when the full one would not fit in memory);
+        ``cache_interval=N`` runs DeepCache (runtime/deepcache.py): the full UNet every N-th step, the shallow graph
+        of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B)."""
         callback = check.hook(callback, what="callback")
         cancel = check.hook(cancel, what="cancel")
         req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,
@@ -184,14 +196,21 @@ class Pipeline:
                            image=image, strength=strength, mask_image=mask_image,
                            padding_mask_crop=padding_mask_crop, scheduler=scheduler, output_type=output_type,
                            denoising_start=denoising_start, denoising_end=denoising_end, cfg_cutoff=cfg_cutoff,
-                           decoder=decoder, vae_tiling=vae_tiling, preset=preset, **family_options)
+                           decoder=decoder, vae_tiling=vae_tiling, preset=preset, cache_interval=cache_interval,
+                           cache_branch=cache_branch, control_image=control_image,
+                           controlnet_conditioning_scale=controlnet_conditioning_scale,
+                           control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                           guess_mode=guess_mode, controlnets=controlnets, **family_options)
         return self.generate(req, callback=callback, cancel=cancel)
 
     def request(self, prompt, negative_prompt=None, *, num_inference_steps=None, guidance_scale=None, height=None,
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
                 mask_image=None, padding_mask_crop=None,
                 scheduler=None, output_type="pil", denoising_start=None, denoising_end=None, cfg_cutoff=None,
-                decoder="full", vae_tiling=None, preset=None, **family_options) -> GenerationRequest:
+                decoder="full", vae_tiling=None, preset=None, cache_interval=None, cache_branch=None,
+                control_image=None, controlnet_conditioning_scale=None, control_guidance_start=None,
+                control_guidance_end=None, guess_mode=None, controlnets=None,
+                **family_options) -> GenerationRequest:
         """Validate and resolve a call's arguments (same names as ``__call__``) into a ``GenerationRequest``;
         raises InputError naming the first bad one. Nothing is loaded or run."""
         m = self.bundle.manifest
@@ -199,13 +218,15 @@ class Pipeline:
             num_inference_steps, guidance_scale, scheduler = presets.resolve(
                 preset, self.bundle, steps=num_inference_steps, guidance=guidance_scale, scheduler=scheduler)
         prompts = check.prompts(prompt)
+        if hasattr(self.conditioner, "check_guidance"):  # the call's own value: FLUX.1-schnell has no guidance input
+            self.conditioner.check_guidance(guidance_scale)
         steps = check.steps(self.default_steps if num_inference_steps is None else num_inference_steps,
                             max_steps=self.scheduler_config.num_train_timesteps)
         g = check.guidance(self.default_guidance if guidance_scale is None else guidance_scale)
         n = check.count(num_images_per_prompt)
         output_type = check.output_type(output_type)
         scheduler = scheduler or self.default_scheduler
-        make_scheduler(scheduler, self.scheduler_config).set_timesteps(steps)  # unknown name or bad count: now
+        schedule = make_scheduler(scheduler, self.scheduler_config)  # unknown name: now; its steps once h, w are known
         cfg = getattr(self.conditioner, "classifier_free_guidance", True)  # False: g is a model input (LCM)
         if not cfg and negative_prompt is not None:
             raise InputError(f"negative_prompt does not apply to this {m.family} bundle: its guidance is distilled into "
@@ -259,12 +280,25 @@ class Pipeline:
         if inpainting is None:
             inpaint.check_plain(self.bundle)  # an inpainting UNet needs its mask
         extra = self.conditioner.prepare(family_options, img2img=image is not None)
+        control = controlnet.prepare(  # runtime/controlnet.py; its control image may set the size
+            self.bundle, control_image, controlnets=controlnets, scale=controlnet_conditioning_scale,
+            start=control_guidance_start, end=control_guidance_end, guess_mode=guess_mode, height=height,
+            width=width, multiple=self.size_multiple, total=len(prompts) * n, inpainting=inpainting is not None,
+            loras=self.loras)
+        if control is not None:
+            if cache_interval is not None:
+                raise InputError("DeepCache (cache_interval) with ControlNet is not supported; drop one of them")
+            height, width = control.height, control.width
         h, w = check.size(height, width, multiple=self.size_multiple,
                           default=self._static_size() or (m.default_height, m.default_width))
+        self._set_timesteps(schedule, steps, h, w)  # a bad count (or schedule input) fails now
         total = len(prompts) * n
         self._check_static(h, w, total * (2 if guided else 1), total, guided)
         self._check_memory(total * (2 if guided else 1), h, w)
         cfg_cutoff = cutoff.check_cutoff(cfg_cutoff)
+        cache_interval, cache_branch = deepcache.check_request(self.bundle, cache_interval, cache_branch,
+                                                               cfg_cutoff=cfg_cutoff, loras=self.loras,
+                                                               controlnet=control)
         decoder = tiny_vae.check_decoder(self.bundle, decoder)
         vae_tiling = tiling.check_flag(vae_tiling)
         tiling.check_request(self.bundle, vae_tiling, latent=(h // m.vae_scale_factor, w // m.vae_scale_factor),
@@ -287,7 +321,8 @@ class Pipeline:
                                  negative_given=negative_prompt is not None, denoising_start=start,
                                  denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra,
                                  inpaint=inpainting,
-                                 cfg_cutoff=cfg_cutoff, decoder=decoder, vae_tiling=vae_tiling)
+                                 cfg_cutoff=cfg_cutoff, decoder=decoder, vae_tiling=vae_tiling,
+                                 cache_interval=cache_interval, cache_branch=cache_branch, controlnet=control)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
                  cancel: Callable[[], bool] | None = None,
@@ -307,14 +342,19 @@ class Pipeline:
                     graphs[graph] = stack.enter_context(self.components.use(graph))
                 feeds = job.unet_feeds()
                 with job.watch.span(job.span_name(graph), job.step):
-                    eps = self._run(graphs[graph], feeds)[0]  # (2N or N, C, h, w) float32, checked finite
+                    eps = self._denoise(graphs[graph], feeds)  # (2N or N, C, h, w) float32, checked finite
                 job.advance(eps)
         return self.finish(job)
 
     def run_denoiser(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One denoiser call on the resident graph ``graph`` (the step-level scheduler's ``run``,
-        runtime/batching.py): its first output, (B, C, h, w) float32, checked finite."""
-        return self._run(self.components.get(graph), feeds)[0]
+        runtime/batching.py): its first output, (B, C, h, w) float32, checked finite; a graph with several
+        outputs (DeepCache's full UNet) gives them all, {name: array}, the noise prediction first."""
+        return self._denoise(self.components.get(graph), feeds)
+
+    def _denoise(self, backend, feeds: dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+        outs = self._run(backend, feeds)
+        return outs[0] if len(outs) == 1 else {s.name: a for s, a in zip(backend.outputs, outs)}
 
     # -- the steps of a generation, for step-level schedulers (runtime/batching.py) ------------------------------
     def start(self, req: GenerationRequest, *, callback: StepCallback | None = None,
@@ -328,7 +368,7 @@ class Pipeline:
         sched = make_scheduler(req.scheduler, self.scheduler_config)
         shape = (req.total_images, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
         cond = self.conditioner(req, self.components, watch)
-        sched.set_timesteps(req.steps)
+        self._set_timesteps(sched, req.steps, req.height, req.width)
         if req.inpaint is not None:  # its own starting latents, and the step extension that applies the mask
             x, masking = inpaint.begin(self.bundle, self.components, req, sched, watch)
             extensions = (masking, *extensions)
@@ -339,7 +379,9 @@ class Pipeline:
             x = self._img2img_latents(req, sched, watch)
         return DenoiseJob(request=req, scheduler=sched, cond=cond, x=x, end=self._end_index(req, sched), watch=watch,
                           start_time=t0, callback=callback, cancel=cancel,
-                          extensions=(*extensions, *cutoff.extensions_for(req)), denoiser=self.bundle.denoiser)
+                          extensions=(*controlnet.extensions_for(req, self.components, self.bundle),
+                                      *extensions, *cutoff.extensions_for(req),
+                                                  *deepcache.extensions_for(req)), denoiser=self.bundle.denoiser)
 
     def finish(self, job: DenoiseJob) -> GenerationResult:
         """Decode a job's latents (unless output_type="latent") into the call's result."""
@@ -416,8 +458,12 @@ class Pipeline:
         for key in ("denoising_start", "denoising_end", "cfg_cutoff"):
             if getattr(req, key) is not None:
                 params[key] = getattr(req, key)
+        if deepcache.extensions_for(req):  # DeepCache ran (interval >= 2)
+            params.update(cache_interval=req.cache_interval, cache_branch=req.cache_branch)
         if req.inpaint is not None:
             params.update(req.inpaint.parameters())
+        if req.controlnet is not None:
+            params.update(req.controlnet.parameters())
         if req.decoder != "full" and req.output_type != "latent":
             params["decoder"] = req.decoder
         return GenerationResult(images=out, seeds=req.seeds, timings=watch.totals(), spans=tuple(watch.spans),
@@ -521,6 +567,12 @@ class Pipeline:
             return z
         eps = req.noise.standard_normal(z.shape)
         return sched.add_noise(z, eps, sched.begin_index)
+
+    def _set_timesteps(self, sched, steps: int, height: int, width: int) -> None:
+        """``sched.set_timesteps`` with what the family's pipeline also passes (the conditioner's optional
+        ``schedule_inputs(steps, height, width)``: FLUX's mu from the image's token count and its sigmas)."""
+        family = getattr(self.conditioner, "schedule_inputs", None)
+        sched.set_timesteps(steps, **(family(steps, height, width) if family is not None else {}))
 
     def _cutoff(self, fraction: float) -> int:
         """The training timestep at ``fraction`` of the way from pure noise (diffusers' discrete_timestep_cutoff)."""

@@ -16,6 +16,7 @@ from .derived import vae_scale_factor
 from .graph_io import graph_io
 from .manifest import COMPONENTS, MANIFEST_NAME, Component, FileEntry, Manifest, ParityReceipt, Provenance
 from .safety import check_external_data, resolve_inside
+from .schema import RESIDUAL_UNET, is_component
 
 _VAE_CONFIG_DIRS = ("vae_decoder", "vae_encoder", "vae")
 # transformer config _class_name -> manifest family
@@ -64,7 +65,8 @@ def model_facts(root: Path) -> dict[str, Any]:
         family = "sd2"
     else:
         family = "sd1"
-    sample_size = unet.get("sample_size", 64)
+    # FLUX's transformer config has no sample_size: FluxPipeline.default_sample_size (128 latent cells) applies
+    sample_size = unet.get("sample_size", 128 if family == "flux" else 64)
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return dict(
         family=family,
@@ -94,7 +96,11 @@ def component_entry(root: Path, name: str, *, precision: str = "fp32", parity: P
 
 
 def present_components(root: Path) -> list[str]:
-    return [c for c in COMPONENTS if (root / layout.graph_path(c)).is_file()]
+    names = [c for c in (*COMPONENTS, RESIDUAL_UNET) if (root / layout.graph_path(c)).is_file()]
+    if root.is_dir():  # the ControlNets (export --controlnet), by name
+        names += sorted(p.name for p in root.iterdir() if is_component(p.name) and p.name not in names
+                        and (p / layout.GRAPH_FILE).is_file())
+    return names
 
 
 def other_files(root: Path, components: dict[str, Component]) -> tuple[FileEntry, ...]:

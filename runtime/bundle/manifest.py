@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import BundleError
-from .schema import COMPONENTS, DTYPES, FAMILIES, OPTIMIZED_FOR, PRECISIONS, PREDICTION_TYPES, check_manifest
+from .schema import COMPONENTS, DTYPES, FAMILIES, OPTIMIZED_FOR, PRECISIONS, PREDICTION_TYPES, check_manifest, is_component
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edgediff.json"
@@ -155,7 +155,7 @@ class Manifest:
         if self.prediction_type not in PREDICTION_TYPES:
             raise BundleError(f"prediction_type {self.prediction_type!r}; expected one of {list(PREDICTION_TYPES)}")
         for name, comp in self.components.items():
-            if name not in COMPONENTS:
+            if not is_component(name):
                 raise BundleError(f"component {name!r}; expected one of {list(COMPONENTS)}")
             if comp.optimized_for not in OPTIMIZED_FOR:
                 raise BundleError(f"component {name!r}: optimized_for {comp.optimized_for!r}; expected one of "

@@ -33,10 +33,22 @@ FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-tur
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
               "int8-storage")
 OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
+# DeepCache (runtime/deepcache.py): the UNet that also outputs the cached features, and one shallow UNet per skip
+# branch id (DeepCache's cache_branch_id = 3 x block + layer; 4 down blocks x 3 layers for SD 1.x/2.x).
+DEEPCACHE_FULL = "unet_deepcache_full"
+DEEPCACHE_MAX_BRANCHES = 12
+
+
+def deepcache_shallow(branch: int) -> str:
+    return f"unet_deepcache_shallow_{branch}"
+
+
+DEEPCACHE_COMPONENTS = (DEEPCACHE_FULL, *(deepcache_shallow(b) for b in range(DEEPCACHE_MAX_BRANCHES)))
 # Component names follow optimum's ONNX Stable Diffusion layout (one folder each).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
               "vae_decoder_tiny", "vae_encoder_tiny",  # the tiny autoencoder (export --tiny-vae; TAESD)
-              "transformer", "text_encoder_3")  # SD3 / FLUX: the diffusion transformer (MMDiT) and the T5 encoder
+              "transformer", "text_encoder_3",  # SD3 / FLUX: the diffusion transformer (MMDiT) and the T5 encoder
+              *DEEPCACHE_COMPONENTS)  # DeepCache's full UNet + shallow graphs (export --deepcache; runtime/deepcache.py)
 # ControlNet (export --controlnet; runtime/controlnet.py): the UNet that also takes the residuals, and one
 # component per ControlNet, named "controlnet_<name>" (a name of a-z, 0-9, "_", "-")
 RESIDUAL_UNET = "unet_controlnet"
