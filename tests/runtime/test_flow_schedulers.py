@@ -387,3 +387,46 @@ def test_a_non_default_ignored_key_warns(key, value):
     data = dict(diffusers.DPMSolverMultistepScheduler().config, _class_name="DPMSolverMultistepScheduler")
     with pytest.warns(UserWarning, match=rf"ignoring {key}={value!r}: edgediff's schedulers do not implement it"):
         SchedulerConfig.from_dict(dict(data, **{key: value}))
+
+
+# -- the one denoising loop --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ("flow_euler", "flow_heun"))
+@pytest.mark.parametrize("t_start", (0, 3))
+def test_the_denoising_loop_runs_flow_schedulers_as_diffusers_does(name, t_start):
+    """runtime/job.py's DenoiseJob, unchanged, with true CFG as SD3 does it: one model call per ``timesteps`` entry
+    from the begin index (Heun: 2n - 1 calls at diffusers' doubled timesteps; img2img from t_start * order), the
+    same timestep feeds, and the final latents of diffusers' loop."""
+    from types import SimpleNamespace
+
+    from edgediff.conditioning import Conditioning
+    from edgediff.job import DenoiseJob
+    from edgediff.timing import Stopwatch
+
+    def model(x, t):  # rows [uncond; cond] differ, so guidance matters
+        rows = np.arange(x.shape[0], dtype=np.float32).reshape(-1, 1, 1, 1)
+        return (0.3 * rows + 0.1 * np.tanh(x) + np.float32(np.sin(float(t) / 100.0))).astype(np.float32)
+
+    steps, g = 8, 4.5
+    ref, ours = pair(SD3, name)
+    ref.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    begin = t_start * ours.order
+    ref.set_begin_index(begin)
+    ours.set_begin_index(begin)
+    x = np.random.default_rng(3).standard_normal((1, 16, 4, 4)).astype(np.float32)
+    job = DenoiseJob(request=SimpleNamespace(guidance_scale=g, noise=None), scheduler=ours,
+                     cond=Conditioning(np.zeros((2, 3, 8), np.float32), guided=True), x=x.copy(),
+                     end=len(ours.timesteps), watch=Stopwatch(), start_time=0.0)
+    ours_calls = []
+    while not job.done:
+        feeds = job.unet_feeds()
+        ours_calls.append(float(feeds["timestep"][0]))
+        job.advance(model(feeds["sample"], feeds["timestep"][0]))
+    xr, ref_calls = torch.from_numpy(x.copy()), []
+    for t in ref.timesteps[begin:]:  # StableDiffusion3Pipeline's loop
+        ref_calls.append(float(t))
+        u, c = torch.from_numpy(model(torch.cat([xr, xr]).numpy(), float(t))).chunk(2)
+        xr = ref.step(u + g * (c - u), t, xr).prev_sample
+    assert ours_calls == ref_calls
+    assert len(ours_calls) == (2 * (steps - t_start) - 1 if name == "flow_heun" else steps - t_start)
+    assert rel(job.x, xr.numpy()) <= TOL
