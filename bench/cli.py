@@ -115,14 +115,31 @@ def run(bundles, backend, steps, size, batch, scheduler, **options) -> None:
               help="WIDTHxHEIGHT list, e.g. 512x512,768x768; default: the model's native size.")
 @click.option("--batch", type=ListType(POSITIVE_INT), default="1", show_default=True, help="Images per prompt.")
 @click.option("--scheduler", type=NAMES, default=None, help="Schedulers; default: the bundle's.")
+@click.option("--decoder", type=ListType(click.Choice(["full", "tiny"])), default=None,
+              help="Speed lever: tiny = the bundle's tiny autoencoder (export --tiny-vae), against the full VAE.")
+@click.option("--cfg-cutoff", type=ListType(click.FloatRange(0.0, 1.0)), default=None,
+              help="Speed lever: stop guidance after these fractions of the steps, e.g. 0.3,0.5.")
+@click.option("--vae-tiling", is_flag=True, help="Speed lever: tiled VAE decode, against the untiled one.")
+@click.option("--cache-interval", type=ListType(POSITIVE_INT), default=None,
+              help="Speed lever: DeepCache, the full UNet every N-th step, e.g. 2,3 (a bundle with the shallow UNet).")
+@click.option("--cache-branch", type=click.IntRange(min=0), default=None,
+              help="DeepCache's cached block for --cache-interval (default: the pipeline's).")
 @_measurement_options
-def sweep(bundles, backend, steps, size, batch, scheduler, **options) -> None:
+def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, vae_tiling, cache_interval,
+          cache_branch, **options) -> None:
     """Measure every BUNDLE (default: the built-in model) over the cartesian product of the lists; with several
-    bundles, also the ratios of each to the first."""
+    bundles, also the ratios of each to the first.
+
+    Speed levers (--decoder tiny, --cfg-cutoff, --vae-tiling, --cache-interval) are each measured against the plain
+    run of every configuration, interleaved in the same run with the same seeds: time per image, ratios to the plain
+    run, and PSNR/SSIM of each image against the plain image of its seed (docs/bench.md)."""
+    from .quality import levers
     from .sweep import Axes
 
+    lever_list = levers(decoder=decoder or (), cfg_cutoff=cfg_cutoff or (), vae_tiling=vae_tiling,
+                        cache_interval=cache_interval or (), cache_branch=cache_branch)
     _measure(bundles, Axes(backend=backend, steps=steps or [None], size=size or [None], batch=batch,
-                           scheduler=scheduler or [None]), **options)
+                           scheduler=scheduler or [None], levers=lever_list), **options)
 
 
 def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, overwrite, **settings) -> None:
@@ -143,7 +160,9 @@ def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, overw
 
         write_trace(trace_path, result.spans, overwrite=overwrite)
     env = result.environment
-    click.echo(report.table(result.rows) + report.variants_table(result.rows) +
+    from .quality import table as levers_table
+
+    click.echo(report.table(result.rows) + report.variants_table(result.rows) + levers_table(result.rows) +
                f"\nenvironment: {env['cpu']} ({env['cores']} cores), onnxruntime {env['packages']['onnxruntime']}, "
                f"bundle {env['bundle'][:16]}\nnot measured: {'; '.join(env['not_measured'])}")
 

@@ -65,7 +65,8 @@ def variants_table(rows: Sequence[dict]) -> str:
     paths = list(dict.fromkeys(r["config"]["bundle"] for r in rows))
     if len(paths) < 2:
         return ""
-    key = lambda r: tuple(r["config"][k] for k in ("backend", "steps", "height", "width", "batch", "scheduler"))  # noqa: E731
+    key = lambda r: (tuple(r["config"][k] for k in ("backend", "steps", "height", "width", "batch", "scheduler"))  # noqa: E731
+                     + ((r.get("lever") or {}).get("name"),))  # a speed lever is compared with the same lever
     base = {key(r): r for r in rows if r["config"]["bundle"] == paths[0]}
     out = [f"variants vs {_variant_label(rows[0])} (same run; ratio < 1 is faster/smaller):",
            f"  {'bundle':<58}{'size':>8}{'unet p50':>11}{'ratio':>8}{'per image':>11}{'ratio':>8}{'load':>8}{'ratio':>8}{'unet MB':>9}"]
@@ -93,6 +94,9 @@ def table(rows: Sequence[dict]) -> str:
         c = row["config"]
         if row.get("variant"):
             out.append(f"bundle {_variant_label(row)}")
+        if row.get("lever"):
+            out.append(f"lever {row['lever']['name']}" + (f" (options {row['lever']['options']})"
+                                                          if row["lever"]["options"] else " (no speed option)"))
         size = f"{c['width'] or 'native'}x{c['height'] or 'native'}" if c["width"] or c["height"] else "native"
         out.append(f"{c['backend']}  steps {c['steps']}  size {size}  batch {c['batch']}  guidance {c['guidance']}  "
                    f"scheduler {c['scheduler'] or 'bundle default'}  runs {c['runs']} (+{c['warmup']} warm-up)")
@@ -177,6 +181,15 @@ def flat(row: dict) -> dict:
     mem = (row.get("compare") or {}).get("peak_rss_bytes") or {}
     if mem:
         out["ratio.peak_rss"] = mem.get("ratio")
+    lever = row.get("lever") or {}
+    if lever:
+        out["lever.name"] = lever["name"]
+        for k, v in (lever.get("ratio") or {}).items():
+            out[f"lever.ratio.{k}"] = v
+        for metric, s in ((lever.get("quality") or {}).items()):
+            if isinstance(s, dict):
+                for k, v in s.items():
+                    out[f"lever.{metric}.{k}"] = v
     return out
 
 

@@ -17,6 +17,7 @@ from .memory import PeakRss
 from .stats import summarize
 
 STAGES = ("tokenize", "text_encoder", "unet", "scheduler", "vae_decode", "postprocess", "total")
+LOOP_SPANS = ("scheduler", "step")  # a step's spans that are not its backend call (runtime/job.py)
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,61 @@ class Row:
     ops: list[dict] | None = None
     compare: dict | None = None
     variant: dict | None = None  # which bundle: path, digest, precision per component, size, transforms
+    lever: dict | None = None  # a speed option measured against the plain run (bench/quality.py): ratios, PSNR, SSIM
     trace_spans: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("trace_spans")
         return d
+
+
+class Samples:
+    """The stage samples of a configuration's timed generations, added one ``GenerationResult`` at a time (by
+    ``measure``, and by ``quality.measure_levers``, which interleaves several configurations)."""
+
+    def __init__(self) -> None:
+        self.per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.overhead_us: list[float] = []
+        self.overhead_frac: list[float] = []
+        self.totals: list[float] = []
+        self.unet_per_image: list[float] = []  # each generation's backend calls over all steps, per image
+
+    def add(self, res) -> None:
+        self.totals.append(res.timings["total"])
+        for s in ("tokenize", "text_encoder", "vae_decode", "postprocess", "total"):
+            # only stages the family times apart: SDXL's one text_encoder span covers both tokenizers and both
+            # towers, so it has no tokenize stage (not a tokenize stage of 0 ms)
+            if s in res.timings:
+                self.per_stage[s].append(res.timings[s])
+        by_step: dict[int, dict[str, float]] = {}
+        for sp in res.spans:
+            if sp.step is not None:
+                by_step.setdefault(sp.step, {}).setdefault(sp.name, 0.0)
+                by_step[sp.step][sp.name] += sp.seconds
+        unet = 0.0
+        for st in by_step.values():
+            # the step's backend call, whichever graph ran it (an extension may pick another, e.g. DeepCache's
+            # shallow UNet, whose span carries that graph's name): every span in the step but these two
+            call = sum(v for k, v in st.items() if k not in LOOP_SPANS)
+            unet += call
+            self.per_stage["unet"].append(call)
+            self.per_stage["scheduler"].append(st.get("scheduler", 0.0))
+            outside = st.get("step", 0.0) - call  # everything in the loop but the backend call
+            self.overhead_us.append(outside * 1e6)
+            self.overhead_frac.append(outside / st["step"] if st.get("step") else 0.0)
+        self.unet_per_image.append(unet / len(res.seeds))  # one seed per image
+
+    def row(self, cfg: BenchConfig, *, load: float, first: float, peak_rss: int | None) -> Row:
+        mean_total = sum(self.totals) / len(self.totals)
+        return Row(
+            config=asdict(cfg), load_seconds=load, first_image_seconds=first,
+            stages={s: summarize(v).to_dict() for s, v in self.per_stage.items() if v},
+            overhead={"per_step_us": summarize(self.overhead_us).to_dict(),
+                      "percent_of_step": 100.0 * sum(self.overhead_frac) / len(self.overhead_frac)},
+            images_per_second=cfg.batch / mean_total, latency_per_image=mean_total / cfg.batch,
+            peak_rss_bytes=peak_rss,
+        )
 
 
 def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
@@ -98,42 +148,15 @@ def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
     first = time.perf_counter() - t0
     for _ in range(max(0, cfg.warmup - 1)):  # the first image above counts as one warm-up
         pipe(cfg.prompt, **cfg.call_kwargs())
-    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
-    overhead_us: list[float] = []
-    overhead_frac: list[float] = []
-    totals: list[float] = []
+    samples = Samples()
     spans = []
     with PeakRss() as mem:
         for r in range(cfg.runs):
             res = pipe(cfg.prompt, **{**cfg.call_kwargs(), "seed": cfg.seed + 1000 * (r + 1)})
             spans = res.spans
-            totals.append(res.timings["total"])
-            for s in ("tokenize", "text_encoder", "vae_decode", "postprocess", "total"):
-                # only stages the family times apart: SDXL's one text_encoder span covers both tokenizers and both
-                # towers, so it has no tokenize stage (not a tokenize stage of 0 ms)
-                if s in res.timings:
-                    per_stage[s].append(res.timings[s])
-            by_step: dict[int, dict[str, float]] = {}
-            for sp in res.spans:
-                if sp.step is not None:
-                    by_step.setdefault(sp.step, {}).setdefault(sp.name, 0.0)
-                    by_step[sp.step][sp.name] += sp.seconds
-            for st in by_step.values():
-                per_stage["unet"].append(st.get("unet", 0.0))
-                per_stage["scheduler"].append(st.get("scheduler", 0.0))
-                outside = st.get("step", 0.0) - st.get("unet", 0.0)  # everything in the loop but the backend call
-                overhead_us.append(outside * 1e6)
-                overhead_frac.append(outside / st["step"] if st.get("step") else 0.0)
-    images = cfg.batch
-    mean_total = sum(totals) / len(totals)
-    row = Row(
-        config=asdict(cfg), load_seconds=load, first_image_seconds=first,
-        stages={s: summarize(v).to_dict() for s, v in per_stage.items() if v},
-        overhead={"per_step_us": summarize(overhead_us).to_dict(),
-                  "percent_of_step": 100.0 * sum(overhead_frac) / len(overhead_frac)},
-        images_per_second=images / mean_total, latency_per_image=mean_total / images,
-        peak_rss_bytes=mem.peak, trace_spans=list(spans),
-    )
+            samples.add(res)
+    row = samples.row(cfg, load=load, first=first, peak_rss=mem.peak)
+    row.trace_spans = list(spans)
     if profile_ops:
         row.ops = op_profile(cfg, profile_ops)
     return row

@@ -24,6 +24,8 @@ class Axes:
     size: Sequence[tuple[int, int] | None] = (None,)  # (height, width)
     batch: Sequence[int] = (1,)
     scheduler: Sequence[str | None] = (None,)
+    # speed options, each measured against the plain run of every configuration (bench/quality.py); () = none
+    levers: Sequence = ()
 
     def product(self):
         return itertools.product(self.backend, self.steps, self.size, self.batch, self.scheduler)
@@ -62,6 +64,10 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
     variants = [Bundle.open(b) for b in bundles]  # every bundle is checked before the first measurement
     for v in variants:
         check_text_to_image(v)
+    if axes.levers:
+        check_lever_settings(settings)
+        for v in variants:
+            _check_levers(v, axes, settings)
     if settings.compare:
         from .compare import check_reference
 
@@ -84,6 +90,15 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
                     t0 = time.perf_counter()
                     pipes[backend] = Pipeline.load(variant.root, backend=backend, low_memory=settings.low_memory)
                     load = time.perf_counter() - t0
+                if axes.levers:
+                    from .quality import measure_levers
+
+                    for lever_row in measure_levers(cfg, pipes[backend], axes.levers):
+                        lever_row.load_seconds = load if load is not None else float("nan")
+                        load = None  # the first row of a backend carries its load time, as below
+                        lever_row.variant = report.variant_info(variant)
+                        rows.append(lever_row.to_dict())
+                    continue
                 row = measure(cfg, pipe=pipes[backend], profile_ops=settings.profile_ops)
                 row.load_seconds = load if load is not None else float("nan")  # loaded once per backend
                 row.variant = report.variant_info(variant)
@@ -119,6 +134,38 @@ def check_text_to_image(bundle) -> None:
     if family in IMAGE_TO_IMAGE_ONLY:
         raise InputError(f"{bundle.root} is a {family} bundle: it refines images and bench times text-to-image; "
                          "bench the base bundle (e.g. sdxl) instead")
+
+
+def check_lever_settings(settings: Settings) -> None:
+    """Speed levers are timed against the plain run in this process; the options that time something else are
+    refused with them rather than measured for the plain run alone."""
+    for name, flag in (("--compare", settings.compare), ("--cold-start", settings.cold),
+                       ("--profile-ops", settings.profile_ops)):
+        if flag:
+            raise InputError(f"{name} does not combine with the speed levers (--decoder, --cfg-cutoff, --vae-tiling, "
+                             f"--cache-interval); run it in a sweep of its own")
+
+
+def _check_levers(bundle, axes: Axes, settings: Settings) -> None:
+    """Every configuration's lever calls validated by the bundle's pipeline opened without sessions (``low_memory``
+    opens none until a stage runs; ``verify=False``: the measurement's own load verifies), before any measurement."""
+    from edgediff import Pipeline
+
+    from .quality import check_levers
+
+    guidance = settings.guidance if settings.guidance is not None else bundle.default_guidance
+    for backend in dict.fromkeys(axes.backend):
+        probe = Pipeline.load(bundle.root, backend=backend, low_memory=True, verify=False)
+        try:
+            for _, steps, size, batch, scheduler in axes.product():
+                height, width = size if size else (None, None)
+                cfg = BenchConfig(bundle=str(bundle.root), backend=backend,
+                                  steps=steps if steps is not None else bundle.default_steps, height=height,
+                                  width=width, batch=batch, guidance=guidance, scheduler=scheduler,
+                                  warmup=settings.warmup, runs=settings.runs, seed=settings.seed)
+                check_levers(probe, cfg, axes.levers)
+        finally:
+            probe.close()
 
 
 def check_backends(names: Sequence[str]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,15 @@ class EvalSettings:
     scheduler: str | None = None
     seed: int = 0
     batch: int = 8
+    # speed options passed to every call, e.g. (("decoder", "tiny"),) or (("cfg_cutoff", 0.5),): judge what they cost
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def check_options(pipe, s: EvalSettings) -> None:
+    """The settings and speed options validated by the pipeline (``Pipeline.request``: nothing runs) before the first
+    image, so a bad one is one line, not a half-printed table."""
+    pipe.request(canonical_caption(eval_scenes("train", 1, s.seed)[0]), num_inference_steps=s.steps,
+                 guidance_scale=s.guidance, scheduler=s.scheduler, **dict(s.options))
 
 
 def eval_scenes(split: str, n: int, seed: int) -> list[Scene]:
@@ -32,8 +42,8 @@ def eval_scenes(split: str, n: int, seed: int) -> list[Scene]:
 
 def evaluate(pipe, split: str, s: EvalSettings, reference=None) -> dict:
     """Per-attribute accuracy on ``split``. With ``reference`` (another pipeline, e.g. the fp32 parent of a
-    quantized bundle) also the mean PSNR of this pipeline's images against the reference's for the same prompts
-    and seeds."""
+    quantized bundle, or the same bundle to judge ``s.options``, which only this pipeline's calls get) also the mean
+    PSNR of this pipeline's images against the reference's for the same prompts and seeds."""
     scenes = eval_scenes(split, s.n, s.seed)
     checks: list[dict[str, bool]] = []
     psnrs: list[float] = []
@@ -42,7 +52,7 @@ def evaluate(pipe, split: str, s: EvalSettings, reference=None) -> dict:
         kw = dict(num_inference_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler,
                   seed=[s.seed + start + k for k in range(len(chunk))], output_type="pil")
         prompts = [canonical_caption(sc) for sc in chunk]
-        result = pipe(prompts, **kw)
+        result = pipe(prompts, **kw, **dict(s.options))  # the reference runs without them: PSNR is their cost
         checks += [judge(np.asarray(image)).check(sc) for sc, image in zip(chunk, result.images)]
         if reference is not None:
             for a, b in zip(result.images, reference(prompts, **kw).images):
@@ -93,8 +103,9 @@ def report_lines(pipe, splits: list[str], s: EvalSettings, *, reference=None, au
         for split in splits:
             yield row(split, evaluate_autoencoder(pipe, split, s.n, s.seed), True)
         return
+    options = ", ".join(f"{k}={v}" for k, v in s.options)
     yield (f"{s.steps} steps, guidance {s.guidance:g}, scheduler {s.scheduler or 'bundle default'}, seeds {s.seed}.."
-           f"{s.seed + s.n - 1}")
+           f"{s.seed + s.n - 1}" + (f", speed options: {options}" if options else ""))
     yield head + ("   PSNR vs reference" if reference is not None else "")
     for split in splits:
         yield row(split, evaluate(pipe, split, s, reference=reference), reference is not None)
