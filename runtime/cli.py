@@ -267,7 +267,8 @@ def doctor(engine_dirs) -> None:
               help="Denoising steps (default: the bundle's recommended count, else 25).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale; <= 1 turns it off (default: the bundle's, else 7.5).")
-@click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, unipc.")
+@click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, unipc; "
+              "flow_euler, flow_heun for SD3/FLUX bundles.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (image k uses seed+k).")
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option("--num-images", type=int, default=1, show_default=True)
