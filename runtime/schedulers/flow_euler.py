@@ -49,9 +49,8 @@ class FlowMatchEuler(FlowSchedulerBase):
             s = static_shift(s, self.opt("shift"))
         if self.opt("shift_terminal"):  # 0 or None: off, as diffusers' truthiness test
             if float(s[-1]) == 1.0:  # one step at sigma 1: 1 - sigma is 0 and the stretch 0/0 (diffusers: NaN)
-                raise InputError(f"{self.name}: {n} step{'s' * (n > 1)} with shift_terminal="
-                                 f"{self.opt('shift_terminal')} end at sigma 1, which cannot be stretched to "
-                                 "shift_terminal; run 2 steps or more")
+                raise InputError(f"{self.name}: a schedule that ends at sigma 1 ({n} step{'s' * (n > 1)}) cannot be "
+                                 f"stretched to shift_terminal={self.opt('shift_terminal')}; run 2 steps or more")
             s = stretch_to_terminal(s, self.opt("shift_terminal"))
         if self.opt("use_karras_sigmas"):  # Karras et al. 2022 eq. (5) between the shifted ends
             s = S.karras_sigmas(float(s[-1]), float(s[0]), n)
