@@ -125,3 +125,24 @@ def test_cli_lora_with_preset(tiny_sd1_bundle, lcm_lora, tmp_path):
     assert r.exit_code not in (0, 70) and "is not a preset" in r.output and len(r.output.strip().splitlines()) == 1
     help_text = runner.invoke(main, ["generate", "--help"]).output
     assert "--preset" in help_text and "4 steps, guidance 1.0" in help_text
+
+
+def test_sdxl_lcm_lora_with_the_preset_matches_diffusers(tiny_sdxl_base, tmp_path):
+    """SDXL's LCM-LoRA recipe (latent-consistency/lcm-lora-sdxl): StableDiffusionXLPipeline + LCMScheduler from its
+    config + the fused LoRA, 4 steps, guidance 1.0 — ours with the LoRA applied at run time and preset="lcm"."""
+    lora = make_lora(tiny_sdxl_base.source, tmp_path / "lcm-lora-sdxl.safetensors", seed=6, rank=4, alpha=4.0,
+                     text_encoder=False, magnitude=0.2, unet_targets=LCM_LORA_TARGETS)
+    latents = np.random.default_rng(10).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_base.source, local_files_only=True)
+        ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+        ref.load_lora_weights(str(lora))
+        ref.fuse_lora()
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, num_inference_steps=4, guidance_scale=1.0, latents=torch.from_numpy(latents),
+                 generator=torch.Generator().manual_seed(2), output_type="np").images
+    with Pipeline.load(tiny_sdxl_base.bundle, loras={str(lora): 1.0}) as pipe:
+        mine = pipe(PROMPT, preset="lcm", latents=latents, rng=StreamFrom(2), output_type="np")
+    assert_images_close(mine.images, theirs, TOL)
+    assert (mine.parameters["scheduler"], mine.parameters["steps"], mine.parameters["guidance_scale"]) == ("lcm", 4, 1.0)
