@@ -16,7 +16,8 @@ import numpy as np
 from .job import DenoiseJob
 from .timing import Span
 
-# (graph, feeds (B, ...)) -> output (B, C, h, w) float32; graph: the bundle component to run ("unet", ...)
+# (graph, feeds (B, ...)) -> output (B, C, h, w) float32; graph: the bundle component to run ("unet", ...). A graph
+# with several outputs returns them all, {name: (B, ...)}, the noise prediction first (Pipeline.run_denoiser).
 RunDenoiser = Callable[[str, dict[str, np.ndarray]], np.ndarray]
 
 
@@ -73,7 +74,10 @@ def _run_chunk(graph: str, chunk, run: RunDenoiser) -> None:
     offset = 0
     for job, _ in chunk:
         job.watch.spans.append(Span(job.span_name(graph), t0, t1, job.step))
-        rows = eps[offset:offset + job.batch]
+        if isinstance(eps, dict):  # a graph with several outputs (runtime/deepcache.py): each one's rows
+            rows = {name: a[offset:offset + job.batch] for name, a in eps.items()}
+        else:
+            rows = eps[offset:offset + job.batch]
         offset += job.batch
         try:
             job.advance(rows)

@@ -37,6 +37,9 @@ class StepExtension(Protocol):
     def after_step(self, job: "DenoiseJob", x: np.ndarray) -> np.ndarray:
         """The latents after the scheduler's update (e.g. keep the unmasked region)."""
 
+    def outputs(self, job: "DenoiseJob", outputs: dict[str, np.ndarray]) -> None:
+        """A graph with several outputs: all of them by name, this job's rows (DeepCache's cached feature)."""
+
 
 @dataclass
 class DenoiseJob:
@@ -99,8 +102,15 @@ class DenoiseJob:
                 feeds = ext.feeds(self, feeds)
         return feeds
 
-    def advance(self, eps: np.ndarray) -> None:
-        """Take the step with the denoiser's output for this job's rows ((batch, C, h, w) float32, finite)."""
+    def advance(self, eps: np.ndarray | dict[str, np.ndarray]) -> None:
+        """Take the step with the denoiser's output for this job's rows ((batch, C, h, w) float32, finite). A graph
+        with several outputs gives them all by name, the noise prediction first; the extensions' ``outputs`` hooks
+        see them (runtime/deepcache.py caches its feature)."""
+        if isinstance(eps, dict):
+            for ext in self.extensions:
+                if hasattr(ext, "outputs"):
+                    ext.outputs(self, eps)
+            eps = next(iter(eps.values()))
         i, sched, g = self.step, self.scheduler, np.float32(self.request.guidance_scale)
         with self.watch.span("scheduler", i):
             if self.cond.guided:  # classifier-free guidance (Ho & Salimans 2022): e_u + g (e_c - e_u)

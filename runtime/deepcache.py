@@ -1,0 +1,133 @@
+"""DeepCache (Ma, Fang, Wang, "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024) as a step extension:
+every ``interval``-th step runs the full UNet, which also outputs the deep feature of one skip branch; the steps in
+between run a *shallow* graph that recomputes only the layers above that branch and takes the cached feature in
+place of everything below it (the mid block and the deeper down/up blocks). Both graphs come from the same weights
+(``edgediff export ... --deepcache BRANCH``; export/components_deepcache.py says which layers each holds).
+
+The schedule is the reference implementation's (``DeepCache==0.1.1``, ``DeepCacheSDHelper``, skip_mode
+"uniform", the only mode its helper runs): a UNet call is full when ``(k - k0) % interval == 0``, where ``k`` is the
+index of the *first* occurrence of the call's timestep in the scheduler's timesteps and ``k0`` that of the first
+call. For first-order schedulers ``k`` is the step index; for PNDM (which repeats its second timestep) and the
+second-order solvers the helper counts a repeated timestep as its first occurrence, and so does this module, so the
+images match the helper's. Interval 1 is the plain UNet (every call full): no extension is made at all.
+
+The cached feature belongs to its job (this extension object is made per job), so jobs stepped together by
+runtime/batching.step_together each carry their own; its rows are the job's denoiser rows (2N with guidance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle.schema import DEEPCACHE_FULL, DEEPCACHE_MAX_BRANCHES, deepcache_shallow
+from .errors import BundleError, InputError
+
+FEATURE_INPUT = "deep_feature"  # the shallow graph's input: the cached feature, (B, C_b, h_b, w_b) float32
+
+
+def feature_output(branch: int) -> str:
+    """The full graph's output holding branch ``branch``'s deep feature."""
+    return f"deep_feature_{branch}"
+
+
+def branch_position(branch: int) -> tuple[int, int]:
+    """DeepCache's (cache_block_id, cache_layer_id) of a branch id: ``divmod(branch, 3)`` (DeepCacheSDHelper's
+    set_params): the down/up block pair, and the layer inside it counted from the block's skip end."""
+    return divmod(branch, 3)
+
+
+def check_interval(value) -> int | None:
+    """None (off) or a whole number >= 1 of steps between full UNet calls."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"cache_interval={value!r}; must be a whole number >= 1 (DeepCache runs the full UNet every "
+                         "N-th step and the shallow one between; 1 runs the plain UNet every step)")
+    return int(value)
+
+
+def check_branch(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < DEEPCACHE_MAX_BRANCHES:
+        raise InputError(f"cache_branch={value!r}; must be a whole number from 0 to {DEEPCACHE_MAX_BRANCHES - 1} "
+                         "(DeepCache's cache_branch_id: 3 x the block plus the layer; 0 is the shallowest)")
+    return int(value)
+
+
+def bundle_branches(bundle) -> tuple[int, ...]:
+    """The branches whose shallow graph the bundle holds (and whose feature its full graph outputs)."""
+    comps = bundle.manifest.components
+    if DEEPCACHE_FULL not in comps:
+        return ()
+    outs = {s.name for s in comps[DEEPCACHE_FULL].outputs}
+    return tuple(b for b in range(DEEPCACHE_MAX_BRANCHES)
+                 if deepcache_shallow(b) in comps and feature_output(b) in outs)
+
+
+def check_request(bundle, interval, branch, *, cfg_cutoff=None, loras=None, controlnet=None) -> tuple[int | None, int]:
+    """(interval, branch) for a request, or one line naming what is wrong. ``interval`` None or 1 is the plain UNet
+    (nothing is checked against the bundle); ``branch`` None is DeepCache's default, 0."""
+    interval = check_interval(interval)
+    if branch is not None and interval is None:
+        raise InputError("cache_branch picks DeepCache's cached branch and needs cache_interval N (N >= 2)")
+    branch = 0 if branch is None else check_branch(branch)
+    if interval is None or interval == 1:
+        return interval, branch
+    have = bundle_branches(bundle)
+    if not have:
+        raise BundleError(f"{bundle.root} has no DeepCache graphs; export them with `edgediff export SRC OUT "
+                          f"--deepcache {branch}` (or run without cache_interval)")
+    if branch not in have:
+        raise BundleError(f"{bundle.root} has DeepCache graphs for branch(es) {', '.join(map(str, have))}, not "
+                          f"{branch}; pass one of those as cache_branch, or re-export with --deepcache {branch}")
+    if cfg_cutoff is not None:  # the cached feature has the guided batch's rows; after the cutoff the batch halves
+        raise InputError("cache_interval does not combine with cfg_cutoff (DeepCache's cached feature holds the "
+                         "guided batch, which the cutoff halves); use one of them")
+    if controlnet is not None:  # ControlNet residuals enter the mid and every down block, which a cached step skips
+        raise InputError("cache_interval does not combine with ControlNet (its residuals feed the blocks DeepCache "
+                         "skips); use one of them")
+    if loras:  # hot-swapped LoRAs change the unet graph's weights only, not the DeepCache graphs'
+        raise InputError("cache_interval does not combine with LoRAs applied at load (the DeepCache graphs keep the "
+                         "exported weights); fuse the LoRA at export (edgediff export --lora ... --deepcache B)")
+    return interval, branch
+
+
+@dataclass
+class DeepCache:
+    """A StepExtension (runtime/job.py) holding one job's cached feature."""
+
+    interval: int
+    branch: int
+    feature: np.ndarray | None = field(default=None, repr=False)  # (2N or N, C_b, h_b, w_b) float32
+    start: int | None = None  # the helper's start_timestep: the schedule index of the job's first call
+
+    def _index(self, job) -> int:
+        """The index of the first occurrence of this step's timestep (DeepCacheSDHelper's cur_timestep)."""
+        ts = np.asarray(job.scheduler.timesteps)
+        return int(np.flatnonzero(ts == ts[job.step])[0])
+
+    def full(self, job) -> bool:
+        k = self._index(job)
+        if self.start is None:
+            self.start = k
+        return (k - self.start) % self.interval == 0 or self.feature is None
+
+    def graph(self, job, graph: str) -> str:
+        return DEEPCACHE_FULL if self.full(job) else deepcache_shallow(self.branch)
+
+    def feeds(self, job, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.full(job):
+            return feeds
+        return {**feeds, FEATURE_INPUT: self.feature}
+
+    def outputs(self, job, outputs: dict[str, np.ndarray]) -> None:
+        """The step's graph outputs by name (this job's rows): a full call's feature is cached."""
+        name = feature_output(self.branch)
+        if name in outputs:
+            self.feature = outputs[name]
+
+
+def extensions_for(request) -> tuple:
+    """The extension a request's ``cache_interval`` asks for: none when it is unset or 1."""
+    n = getattr(request, "cache_interval", None)
+    return (DeepCache(n, request.cache_branch),) if n is not None and n > 1 else ()

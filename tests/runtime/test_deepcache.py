@@ -1,0 +1,186 @@
+"""DeepCache at run time (runtime/deepcache.py): the full UNet every N-th step, the shallow one between.
+
+Reference: diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline with the DeepCache package's
+``DeepCacheSDHelper`` (``DeepCache==0.1.1``, cache_interval, cache_branch_id) enabled on it, same weights, same
+initial latents and noise stream. Tolerance: max abs <= 1e-3 on float images in [0, 1] (the parity tests' bar).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgediff import Pipeline
+from edgediff.batching import step_together
+from edgediff.cli import main
+from edgediff.deepcache import DeepCache
+from edgediff.errors import BundleError, InputError
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("DeepCache")
+
+from deepcache_fixtures import deepcache_helper  # noqa: E402
+from streams import StreamFrom, assert_images_close  # noqa: E402
+
+SD_CLASSES = {"euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
+              "ddim": "DDIMScheduler"}
+
+
+@pytest.fixture(scope="module")
+def dc_bundle(tiny_sd1_source, tmp_path_factory):
+    from edgediff.export.pipeline_export import export_pipeline
+
+    return export_pipeline(tiny_sd1_source, tmp_path_factory.mktemp("dc") / "b", deepcache="0,4")
+
+
+@pytest.fixture(scope="module")
+def ours(dc_bundle):
+    with Pipeline.load(dc_bundle) as p:
+        yield p
+
+
+def reference(source, cls: str, scheduler: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = getattr(diffusers, cls).from_pretrained(source, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    extra = {"skip_prk_steps": True} if scheduler == "pndm" else {}
+    pipe.scheduler = getattr(diffusers, SD_CLASSES[scheduler]).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def graphs_run(pipe, **kw) -> list[str]:
+    """The graph of each step of a call, stepping its job by hand."""
+    job = pipe.start(pipe.request(**kw))
+    seen = []
+    while not job.done:
+        seen.append(job.graph())
+        job.advance(pipe.run_denoiser(seen[-1], job.unet_feeds()))
+    return seen
+
+
+@pytest.mark.parametrize("scheduler,interval,branch,steps", [
+    ("pndm", 3, 0, 7),  # PNDM repeats its second timestep: the helper counts it as the first occurrence
+    ("euler", 3, 4, 8),
+    ("dpmpp_2m", 2, 0, 6),
+    ("ddim", 4, 4, 9),
+])
+def test_images_match_diffusers_with_the_deepcache_helper(tiny_sd1_source, ours, scheduler, interval, branch, steps):
+    ref = reference(tiny_sd1_source, "StableDiffusionPipeline", scheduler)
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with deepcache_helper(ref, interval, branch):
+        theirs = ref("a red circle on white", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=7.5,
+                     latents=torch.from_numpy(latents), generator=torch.Generator().manual_seed(11),
+                     output_type="np").images
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, latents=latents, scheduler=scheduler, rng=StreamFrom(11),
+              output_type="np")
+    mine = ours("a red circle on white", "blurry", cache_interval=interval, cache_branch=branch, **kw)
+    assert_images_close(mine.images, theirs, 1e-3)
+    assert (mine.parameters["cache_interval"], mine.parameters["cache_branch"]) == (interval, branch)
+    plain = ours("a red circle on white", "blurry", **kw)
+    assert np.abs(np.stack(plain.images) - np.stack(mine.images)).max() > 1e-4  # the cache changed the image
+
+
+def test_img2img_counts_from_the_first_step_run(tiny_sd1_source, ours):
+    """img2img starts mid-schedule: the helper's start_timestep is the first call's, so is ours."""
+    from PIL import Image
+
+    ref = reference(tiny_sd1_source, "StableDiffusionImg2ImgPipeline", "euler")
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    with deepcache_helper(ref, 3, 0):
+        theirs = ref("a blue square", image=init, strength=0.7, num_inference_steps=10, guidance_scale=6.0,
+                     generator=torch.Generator().manual_seed(21), output_type="np").images
+    mine = ours("a blue square", image=init, strength=0.7, num_inference_steps=10, guidance_scale=6.0, seed=21,
+                rng="torch", scheduler="euler", output_type="np", cache_interval=3)
+    assert_images_close(mine.images, theirs, 1e-3)
+
+
+def test_schedule_is_full_every_nth_step(ours):
+    kw = dict(prompt="x", num_inference_steps=7, seed=0, scheduler="euler")
+    full, shallow = "unet_deepcache_full", "unet_deepcache_shallow_4"
+    assert graphs_run(ours, cache_interval=3, cache_branch=4, **kw) == [full, shallow, shallow] * 2 + [full]
+    assert graphs_run(ours, cache_interval=1, **kw) == ["unet"] * 7
+    assert graphs_run(ours, **kw) == ["unet"] * 7
+    # PNDM's timesteps repeat the second one (t0, t1, t1, t2, ...): the third call counts as index 1, as the helper's
+    pndm = graphs_run(ours, cache_interval=3, **dict(kw, scheduler="pndm"))
+    assert pndm[:5] == [full, "unet_deepcache_shallow_0", "unet_deepcache_shallow_0", full,
+                        "unet_deepcache_shallow_0"]
+
+
+def test_interval_1_is_the_plain_path(ours):
+    kw = dict(prompt="a green triangle", num_inference_steps=5, seed=4, output_type="np")
+    a, b = ours(**kw), ours(cache_interval=1, **kw)
+    assert np.array_equal(np.stack(a.images), np.stack(b.images))
+    assert "cache_interval" not in b.parameters
+
+
+def test_full_graph_predicts_what_the_plain_unet_does(ours):
+    job = ours.start(ours.request("x", num_inference_steps=3, seed=0))
+    feeds = job.unet_feeds()
+    plain = ours.run_denoiser("unet", feeds)
+    full = ours.run_denoiser("unet_deepcache_full", feeds)
+    assert list(full) == ["out_sample", "deep_feature_0", "deep_feature_4"]
+    assert np.abs(full["out_sample"] - plain).max() <= 1e-5 * np.abs(plain).max()
+
+
+def test_jobs_stepped_together_each_keep_their_cache(ours):
+    """Several jobs with different intervals/branches (and a plain one) in shared calls: the images of each alone."""
+    kws = [dict(prompt="a red circle", seed=0, num_inference_steps=6, cache_interval=3),
+           dict(prompt="a blue square", seed=1, num_inference_steps=5, cache_interval=2, cache_branch=4),
+           dict(prompt="a green cross", seed=2, num_inference_steps=6, cache_interval=3),
+           dict(prompt="a yellow dot", seed=3, num_inference_steps=4)]
+    alone = [np.stack(ours(output_type="np", **kw).images) for kw in kws]
+    calls = []
+
+    def run(graph, feeds):
+        calls.append(graph)
+        return ours.run_denoiser(graph, feeds)
+
+    jobs = [ours.start(ours.request(output_type="np", **kw)) for kw in kws]
+    while any(not j.done for j in jobs):
+        step_together(jobs, run)
+    assert all(j.error is None for j in jobs)
+    together = [np.stack(ours.finish(j).images) for j in jobs]
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
+    assert len(calls) < sum(kw["num_inference_steps"] for kw in kws)  # the calls were shared
+    assert all(isinstance(e, DeepCache) and e.feature is not None for j in jobs[:3] for e in j.extensions
+               if isinstance(e, DeepCache))
+
+
+def test_refusals_are_one_line(ours, tiny_sd1_bundle):
+    with Pipeline.load(tiny_sd1_bundle) as plain:
+        with pytest.raises(BundleError, match=r"no DeepCache graphs; export them with `edgediff export SRC OUT "
+                                              r"--deepcache 0`"):
+            plain.request("x", cache_interval=3)
+        plain.request("x", cache_interval=1)  # interval 1 is the plain UNet: any bundle runs it
+    for value in (0, -2, 2.5, True, "3"):
+        with pytest.raises(InputError, match="cache_interval=.*whole number >= 1"):
+            ours.request("x", cache_interval=value)
+    with pytest.raises(BundleError, match=r"branch\(es\) 0, 4, not 3; pass one of those"):
+        ours.request("x", cache_interval=3, cache_branch=3)
+    with pytest.raises(InputError, match="cache_branch=12; must be a whole number from 0 to 11"):
+        ours.request("x", cache_interval=3, cache_branch=12)
+    with pytest.raises(InputError, match="cache_branch picks DeepCache's cached branch and needs cache_interval"):
+        ours.request("x", cache_branch=0)
+    with pytest.raises(InputError, match="does not combine with cfg_cutoff"):
+        ours.request("x", cache_interval=3, cfg_cutoff=0.5)
+
+
+def test_cli_generate(dc_bundle, tiny_sd1_bundle, tmp_path):
+    out = tmp_path / "a.png"
+    base = ["generate", "a red circle", "--model", str(dc_bundle), "--steps", "4", "--seed", "1", "-o", str(out)]
+    r = CliRunner().invoke(main, base + ["--cache-interval", "0"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: cache_interval=0;"), r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_sd1_bundle), "-o", str(out),
+                                  "--cache-interval", "3"])
+    assert r.exit_code != 0
+    assert r.output.strip().splitlines()[-1].endswith("(or run without cache_interval)"), r.output
+    r = CliRunner().invoke(main, base + ["--cache-interval", "3", "--cache-branch", "4"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
