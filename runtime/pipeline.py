@@ -228,7 +228,7 @@ class Pipeline:
         scheduler = scheduler or self.default_scheduler
         schedule = make_scheduler(scheduler, self.scheduler_config)  # unknown name: now; its steps once h, w are known
         cfg = getattr(self.conditioner, "classifier_free_guidance", True)  # False: g is a model input (LCM)
-        if not cfg and negative_prompt is not None:
+        if not cfg and negative_prompt not in (None, ""):  # "" (e.g. a form's empty field) asks for nothing
             raise InputError(f"negative_prompt does not apply to this {m.family} bundle: its guidance is distilled into "
                              "the model (no unconditional branch, guidance_scale sets its strength); drop it")
         guided = cfg and g > 1.0

@@ -131,6 +131,7 @@ def test_bad_input_is_refused_in_one_line(ours):
     with pytest.raises(InputError, match="prompt_2= does not apply to this lcm bundle"):
         ours.request("a cat", prompt_2="a dog")
     ours.request("a cat", num_inference_steps=50)  # the most the distillation schedule allows still runs
+    assert ours.request("a cat", negative_prompt="").negatives is None  # an empty field asks for nothing
 
 
 def test_cli_generates_and_refuses_in_one_line(tiny_lcm_bundle, tmp_path):
