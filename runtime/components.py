@@ -38,8 +38,12 @@ class Components:
         if self._weights.get(name):
             from .lora.backends import open_with_weights
 
+            weights = self._weights[name]
             backend = open_with_weights(self.backend, self.bundle, self.bundle.component(name), path, self.options,
-                                        self._weights[name])
+                                        weights)
+            if not self.low_memory and hasattr(weights, "release"):
+                # the session holds its own copy now; a later reopen recomputes them (runtime/lora/apply.py)
+                weights.release()
         else:
             backend = open_backend(self.backend, self.bundle, self.bundle.component(name), path, self.options)
         return backend if self._wrap is None else self._wrap(name, backend)

@@ -31,11 +31,13 @@ def delta(layer: LoraLayer, shape: tuple[int, ...], *, transposed: bool = False)
 
 
 def fused(base: np.ndarray, terms: Sequence[tuple[LoraLayer, float]], shape: tuple[int, ...], *,
-          transposed: bool = False) -> np.ndarray:
-    """A new C-contiguous float32 array: ``base`` (the stored layout: PyTorch's ``shape``, or its transpose
-    (in, out) when ``transposed``; any float dtype; never written) plus each layer's product times its factor
-    (the user's weight x the layer's alpha / rank)."""
-    w = np.array(base, dtype=np.float32, order="C", copy=True)  # the base stays untouched
+          transposed: bool = False, own: bool = False) -> np.ndarray:
+    """A C-contiguous float32 array: ``base`` (the stored layout: PyTorch's ``shape``, or its transpose (in, out)
+    when ``transposed``; any float dtype) plus each layer's product times its factor (the user's weight x the
+    layer's alpha / rank). ``base`` is never written unless ``own`` says it is the caller's private copy, which
+    is then summed into in place when it is already C-contiguous float32 (no second copy of a large weight)."""
+    reuse = own and base.dtype == np.float32 and base.flags.c_contiguous and base.flags.writeable
+    w = base if reuse else np.array(base, dtype=np.float32, order="C", copy=True)
     for layer, factor in terms:
         d = delta(layer, shape, transposed=transposed)  # a new array: scaled in place, then added
         d *= np.float32(factor)

@@ -62,13 +62,8 @@ class GraphWeights:
         info = self.info(name)
         count = int(np.prod(info.shape, dtype=np.int64))
         if t.data_location == TensorProto.EXTERNAL:
-            ext = {e.key: e.value for e in t.external_data}
-            offset, length = int(ext.get("offset", 0) or 0), ext.get("length")
-            nbytes = count * info.dtype.itemsize
-            if length is not None and int(length) != nbytes:
-                raise BundleError(f"{self.path}: initializer {name!r} has {length} external bytes for "
-                                  f"{info.dtype} {info.shape}; re-export the bundle")
-            buf = self._map(ext.get("location", ""))
+            location, offset, nbytes = self._external(t, info)
+            buf = self._map(location)
             if offset + nbytes > buf.size:
                 raise BundleError(f"{self.path}: initializer {name!r} lies past the end of its external data; the "
                                   "bundle is truncated (edgediff inspect --verify)")
@@ -80,6 +75,37 @@ class GraphWeights:
         a = a.view()
         a.flags.writeable = False
         return a
+
+    def read_copy(self, name: str) -> np.ndarray:
+        """A private, writable, C-contiguous copy of the initializer (ONNX layout and dtype). External data is read
+        with plain file reads into the new array: no memory map stays mapped, so the process's resident set holds
+        only the copies (a map's pages count as resident until it is closed: a whole UNet's worth on a swap)."""
+        from onnx import TensorProto
+
+        t = self._tensors[name]
+        if t.data_location != TensorProto.EXTERNAL:
+            return np.array(self.read(name), order="C", copy=True)
+        info = self.info(name)
+        location, offset, nbytes = self._external(t, info)
+        path = resolve_inside(self.path.parent, location, what=f"{self.path.name} external data")
+        a = np.empty(info.shape, dtype=info.dtype.newbyteorder("<"))
+        with open(path, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(a).cast("B"))
+        if got != nbytes:
+            raise BundleError(f"{self.path}: initializer {name!r} lies past the end of its external data; the "
+                              "bundle is truncated (edgediff inspect --verify)")
+        return a
+
+    def _external(self, t, info: InitializerInfo) -> tuple[str, int, int]:
+        """(location, offset, byte count) of an external tensor, its recorded length checked."""
+        ext = {e.key: e.value for e in t.external_data}
+        offset, length = int(ext.get("offset", 0) or 0), ext.get("length")
+        nbytes = int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize
+        if length is not None and int(length) != nbytes:
+            raise BundleError(f"{self.path}: initializer {t.name!r} has {length} external bytes for "
+                              f"{info.dtype} {info.shape}; re-export the bundle")
+        return ext.get("location", ""), offset, nbytes
 
     def _map(self, location: str) -> np.memmap:
         if location not in self._maps:
