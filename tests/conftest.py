@@ -99,3 +99,22 @@ def tiny_sdxl_refiner(tmp_path_factory):
     from sdxl_fixtures import tiny_sdxl
 
     return tiny_sdxl(tmp_path_factory, "tiny-sdxl-refiner")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """The tiny random SD3 pipeline (CLIP-L, CLIP-G, T5) and its exported bundle (tests/sd3_fixtures.py)."""
+    pytest.importorskip("diffusers")
+    from sd3_fixtures import tiny_sd3 as build
+
+    return build(tmp_path_factory, "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5(tmp_path_factory):
+    """The tiny random SD3 pipeline without text_encoder_3 (diffusers' text_encoder_3=None) and its bundle."""
+    pytest.importorskip("diffusers")
+    from sd3_fixtures import tiny_sd3 as build
+
+    return build(tmp_path_factory, "tiny-sd3-no-t5")
+
