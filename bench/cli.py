@@ -79,6 +79,11 @@ def _measurement_options(f):
         click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
                      help="Chrome/Perfetto trace of the last generation."),
         click.option("--overwrite", is_flag=True, help="Replace report files that exist."),
+        click.option("--control-image", type=click.Path(path_type=Path), default=None,
+                     help="Measure with ControlNet: this control image, for the bundle's ControlNet (export "
+                          "--controlnet); each step then runs the ControlNet and unet_controlnet."),
+        click.option("--controlnet", "controlnets", multiple=True, metavar="NAME",
+                     help="With --control-image: which ControlNet (default: the bundle's only one)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -146,6 +151,11 @@ def _measure(bundles, axes, *, json_path, csv_path, plot_path, trace_path, overw
     from . import report
     from .sweep import Settings, run as run_sweep
 
+    if settings.get("control_image") is not None and settings.get("compare"):
+        from edgediff.errors import InputError
+
+        raise InputError("--compare does not pass --control-image to diffusers; measure the ControlNet step "
+                         "cost against the plain run of the same bundle instead (docs/bench.md)")
     outputs = {"--json": json_path, "--csv": csv_path, "--plot": plot_path, "--trace": trace_path}
     report.check_writable(outputs, overwrite=overwrite)  # before the bench, which may take an hour, not after it
     result = run_sweep(_bundles_or_builtin(bundles), axes, Settings(**settings))

@@ -35,6 +35,8 @@ class BenchConfig:
     seed: int = 0
     low_memory: bool = False
     prompt: str = ""  # "" = prompt_for(bundle)
+    control_image: str | None = None  # ControlNet: the control image of every generation (runtime/controlnet.py)
+    controlnets: tuple[str, ...] = ()  # the bundle's ControlNets it goes to (empty: the bundle's only one)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -47,8 +49,11 @@ class BenchConfig:
             raise InputError(f"--warmup {self.warmup}; must be 0 or more")
 
     def call_kwargs(self) -> dict[str, Any]:
+        images = [self.control_image] * len(self.controlnets) if len(self.controlnets) > 1 else self.control_image
+        control = {} if self.control_image is None else dict(control_image=images,
+                                                             controlnets=list(self.controlnets) or None)
         return dict(num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width,
-                    num_images_per_prompt=self.batch, scheduler=self.scheduler, seed=self.seed)
+                    num_images_per_prompt=self.batch, scheduler=self.scheduler, seed=self.seed, **control)
 
 
 PROMPT = "a photograph of an astronaut riding a horse"

@@ -45,6 +45,8 @@ class Settings:
     compare_order: str = "auto"  # "alternate" run by run, "sequential" (all of ours, then theirs), or "auto"
     profile_ops: int = 0
     cold: bool = False  # also time a fresh process per configuration
+    control_image: Path | None = None  # ControlNet: every generation with this control image (runtime/controlnet.py)
+    controlnets: tuple[str, ...] = ()  # which of the bundle's ControlNets (empty: its only one)
 
 
 @dataclass
@@ -84,7 +86,9 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
                                   steps=steps if steps is not None else variant.default_steps,
                                   height=height, width=width, batch=batch, guidance=guidance,
                                   scheduler=scheduler, warmup=settings.warmup, runs=settings.runs, seed=settings.seed,
-                                  low_memory=settings.low_memory)
+                                  low_memory=settings.low_memory,
+                                  control_image=None if settings.control_image is None else str(settings.control_image),
+                                  controlnets=tuple(settings.controlnets))
                 load = None
                 if backend not in pipes:
                     t0 = time.perf_counter()
