@@ -7,7 +7,8 @@ on weight values). Nothing is downloaded: the tokenizer is a CLIP-format BPE tra
 SDXL-shaped presets (tiny-sdxl, tiny-sdxl-refiner, sdxl, sdxl-turbo) are built by ``random_sdxl``; ``sd-turbo`` has
 SD 2.1's layer sizes with SD-Turbo's scheduler (Euler, trailing timesteps, 512x512 native); ``tiny-sd1-inpaint`` is
 tiny-sd1 with a 9-channel inpainting UNet (latents + mask + masked-image latents), saved as a
-StableDiffusionInpaintPipeline; ``tiny-lcm`` / ``lcm`` are Latent Consistency Models (``random_lcm``).
+StableDiffusionInpaintPipeline; ``tiny-lcm`` / ``lcm`` are Latent Consistency Models (``random_lcm``);
+``tiny-flux-schnell``, ``tiny-flux-dev``, ``flux-schnell``, ``flux-dev`` are FLUX.1 (``random_flux``).
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from .random_flux import FLUX_PRESETS
 from .random_lcm import LCM_PRESETS
 from .random_sd3 import SD3_PRESETS
 from .random_sdxl import SDXL_PRESETS
 
-PRESETS = ("tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS, *LCM_PRESETS, *SD3_PRESETS)
+PRESETS = ("tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2v", "sd15", "sd-turbo", *SDXL_PRESETS, *LCM_PRESETS, *SD3_PRESETS,
+           *FLUX_PRESETS)
 
 _CORPUS = [
     "a photograph of an astronaut riding a horse", "a red circle on a white background", "an oil painting of a cat",
@@ -38,16 +41,20 @@ def build_random_pipeline(out: Path, preset: str = "tiny-sd1", seed: int = 0, de
         from .random_sdxl import build_sdxl_pipeline
 
         return build_sdxl_pipeline(Path(out), preset, _CORPUS, seed=seed)
-    if preset in LCM_PRESETS:  # SD 1.5 with a guidance-embedding UNet and LCMScheduler (random_lcm.py)
-        from .random_lcm import build_lcm_pipeline
-
-        return build_lcm_pipeline(Path(out), preset, seed=seed)
     if preset in SD3_PRESETS:  # StableDiffusion3Pipeline (random_sd3.py); depth: transformer blocks
         from .random_sd3 import build_sd3_pipeline
 
         return build_sd3_pipeline(Path(out), preset, _CORPUS, seed=seed, depth=depth)
+    if preset in FLUX_PRESETS:  # FluxPipeline (random_flux.py); depth: transformer blocks, T5 layers
+        from .random_flux import build_flux_pipeline
+
+        return build_flux_pipeline(Path(out), preset, _CORPUS, seed=seed, depth=depth)
     if depth is not None:
         raise ValueError(f"--depth applies to the transformer presets, not {preset!r}")
+    if preset in LCM_PRESETS:  # SD 1.5 with a guidance-embedding UNet and LCMScheduler (random_lcm.py)
+        from .random_lcm import build_lcm_pipeline
+
+        return build_lcm_pipeline(Path(out), preset, seed=seed)
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
                            StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)

@@ -285,12 +285,13 @@ def doctor(engine_dirs) -> None:
 @click.option("--lora", "lora", multiple=True, metavar="FILE[:WEIGHT]",
               help="A LoRA .safetensors applied without re-export, weight default 1 (repeatable; to the base model).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT).")
+@click.option("--prompt-2", default=None,
+              help="SDXL: the prompt for the second text encoder; FLUX: for T5 (default: PROMPT).")
 @click.option("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder.")
 @click.option("--prompt-3", default=None, help="SD3: the prompt for T5 (text_encoder_3; default: PROMPT).")
 @click.option("--negative-3", default=None, help="SD3: the negative prompt for T5.")
 @click.option("--max-sequence-length", type=int, default=None,
-              help="SD3: T5's token count (default: the bundle's, which is also the most it takes).")
+              help="SD3/FLUX: T5's token count (default SD3: the bundle's limit; FLUX: schnell 256, dev 512).")
 @click.option("--refiner", type=click.Path(path_type=Path), default=None,
               help="SDXL: a refiner bundle that finishes the schedule from --refiner-start (ensemble of experts).")
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,

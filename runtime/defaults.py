@@ -8,7 +8,8 @@ from __future__ import annotations
 DEFAULT_STEPS = 25  # diffusers' StableDiffusionPipeline uses 50; 25 with a multistep solver matches it closely
 DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
 # Families whose diffusers pipeline defaults to another scale (StableDiffusionXLPipeline: 5.0)
-FAMILY_GUIDANCE = {"sdxl": 5.0, "sdxl-refiner": 5.0, "lcm": 8.5, "sd3": 7.0}
+FAMILY_GUIDANCE = {"sdxl": 5.0, "sdxl-refiner": 5.0, "lcm": 8.5, "sd3": 7.0,
+                  "flux": 3.5}  # ... and LatentConsistencyModelPipeline: 8.5; FluxPipeline: 3.5 (dev's guidance input)
 
 
 def default_guidance(family: str) -> float:

@@ -118,3 +118,20 @@ def tiny_sd3_no_t5(tmp_path_factory):
 
     return build(tmp_path_factory, "tiny-sd3-no-t5")
 
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    """The tiny random FLUX.1-schnell pipeline and its exported bundle (tests/flux_fixtures.py)."""
+    pytest.importorskip("diffusers")
+    from flux_fixtures import tiny_flux
+
+    return tiny_flux(tmp_path_factory, "tiny-flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tmp_path_factory):
+    """The tiny random FLUX.1-dev pipeline (guidance embedding, dynamic shifting) and its exported bundle."""
+    pytest.importorskip("diffusers")
+    from flux_fixtures import tiny_flux
+
+    return tiny_flux(tmp_path_factory, "tiny-flux-dev")

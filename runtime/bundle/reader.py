@@ -8,6 +8,7 @@ manifest does not pin is never read. The manifest itself is checked against its 
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -77,9 +78,13 @@ class Bundle:
     @cached_property
     def size_multiple(self) -> int:
         """Image height and width must be multiples of this: VAE factor x the UNet's downsampling, or x the
-        transformer's patch size (it cuts the latent grid into patch_size x patch_size tokens)."""
+        transformer's patch size (it cuts the latent grid into patch_size x patch_size tokens). FLUX packs 2x2
+        latent cells into one token's channels before its transformer (patch_size 1, in_channels = 4 x the
+        latent channels, as FluxPipeline reads them): a token then spans sqrt(in_channels / latent channels)."""
         if self.denoiser != "unet":
-            return self.manifest.vae_scale_factor * int(self.unet_config.get("patch_size", 1))
+            cfg = self.unet_config
+            packed = math.isqrt(max(1, int(cfg.get("in_channels", 0)) // self.manifest.latent_channels))
+            return self.manifest.vae_scale_factor * int(cfg.get("patch_size", 1)) * max(1, packed)
         return latent_multiple(self.manifest.vae_scale_factor, self.unet_config.get("block_out_channels", [0]))
 
     @property

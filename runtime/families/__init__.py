@@ -7,6 +7,7 @@ from typing import Callable
 from ..bundle.reader import Bundle
 from ..conditioning import TextConditioner
 from ..errors import BundleError
+from .flux import FluxTextConditioner
 from .lcm import LcmTextConditioner
 from .sd import SdTextConditioner
 from .sd3 import Sd3TextConditioner
@@ -23,6 +24,7 @@ CONDITIONERS: dict[str, Callable[[Bundle], TextConditioner]] = {
     "sdxl-refiner": SdxlTextConditioner,
     "sd3": Sd3TextConditioner,  # SD 3 / 3.5: CLIP-L + OpenCLIP-G + optional T5, an MMDiT transformer
     "lcm": LcmTextConditioner,  # SD 1.x/2.x + the guidance embedding (Latent Consistency Models)
+    "flux": FluxTextConditioner,  # FLUX.1 schnell/dev: CLIP pooled + T5, a packed-latent flow transformer
 }
 SUPPORTED_FAMILIES = tuple(CONDITIONERS)
 
