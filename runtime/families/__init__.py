@@ -8,7 +8,7 @@ from ..bundle.reader import Bundle
 from ..conditioning import TextConditioner
 from ..errors import BundleError
 from .flux import FluxTextConditioner
-from .lcm import LcmTextConditioner
+from .lcm import LcmTextConditioner, check_guidance_input
 from .sd import SdTextConditioner
 from .sd3 import Sd3TextConditioner
 from .sdxl import SdxlTextConditioner
@@ -36,4 +36,5 @@ def text_conditioner(bundle: Bundle) -> TextConditioner:
     except KeyError:
         raise BundleError(f"{bundle.root}: family {family!r} is not supported by this runtime yet "
                           f"(supported: {', '.join(SUPPORTED_FAMILIES)})") from None
+    check_guidance_input(bundle)  # an LCM UNet in another family's bundle: refused, not run without its input
     return factory(bundle)

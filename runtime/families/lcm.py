@@ -48,6 +48,19 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def check_guidance_input(bundle: Bundle) -> None:
+    """A UNet that takes ``timestep_cond`` in a bundle of another family (optimum's export of an LCM-distilled SDXL
+    is described as sdxl) would be run without it: refuse it when the bundle is opened, naming what to do."""
+    family = bundle.manifest.family
+    if family == "lcm" or not bundle.has("unet"):
+        return
+    if any(s.name == TIMESTEP_COND for s in bundle.component("unet").inputs):
+        raise BundleError(f"{bundle.root}: this {family} bundle's unet takes {TIMESTEP_COND!r}, a guidance embedding "
+                          f"(an LCM-distilled UNet), which the runtime does not give a {family} model; LCMs distilled "
+                          "from SD 1.x/2.x run as family lcm (re-export with edgediff export), LCM-distilled SDXL is "
+                          "not supported yet (use SDXL with an LCM-LoRA and --preset lcm)")
+
+
 class LcmTextConditioner(SdTextConditioner):
     """SD 1.x/2.x text conditioning (prompts, long and weighted prompts) plus the w-embedding in
     ``Conditioning.extra["timestep_cond"]``, one row per image."""

@@ -153,3 +153,20 @@ def test_cli_generates_and_refuses_in_one_line(tiny_lcm_bundle, tmp_path):
         assert r.exit_code not in (0, 70) and text in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "x.png").exists()
+
+
+def test_an_lcm_unet_in_another_familys_bundle_is_refused_when_opened(tiny_lcm_bundle, tmp_path):
+    """optimum describes an LCM-distilled SDXL as sdxl: its UNet's timestep_cond would go unfed. Here the tiny LCM
+    bundle relabelled sd1 stands for it."""
+    import dataclasses
+    import shutil
+
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+    from edgediff.errors import BundleError
+
+    other = tmp_path / "relabelled"
+    shutil.copytree(tiny_lcm_bundle, other)
+    write_manifest(other, dataclasses.replace(Bundle.open(tiny_lcm_bundle).manifest, family="sd1"))
+    with pytest.raises(BundleError, match="sd1 bundle's unet takes 'timestep_cond', a guidance embedding"):
+        Pipeline.load(other)
