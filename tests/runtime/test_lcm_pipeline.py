@@ -170,3 +170,26 @@ def test_an_lcm_unet_in_another_familys_bundle_is_refused_when_opened(tiny_lcm_b
     write_manifest(other, dataclasses.replace(Bundle.open(tiny_lcm_bundle).manifest, family="sd1"))
     with pytest.raises(BundleError, match="sd1 bundle's unet takes 'timestep_cond', a guidance embedding"):
         Pipeline.load(other)
+
+
+def test_step_level_batching_keeps_each_jobs_guidance_embedding(ours):
+    """The server's step-level batching (runtime/batching.py) concatenates jobs' feeds: each LCM job keeps its own
+    w-embedding rows, steps and noise, and its image is the one it gets alone, to the bit."""
+    from edgediff.batching import step_together
+
+    kws = [dict(prompt="a cat", guidance_scale=8.5, num_inference_steps=4, seed=1),
+           dict(prompt=["a dog", "a fox"], guidance_scale=1.0, num_inference_steps=2, seed=2),
+           dict(prompt="a red circle", guidance_scale=4.0, num_inference_steps=8, seed=3)]
+    alone = [np.stack(ours(output_type="np", **kw).images) for kw in kws]
+    rows = []
+
+    def run(graph, feeds):
+        rows.append(feeds["timestep_cond"].shape[0])
+        return ours.run_denoiser(graph, feeds)
+
+    jobs = [ours.start(ours.request(output_type="np", **kw)) for kw in kws]
+    while any(not j.done for j in jobs):
+        step_together(jobs, run)
+    for job, image in zip(jobs, alone):
+        np.testing.assert_array_equal(np.stack(ours.finish(job).images), image)
+    assert rows[0] == 4 and len(rows) == 8  # the first steps shared one call of all four images
