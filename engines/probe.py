@@ -66,6 +66,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
     derived bundle will run at, so that calibration sees each of its timesteps; ``guidance_scale`` None is the
     bundle's own (SDXL 5.0, a Turbo bundle's recorded 0: its denoiser then runs unguided, at batch 1, as users run
     it)."""
+    from edgediff.controlnet import names as controlnet_names
     from edgediff.pipeline import Pipeline
 
     prompts = list(prompts)
@@ -79,6 +80,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
         pipe.components.wrap(lambda name, b: _Recorder(name, b, got))
         m = pipe.bundle.manifest
         refine = m.family in REFINES_ONLY
+        nets = controlnet_names(pipe.bundle)  # export --controlnet (runtime/controlnet.py)
         for i in range(0, len(prompts), images_per_call):
             batch = prompts[i:i + images_per_call]
             kw = {}
@@ -87,6 +89,11 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
                           strength=refiner_strength(steps))
             pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                  seed=[seed + i + j for j in range(len(batch))], output_type="np", **kw)
+            if nets and not refine:  # the ControlNets and unet_controlnet run only with a control image
+                h, w = height or m.default_height, width or m.default_width
+                pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=h, width=w,
+                     seed=[seed + i + j for j in range(len(batch))], output_type="np", controlnets=nets,
+                     control_image=[calibration_image(seed + i + k, h, w) for k in range(len(nets))])
     return got
 
 
