@@ -82,13 +82,19 @@ class LcmTextConditioner(SdTextConditioner):
         self.embedding_dim = dim
 
     def prepare(self, options: dict, *, img2img: bool) -> dict:
-        if img2img:
-            # LatentConsistencyModelImg2ImgPipeline picks its timesteps inside the first `strength` of the
-            # distillation schedule (LCMScheduler.set_timesteps(strength=...)), unlike SD's img2img, which this
-            # runtime's img2img follows: running it here would give other images than diffusers'
-            raise InputError("img2img is not supported for lcm bundles yet; generate from text (drop image= / "
-                             "--init-image), or use an SD 1.5 bundle with an LCM-LoRA and --preset lcm")
         return {}
+
+    # img2img as LatentConsistencyModelImg2ImgPipeline: every step runs, on timesteps picked inside the part of the
+    # distillation schedule that `strength` keeps (LCMScheduler.set_timesteps(strength=...)), not by skipping the
+    # first steps of the whole schedule as SD's img2img does
+    def img2img_schedule(self, scheduler, strength: float) -> dict:
+        if scheduler.name != "lcm":  # diffusers passes strength to the scheduler, which only LCMScheduler takes
+            raise InputError(f"img2img with an lcm bundle runs the lcm scheduler (its timesteps depend on strength), "
+                             f"not {scheduler.name}: drop scheduler=/--scheduler")
+        return {"strength": strength}
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        return steps
 
     def __call__(self, request: GenerationRequest, components: Components, watch: Stopwatch) -> Conditioning:
         cond = super().__call__(request, components, watch)  # unguided: (N, seq, D), one row per image

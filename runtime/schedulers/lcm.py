@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from . import schedule as S
 from .alpha_bar import AlphaBarScheduler
 
@@ -26,11 +26,17 @@ class LCM(AlphaBarScheduler):
             return f"exceed the {original} steps this model was distilled with (original_inference_steps)"
         return None
 
-    def set_timesteps(self, n: int, *, mu=None, sigmas=None) -> None:
+    def set_timesteps(self, n: int, *, mu=None, sigmas=None, strength: float = 1.0) -> None:
+        """``strength`` < 1 (LatentConsistencyModelImg2ImgPipeline): the n timesteps are picked from the first
+        ``int(original_inference_steps * strength)`` of the distillation schedule, the least noisy ones."""
         n = self._check_steps(n, mu, sigmas)
         original = int(self.opt("original_inference_steps"))
+        kept = int(original * strength)
+        if n > kept:  # diffusers raises ValueError (skipping step < 1): too few timesteps to pick n from
+            raise InputError(f"lcm: {n} steps with strength {strength} exceed the {kept} timesteps of the distillation "
+                             f"schedule that strength keeps ({original} x {strength}); lower the steps or raise strength")
         k = self.config.num_train_timesteps // original
-        origin = np.asarray(list(range(1, original + 1))) * k - 1  # the distillation's skipping-step schedule
+        origin = np.asarray(list(range(1, kept + 1))) * k - 1  # the distillation's skipping-step schedule
         origin = origin[::-1].copy()
         idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
         self.timesteps = origin[idx].astype(np.int64)

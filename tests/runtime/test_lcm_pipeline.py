@@ -100,6 +100,31 @@ def test_defaults_and_several_images_per_prompt_match_diffusers(reference, ours)
     assert (mine.parameters["steps"], mine.parameters["guidance_scale"]) == (4, 8.5)
 
 
+@pytest.fixture(scope="module")
+def reference_img2img(tiny_lcm_source):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+            tiny_lcm_source, safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.8), (2, 0.5), (1, 0.3), (8, 0.6), (4, 1.0)])
+def test_img2img_matches_diffusers(reference_img2img, ours, steps, strength):
+    """LatentConsistencyModelImg2ImgPipeline: every step runs, on timesteps inside the first int(50 * strength) of
+    the distillation schedule; the image's latents sampled and noised with the call's stream."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    theirs = reference_img2img(PROMPTS[0], image=init, strength=strength, num_inference_steps=steps,
+                               guidance_scale=6.0, generator=torch.Generator().manual_seed(21), output_type="np").images
+    mine = ours(PROMPTS[0], image=init, strength=strength, num_inference_steps=steps, guidance_scale=6.0,
+                rng=StreamFrom(21), output_type="np")
+    assert_images_close(mine.images, theirs, TOL)
+    assert len([s for s in mine.spans if s.name == "unet"]) == steps  # all of them, none skipped
+
+
 def test_guidance_reaches_the_unet(ours):
     """The guidance scale is the model's w input: another scale gives another image (and a real one each)."""
     latents = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -122,10 +147,15 @@ def test_bad_input_is_refused_in_one_line(ours):
         ours.request("a cat", negative_prompt="blurry")
     with pytest.raises(InputError, match="exceed the 50 steps this model was distilled with"):
         ours.request("a cat", num_inference_steps=51)
-    with pytest.raises(InputError, match="img2img is not supported for lcm bundles"):
-        from PIL import Image
+    from PIL import Image
 
-        ours.request("a cat", image=Image.new("RGB", (16, 16)))
+    image = Image.new("RGB", (16, 16))
+    # LCM img2img picks its steps from the first int(50 * strength) distillation timesteps: 16 > int(50 * 0.3)
+    with pytest.raises(InputError, match="16 steps with strength 0.3 exceed the 15 timesteps"):
+        ours.request("a cat", image=image, strength=0.3, num_inference_steps=16)
+    with pytest.raises(InputError, match="img2img with an lcm bundle runs the lcm scheduler"):
+        ours.request("a cat", image=image, scheduler="euler")
+    ours.request("a cat", image=image, strength=0.3, num_inference_steps=15)
     with pytest.raises(InputError, match="is a Latent Consistency Model already"):
         ours.request("a cat", preset="lcm")
     with pytest.raises(InputError, match="prompt_2= does not apply to this lcm bundle"):

@@ -72,3 +72,19 @@ def test_more_steps_than_the_distillation_schedule_are_refused_as_diffusers_does
         ref.set_timesteps(51)
     with pytest.raises(InputError, match="51 steps exceed the 50 steps this model was distilled with"):
         ours.set_timesteps(51)
+
+
+@pytest.mark.parametrize("strength", [0.02, 0.3, 0.5, 0.75, 0.999, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 15, 16, 37])
+def test_img2img_strength_picks_the_timesteps_diffusers_picks_or_refuses_where_it_does(strength, steps):
+    """LatentConsistencyModelImg2ImgPipeline's set_timesteps(steps, strength=s): steps from the first
+    int(50 * s) distillation timesteps; where that is fewer than the steps diffusers raises, and so do we."""
+    ref, ours = pair("lcm")
+    try:
+        ref.set_timesteps(steps, strength=strength)
+    except ValueError:
+        with pytest.raises(InputError, match=f"{steps} steps with strength {strength} exceed the"):
+            ours.set_timesteps(steps, strength=strength)
+        return
+    ours.set_timesteps(steps, strength=strength)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
