@@ -187,7 +187,12 @@ class Pipeline:
         decodes with the bundle's tiny autoencoder (export --tiny-vae); ``vae_tiling`` True/False forces/forbids
         tiled VAE decode and encode (default: tiled only when the full one would not fit in memory);
         ``cache_interval=N`` runs DeepCache (runtime/deepcache.py): the full UNet every N-th step, the shallow graph
-        of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B)."""
+        of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B).
+
+        ControlNet (a bundle exported with --controlnet; runtime/controlnet.py): ``control_image`` (one per ControlNet)
+        for the ``controlnets`` named (default: the bundle's only one), with diffusers' ``controlnet_conditioning_scale``,
+        ``control_guidance_start``/``end`` (a number, or one per ControlNet) and ``guess_mode``; with ``image=`` it is
+        diffusers' ControlNet img2img."""
         callback = check.hook(callback, what="callback")
         cancel = check.hook(cancel, what="cancel")
         req = self.request(prompt, negative_prompt, num_inference_steps=num_inference_steps,

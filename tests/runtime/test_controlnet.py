@@ -245,3 +245,38 @@ def test_a_bundle_missing_its_residual_unet_is_refused(built, tmp_path):
     pipe = Pipeline.load(copy)
     with pytest.raises(BundleError, match="no unet_controlnet graph to take their residuals"):
         pipe("a cat", control_image=picture(), controlnets="canny", num_inference_steps=2)
+
+
+def test_step_level_batching_keeps_each_jobs_controlnet(ours):
+    """Jobs with different ControlNets, scales, start/end and guess mode, and one without, stepped together
+    (runtime/batching.py): each image is the one its call gives alone, to the bit."""
+    from edgediff.batching import step_together
+
+    calls = [dict(control_image=picture(seed=1), controlnets="canny", controlnet_conditioning_scale=0.5),
+             dict(control_image=picture(seed=2), controlnets="canny", control_guidance_start=0.4),
+             dict(control_image=[picture(seed=3), picture(seed=4)], controlnets=["canny", "depth"], guess_mode=True),
+             dict()]
+    base = dict(prompt="a red apple", num_inference_steps=4, scheduler="euler", height=16, width=16,
+                output_type="np")
+    alone = [ours(seed=k, **base, **kw).images[0] for k, kw in enumerate(calls)]
+    jobs = [ours.start(ours.request(seed=k, **base, **kw)) for k, kw in enumerate(calls)]
+    seen = []
+
+    def run(graph, feeds):
+        seen.append((graph, feeds["sample"].shape[0]))
+        return ours.run_denoiser(graph, feeds)
+
+    while not all(j.done for j in jobs):
+        step_together(jobs, run)
+    assert all(j.error is None for j in jobs)
+    together = [ours.finish(j).images[0] for j in jobs]
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
+    assert ("unet_controlnet", 6) in seen  # three ControlNet jobs (CFG: 2 rows each) shared one call
+
+
+def test_low_memory_mode_gives_the_same_images(built, ours):
+    kw = dict(control_image=[picture(seed=1), picture(seed=2)], controlnets=["canny", "depth"],
+              control_guidance_end=[1.0, 0.5], num_inference_steps=3, scheduler="euler", seed=4, output_type="np")
+    with Pipeline.load(built.bundle, low_memory=True) as low:
+        assert np.array_equal(low("a red apple", **kw).images[0], ours("a red apple", **kw).images[0])
