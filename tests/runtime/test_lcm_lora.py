@@ -146,3 +146,25 @@ def test_sdxl_lcm_lora_with_the_preset_matches_diffusers(tiny_sdxl_base, tmp_pat
         mine = pipe(PROMPT, preset="lcm", latents=latents, rng=StreamFrom(2), output_type="np")
     assert_images_close(mine.images, theirs, TOL)
     assert (mine.parameters["scheduler"], mine.parameters["steps"], mine.parameters["guidance_scale"]) == ("lcm", 4, 1.0)
+
+
+def test_img2img_with_the_preset_matches_diffusers(tiny_sd1_source, tiny_sd1_bundle, lcm_lora):
+    """LCM-LoRA img2img is SD's img2img with the LCM scheduler (diffusers' StableDiffusionImg2ImgPipeline +
+    LCMScheduler: the first (1 - strength) of the 4-step schedule skipped), not the LCM family's."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+            tiny_sd1_source, safety_checker=None, requires_safety_checker=False, local_files_only=True)
+        ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+        ref.load_lora_weights(str(lcm_lora["peft"]))
+        ref.fuse_lora()
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, image=init, strength=0.6, num_inference_steps=4, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(21), output_type="np").images
+    with Pipeline.load(tiny_sd1_bundle, loras={str(lcm_lora["peft"]): 1.0}) as pipe:
+        mine = pipe(PROMPT, image=init, strength=0.6, preset="lcm", rng=StreamFrom(21), output_type="np")
+    assert_images_close(mine.images, theirs, TOL)
+    assert len([s for s in mine.spans if s.name == "unet"]) == 2  # int(4 * 0.6) of the 4 steps
