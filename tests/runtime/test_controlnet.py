@@ -280,3 +280,30 @@ def test_low_memory_mode_gives_the_same_images(built, ours):
               control_guidance_end=[1.0, 0.5], num_inference_steps=3, scheduler="euler", seed=4, output_type="np")
     with Pipeline.load(built.bundle, low_memory=True) as low:
         assert np.array_equal(low("a red apple", **kw).images[0], ours("a red apple", **kw).images[0])
+
+
+def test_sd2_v_prediction_controlnet_matches_diffusers(tmp_path_factory, tiny_sd2v_source):
+    """SD 2.x: a ControlNet from the tiny SD2-v UNet (linear projections, per-block head dims, v-prediction)."""
+    from controlnet_fixtures import build_tiny_controlnet
+
+    from edgediff.export.pipeline_export import export_pipeline
+
+    root = tmp_path_factory.mktemp("sd2v-cn")
+    net = build_tiny_controlnet(tiny_sd2v_source, root / "edges", 5)
+    bundle = export_pipeline(tiny_sd2v_source, root / "bundle", controlnets=[(net, None)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = diffusers.DiffusionPipeline.from_pretrained(tiny_sd2v_source, safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True)
+        ref = diffusers.StableDiffusionControlNetPipeline(**base.components,
+                                                         controlnet=diffusers.ControlNetModel.from_pretrained(net))
+    ref.set_progress_bar_config(disable=True)
+    image = picture((16, 16), seed=21)
+    theirs = ref("a red apple", image=image, height=16, width=16, num_inference_steps=5, guidance_scale=6.0,
+                 controlnet_conditioning_scale=1.2, generator=torch.Generator().manual_seed(3),
+                 output_type="np").images
+    with Pipeline.load(bundle) as ours:
+        mine = ours("a red apple", control_image=image, num_inference_steps=5, guidance_scale=6.0,
+                    controlnet_conditioning_scale=1.2, rng=StreamFrom(3), output_type="np")  # the bundle's DDIM
+    assert ours.bundle.manifest.family == "sd2-v"
+    assert_images_close(mine.images, theirs, TOL)
