@@ -92,7 +92,10 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
 
         return inspect_sd3(root, index, allow_pickle=allow_pickle)
     if cls not in SUPPORTED_PIPELINES:
-        raise ExportError(f"pipeline class {cls!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+        from .components_sd3 import SD3_PIPELINES  # (SD3 folders are inspected by components_sd3, above)
+
+        raise ExportError(f"pipeline class {cls!r} is not supported; supported: "
+                          f"{', '.join((*SUPPORTED_PIPELINES, *SD3_PIPELINES))}")
     sdxl = cls in SDXL_PIPELINES
     expected = EXPECTED_FLUX if cls in FLUX_PIPELINES else EXPECTED_SDXL if sdxl else EXPECTED
     absent = [c for c in OPTIONAL_SDXL if sdxl and _null(index.get(c))]
