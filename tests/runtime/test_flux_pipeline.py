@@ -200,3 +200,28 @@ def test_cli_refuses_guidance_on_schnell_in_one_line(tiny_flux_schnell, tmp_path
                                   "--size", "32x32", "--prompt-2", "a dog", "-o", str(tmp_path / "x.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.png").is_file()
+
+
+def test_step_level_batching_gives_each_request_its_own_image(dev):
+    """The ids live in the graph, so every feed is one row per image: requests with different prompts, guidance
+    inputs, seeds and step counts share denoiser calls (runtime/batching.py) and get the images they get alone."""
+    from edgediff.batching import step_together
+
+    kws = [dict(prompt="a red circle", seed=0, num_inference_steps=3, guidance_scale=2.0),
+           dict(prompt=["a blue square", "a cat"], seed=1, num_inference_steps=2, guidance_scale=5.0),
+           dict(prompt="a green triangle", seed=2, num_inference_steps=4, guidance_scale=3.5)]
+    common = dict(height=32, width=32, max_sequence_length=16, output_type="np")
+    alone = [np.stack(dev(**kw, **common).images) for kw in kws]
+    rows = []
+
+    def run(graph, feeds):
+        rows.append(feeds["sample"].shape[0])
+        return dev.run_denoiser(graph, feeds)
+
+    jobs = [dev.start(dev.request(**kw, **common)) for kw in kws]
+    while any(not j.done for j in jobs):
+        step_together(jobs, run)
+    together = [np.stack(dev.finish(j).images) for j in jobs]
+    assert max(rows) == 4 and len(rows) == 4  # 4 shared calls (the longest job's steps), 4 rows at most
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
