@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 from .backends import open_backend
 from .backends.base import Backend
 from .bundle.reader import Bundle
+from .heap import release_free_memory
 
 
 # opened at load (those the bundle has); the rest on first use
@@ -60,8 +61,10 @@ class Components:
             reopen = [n for n in changed if n in self._open]
             for name in reopen:
                 self._open.pop(name).close()
+            release_free_memory()  # the closed sessions' pages, before the new ones allocate (runtime/heap.py)
             for name in reopen:
                 self._open[name] = self._load(name)
+            release_free_memory()  # what opening them used only transiently
 
     def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:
         """Put ``fn(name, backend)`` around every backend, open now or later: the seam for tools that watch the
@@ -91,9 +94,11 @@ class Components:
             yield backend
         finally:
             backend.close()
+            release_free_memory()  # low-memory mode's point: the next stage's weights do not stack on these
 
     def close(self) -> None:
         with self._lock:
             for b in self._open.values():
                 b.close()
             self._open.clear()
+            release_free_memory()
