@@ -19,10 +19,33 @@ def _model_spec(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def _loras_by_model(options, names: list[str]) -> dict[str, dict[str, float]]:
+    """``--lora [MODEL=]FILE[:WEIGHT]`` values -> model name -> {file: weight}, each file checked as generate's."""
+    from edgediff.errors import InputError
+    from edgediff.lora import parse_lora_option
+
+    out: dict[str, dict[str, float]] = {}
+    for text in options:
+        model, sep, rest = text.partition("=")
+        if not (sep and model in names):  # no MODEL= prefix (a file name may hold '=' too)
+            model, rest = (names[0] if len(names) == 1 else ""), text
+        if model not in names:
+            hint = f"one of {', '.join(names)}" if len(names) > 1 else names[0]
+            raise InputError(f"--lora {text!r}: name the model it is for as MODEL=FILE[:WEIGHT], MODEL {hint}")
+        spec = parse_lora_option(rest)
+        if not spec.path.is_file():
+            raise InputError(f"--lora {text!r}: no file {spec.path}")
+        out.setdefault(model, {})[str(spec.path)] = spec.weight
+    return out
+
+
 @click.command()
 @click.option("-m", "--model", "models", multiple=True,
               help="Bundle folder to serve, as PATH or NAME=PATH; repeat for several (default: the built-in model). "
                    "Requests pick one with their 'model' field; the first is the default.")
+@click.option("--lora", "loras", multiple=True, metavar="[MODEL=]FILE[:WEIGHT]",
+              help="Serve MODEL with this LoRA applied at load (no re-export; repeat for several). Without MODEL= it "
+                   "applies to the only model. Serve one bundle twice (-m a=B -m b=B) to offer it with and without.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. 127.0.0.1 serves this machine only; 0.0.0.0 every network (set --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -46,7 +69,7 @@ def _model_spec(value: str) -> tuple[str, Path]:
               help="Largest request body (an uploaded image, base64 included).")
 @click.option("--drain", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/Ctrl-C: seconds to finish admitted requests before failing them with 503.")
-def serve(models, host, port, api_key, backend, no_batching, max_active, max_queue, max_batch, timeout, max_images,
+def serve(models, loras, host, port, api_key, backend, no_batching, max_active, max_queue, max_batch, timeout, max_images,
           max_steps, max_side, max_body_mb, drain) -> None:
     """Serve models over HTTP: OpenAI Images API (/v1/images/generations, /v1/images/edits, /v1/models), an
     A1111-compatible shim (/sdapi/v1/txt2img, /sdapi/v1/img2img), /healthz, /readyz and Prometheus /metrics.
@@ -71,6 +94,8 @@ def serve(models, host, port, api_key, backend, no_batching, max_active, max_que
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise InputError(f"two models are named {dup!r}; name them with -m NAME=PATH")
+    per_model = _loras_by_model(loras, names)
+    specs = [(n, p, per_model.get(n, {})) for n, p in specs]
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key / EDGEDIFF_API_KEY is empty; give a key or leave it unset")
     config = EngineConfig(max_active=max_active, max_queue=max_queue, max_batch=max_batch, batching=not no_batching)
@@ -84,7 +109,7 @@ def serve(models, host, port, api_key, backend, no_batching, max_active, max_que
                    err=True)
 
     def loading() -> None:
-        click.echo(f"loading {', '.join(f'{n} ({p})' for n, p in specs)} ...", err=True)
+        click.echo(f"loading {', '.join(f'{n} ({p})' for n, p, _ in specs)} ...", err=True)
 
     run(specs, host=host, port=port, backend=backend, config=config, limits=limits, api_key=api_key, drain=drain,
         on_loading=loading, on_ready=ready)

@@ -3,7 +3,8 @@
 Request fields are OpenAI's (prompt, model, n, size "WIDTHxHEIGHT" or "auto", response_format b64_json | url,
 output_format png | jpeg | webp, output_compression, user) plus Stable Diffusion's knobs as extra top-level fields,
 which is what the ``openai`` client sends through ``extra_body``: negative_prompt, num_inference_steps,
-guidance_scale, seed, scheduler, and strength for edits. A field left out takes the model's own default (its
+guidance_scale, seed, scheduler, strength for edits, and the speed levers cfg_cutoff, decoder ("tiny"),
+vae_tiling, cache_interval, cache_branch (DeepCache) and preset ("lcm"). A field left out takes the model's own default (its
 recommended steps, guidance, scheduler and size: GET /v1/models). OpenAI fields that have no meaning here are
 accepted and ignored (quality, style, moderation, safety_identifier) or refused when they ask for something this
 server cannot do (background="transparent", partial_images > 0). Any other field is refused by name.
@@ -36,14 +37,16 @@ from .state import build_request, check_multiple, run_ticket
 
 router = APIRouter()
 
+# the runtime's speed levers, per request (issue 18): each the keyword Pipeline.__call__ takes
+SPEED = ("cfg_cutoff", "decoder", "vae_tiling", "cache_interval", "cache_branch", "preset")
 # runtime argument name (the start of its InputError messages) -> this API's field name
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "num_inference_steps",
           "guidance_scale": "guidance_scale", "height": "size", "width": "size", "num_images_per_prompt": "n",
           "seed": "seed", "scheduler": "scheduler", "strength": "strength", "image": "image", "init": "image",
-          "mask_image": "mask", "mask": "mask"}
+          "mask_image": "mask", "mask": "mask", **{k: k for k in SPEED}}
 COMMON = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "user",
           "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "background",
-          "partial_images", "stream")
+          "partial_images", "stream", *SPEED)
 IGNORED = ("quality", "style", "moderation", "safety_identifier")  # OpenAI's, without an equivalent here
 
 
@@ -137,12 +140,28 @@ def _read(f: Fields, state, engine) -> tuple[dict, dict]:
                  num_images_per_prompt=f.integer("n", 1, lo=1, hi=lim.max_images),
                  seed=f.integer("seed", lo=0, hi=2**63 - 1),
                  scheduler=f.string("scheduler", choices=list(SCHEDULERS)),
-                 height=None if size is None else size[0], width=None if size is None else size[1])
+                 height=None if size is None else size[0], width=None if size is None else size[1],
+                 **speed_options(f, lim))
     out = dict(response_format=f.string("response_format", "b64_json", choices=("b64_json", "url")),
                output_format=f.string("output_format", "png", choices=images.OUTPUT_FORMATS),
                quality=f.integer("output_compression", lo=0, hi=100),
                stream=f.boolean("stream", False))
     return knobs, out
+
+
+def speed_options(f: Fields, lim) -> dict:
+    """The speed levers a request names (only those: a field left out keeps the pipeline's default, so a plain
+    request runs the plain path). Whether the model can take one (a tiny decoder, DeepCache graphs, an LCM-LoRA for
+    the preset) is the pipeline's check, answered as a 400 naming the field."""
+    from edgediff.presets import PRESETS
+
+    given = dict(cfg_cutoff=f.number("cfg_cutoff", lo=0.0, hi=1.0),
+                 decoder=f.string("decoder", choices=("full", "tiny")),
+                 vae_tiling=f.boolean("vae_tiling"),
+                 cache_interval=f.integer("cache_interval", lo=1, hi=lim.max_steps),
+                 cache_branch=f.integer("cache_branch", lo=0, hi=64),
+                 preset=f.string("preset", choices=sorted(PRESETS)))
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # -- answering ----------------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ def load_engines(models: Sequence[tuple[str, Path]], *, backend: str = "cpu", co
     metrics = metrics or ServerMetrics()
     engines: dict[str, Engine] = {}
     try:
-        for name, path in models:
-            engines[name] = Engine(name, Pipeline.load(path, backend=backend), config, metrics).start()
+        for name, path, *more in models:  # (name, path[, {lora file: weight}])
+            loras = more[0] if more else None
+            engines[name] = Engine(name, Pipeline.load(path, backend=backend, loras=loras), config, metrics).start()
         for engine in engines.values():
             engine.ready.wait()
             if engine.failure is not None:

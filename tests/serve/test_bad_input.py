@@ -65,6 +65,13 @@ def _assert_openai_error(r: httpx.Response, param, status: int = 400) -> dict:
     ({"stream": "yes"}, "stream"),
     ({"user": {"id": 1}}, "user"),
     ({"num_steps": 4}, "num_steps"),  # a misspelt knob is refused, not ignored
+    ({"cfg_cutoff": 1.5}, "cfg_cutoff"),  # the speed levers, per request
+    ({"cfg_cutoff": "half"}, "cfg_cutoff"),
+    ({"decoder": "small"}, "decoder"),
+    ({"vae_tiling": "yes"}, "vae_tiling"),
+    ({"cache_interval": 0}, "cache_interval"),
+    ({"cache_branch": -1}, "cache_branch"),
+    ({"preset": "turbo"}, "preset"),
 ])
 def test_generations_bad_field(url, change, param):
     body = {**ok, **change}

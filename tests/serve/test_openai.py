@@ -42,6 +42,23 @@ def test_generate_b64_png_with_sd_knobs(client):
         assert params["steps"] == STEPS and params["scheduler"] == "euler" and params["model"] == MODEL
 
 
+def test_speed_levers_per_request_give_the_pipelines_image(client, pipe):
+    """A request's cfg_cutoff reaches the pipeline as Pipeline.__call__'s own keyword: the same image, to the byte,
+    and a different one from the plain request (the lever changed the work)."""
+    kw = dict(prompt="a small red circle", size="64x64")
+    body = {"num_inference_steps": STEPS, "guidance_scale": 5.0, "seed": 5}
+
+    def served(**more):
+        png = base64.b64decode(client.images.generate(**kw, extra_body={**body, **more}).data[0].b64_json)
+        return np.asarray(_image(png).convert("RGB"))
+
+    direct = pipe("a small red circle", height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0, seed=5,
+                  cfg_cutoff=0.5).images[0]
+    cut = served(cfg_cutoff=0.5)
+    assert np.array_equal(cut, np.asarray(direct.convert("RGB")))
+    assert not np.array_equal(cut, served())
+
+
 def test_url_response_serves_the_same_image_until_it_expires(client, url):
     kw = dict(prompt="a blue square", size="64x64", extra_body={"num_inference_steps": STEPS, "seed": 3})
     by_url = client.images.generate(response_format="url", **kw).data[0].url

@@ -108,3 +108,17 @@ def test_the_cli_and_the_core_stay_light():
     helped = subprocess.run([sys.executable, "-c", "from edgediff.cli import main; main()", "--help"],
                             capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert "serve" in helped.stdout
+
+
+def test_lora_options_name_their_model(tmp_path):
+    from edgediff.errors import InputError
+    from edgediff.serve.cli import _loras_by_model
+
+    f = tmp_path / "style.safetensors"
+    f.write_bytes(b"x")
+    assert _loras_by_model([f"{f}:0.8"], ["only"]) == {"only": {str(f): 0.8}}
+    assert _loras_by_model([f"b={f}"], ["a", "b"]) == {"b": {str(f): 1.0}}
+    with pytest.raises(InputError, match=r"name the model it is for as MODEL=FILE\[:WEIGHT\], MODEL one of a, b"):
+        _loras_by_model([str(f)], ["a", "b"])
+    with pytest.raises(InputError, match="no file"):
+        _loras_by_model([f"a={tmp_path / 'nope.safetensors'}"], ["a", "b"])
