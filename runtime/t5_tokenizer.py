@@ -9,6 +9,7 @@ instance serves calls with different lengths from several threads.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -64,6 +65,10 @@ class T5Tokenizer:
             raise InputError(f"max_sequence_length {max_length!r}; expected a positive integer")
         out = np.full((len(prompts), max_length), self.pad_id, np.int64)  # (B, L) int64
         for k, ids in enumerate(self.token_ids(prompts)):
+            if len(ids) > max_length - 1:  # diffusers logs the same cut as a warning
+                dropped = self._tok.decode(ids[max_length - 1:])
+                warnings.warn(f"a T5 prompt was cut to max_sequence_length={max_length} tokens; dropped: "
+                              f"{dropped[:200]!r}", stacklevel=2)
             row = ids[:max_length - 1] + [self.eos_id]
             out[k, :len(row)] = row
         return out

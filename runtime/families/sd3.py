@@ -10,7 +10,7 @@ concatenated with T5's along the sequence: (B, 77 + L, J). Without T5 its part i
 
 Guidance is classifier-free (guided when guidance_scale > 1): the unconditional rows come first, from the negative
 prompts ("" when none is given); ``negative_prompt_2`` / ``_3`` default to ``negative_prompt`` and ``prompt_2`` /
-``prompt_3`` to ``prompt``, as in diffusers.
+``prompt_3`` to ``prompt``, as in diffusers (whose ``prompt_2 or prompt`` also falls back on an empty string).
 
 Refused with one line (diffusers would ignore them silently): ``prompt_3`` / ``negative_prompt_3`` on a bundle without
 T5 (they would change nothing, which a caller who passes them does not expect), and ``max_sequence_length`` above
@@ -73,6 +73,8 @@ class Sd3TextConditioner:
         """Check a call's SD3 options before any work; what ``__call__`` reads back from ``request.extra``."""
         extra: dict[str, Any] = {}
         for key in ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3"):
+            if options.get(key) == "":  # diffusers' `prompt_2 or prompt`: an empty string falls back, as None does
+                continue
             if options.get(key) is not None:
                 if key.endswith("_3") and self.t5 is None:
                     raise InputError(f"{key}= goes to T5 (text_encoder_3), which this bundle was exported without; "

@@ -108,6 +108,31 @@ def test_img2img_matches_diffusers(tiny_sd3, ours, strength, steps):
     assert ran == steps - int(steps - strength * steps)
 
 
+def test_cfg_cutoff_matches_diffusers_sd3_callback(tiny_sd3, ours):
+    from diffusers.callbacks import SD3CFGCutoffCallback
+
+    theirs = reference(tiny_sd3.source)(PROMPTS[0], num_inference_steps=4, guidance_scale=6.0,
+                                        latents=torch.from_numpy(LATENTS[:1]), output_type="np",
+                                        callback_on_step_end=SD3CFGCutoffCallback(cutoff_step_ratio=0.5)).images
+    mine = ours(PROMPTS[0], num_inference_steps=4, guidance_scale=6.0, latents=LATENTS[:1], cfg_cutoff=0.5,
+                output_type="np")
+    compare(mine.images, theirs)
+
+
+def test_empty_prompt_2_falls_back_to_prompt_as_in_diffusers(tiny_sd3, ours):
+    theirs = reference(tiny_sd3.source)(PROMPTS[0], prompt_2="", prompt_3="", negative_prompt="blurry",
+                                        negative_prompt_2="", num_inference_steps=2, guidance_scale=5.0,
+                                        latents=torch.from_numpy(LATENTS[:1]), output_type="np").images
+    mine = ours(PROMPTS[0], "blurry", prompt_2="", prompt_3="", negative_prompt_2="", num_inference_steps=2,
+                guidance_scale=5.0, latents=LATENTS[:1], output_type="np")
+    compare(mine.images, theirs)
+
+
+def test_a_long_t5_prompt_is_cut_with_a_warning(ours):
+    with pytest.warns(UserWarning, match="a T5 prompt was cut to max_sequence_length=8 tokens; dropped: 'on a white"):
+        ours("a red circle on a white background " * 3, num_inference_steps=1, max_sequence_length=8)
+
+
 def test_heun_flow_scheduler_matches_diffusers(tiny_sd3, ours):
     theirs = reference(tiny_sd3.source, scheduler="FlowMatchHeunDiscreteScheduler")(
         PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, latents=torch.from_numpy(LATENTS[:1]),
