@@ -156,8 +156,9 @@ def transformer_inputs(guidance: bool) -> tuple[str, ...]:
 
 def flux_table(guidance: bool, clip_seq: int) -> dict[str, ComponentExport]:
     """Rows for a FluxPipeline folder. ``guidance``: the transformer has a guidance embedding (FLUX.1-dev);
-    ``clip_seq``: CLIP's token length (its position table). The geometry's ``seq`` is the T5 length (T5 and the
-    transformer are traced and checked at two different lengths: their sequence axis is dynamic)."""
+    ``clip_seq``: CLIP's token length (its position table). The geometry's ``seq`` is the T5 length (dynamic in
+    both graphs: the transformer's receipt is taken at another length than its trace; T5's receipt at its trace's,
+    its length axis is tested against transformers up to 512 in tests/export/test_flux_export.py)."""
     import torch
 
     ClipPooled, T5Encoder, FluxDenoiser = _modules()

@@ -225,3 +225,16 @@ def test_step_level_batching_gives_each_request_its_own_image(dev):
     assert max(rows) == 4 and len(rows) == 4  # 4 shared calls (the longest job's steps), 4 rows at most
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_memory_check_counts_packed_tokens(schnell, monkeypatch):
+    """The activation estimate's attention is over FLUX's packed tokens (one per 2x2 latent cells): at 128x128 the
+    tiny model has 32x32 = 1024 of them (2 heads: 8 MiB of attention), not 64x64 (128 MiB). With 64 MiB free the
+    call is taken; at 256x256 (4096 tokens: 128 MiB of attention) it is refused in one line before any work."""
+    from edgediff import validation
+
+    monkeypatch.setattr(validation, "available_memory", lambda: 64 << 20)
+    schnell.request("x", height=128, width=128)
+    with pytest.raises(InputError, match=r"256x256 with batch 1 needs about 0\.2 GiB for the denoiser's "
+                                         r"activations; 0\.1 GiB is available"):
+        schnell.request("x", height=256, width=256)
