@@ -351,7 +351,7 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
                            mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,
-                           cfg_cutoff=cfg_cutoff, preset=preset, cache_interval=cache_interval,
+                           cfg_cutoff=cfg_cutoff, preset=preset, scheduler=scheduler, cache_interval=cache_interval,
                            cache_branch=cache_branch, **({} if refiner is not None else decode), **handoff,
                            **family, **_control_options(control_images, controlnet_names, control_scales,
                                                         control_starts, control_ends, guess_mode))

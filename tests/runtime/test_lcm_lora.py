@@ -120,6 +120,12 @@ def test_cli_lora_with_preset(tiny_sd1_bundle, lcm_lora, tmp_path):
     params = json.loads(Image.open(out).text["parameters"])
     assert (params["scheduler"], params["steps"], params["guidance_scale"]) == ("lcm", 4, 1.0)
     assert params["loras"] == {str(lcm_lora["kohya"]): 1.0}
+    # --scheduler and --steps given with the preset win over it; its guidance still applies
+    r = runner.invoke(main, ["generate", PROMPT, "-m", str(tiny_sd1_bundle), "-o", str(tmp_path / "e.png"),
+                             "--preset", "lcm", "--scheduler", "euler", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    params = json.loads(Image.open(tmp_path / "e.png").text["parameters"])
+    assert (params["scheduler"], params["steps"], params["guidance_scale"]) == ("euler", 3, 1.0)
     r = runner.invoke(main, ["generate", PROMPT, "-m", str(tiny_sd1_bundle), "-o", str(tmp_path / "x.png"),
                              "--preset", "fast"])
     assert r.exit_code not in (0, 70) and "is not a preset" in r.output and len(r.output.strip().splitlines()) == 1
