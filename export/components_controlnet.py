@@ -5,20 +5,23 @@ MultiControlNetModel) is exported with the pipeline.
 Two kinds of graph are added (docs/bundle.md, "ControlNet"):
 
 * ``controlnet_<name>``, one per ControlNet: ``sample, timestep, encoder_hidden_states, controlnet_cond,
-  conditioning_scale`` -> ``down_block_res_sample_{i}`` (i = 0 .. R-2) and ``mid_block_res_sample``.
+  conditioning_scale`` (SDXL: ``text_embeds, time_ids`` before ``controlnet_cond``, the UNet's added conditions)
+  -> ``down_block_res_sample_{i}`` (i = 0 .. R-2) and ``mid_block_res_sample``.
   ``controlnet_cond`` is the preprocessed control image, (B, 3, H, W) in [0, 1] at pixel resolution.
   ``conditioning_scale`` is a (R,) float32 vector, one factor per residual: diffusers' ControlNetModel multiplies
   every residual by ``conditioning_scale`` (a float) or, in guess mode, by ``logspace(-1, 0, R) * scale``
   (controlnet.py, "0.1 to 1.0"); one vector input covers both, so neither the scale nor guess mode needs a
   re-export. The network itself runs with ``conditioning_scale=1.0`` (global pooling, where the config asks for
   it, commutes with the scale).
-* ``unet_controlnet``: the pipeline's UNet that also takes ``down_block_additional_residual_{i}`` and
+* ``unet_controlnet``: the pipeline's UNet (its own inputs, SDXL's included) that also takes
+  ``down_block_additional_residual_{i}`` and
   ``mid_block_additional_residual`` (UNet2DConditionModel's ``down_block_additional_residuals`` /
   ``mid_block_additional_residual``). The plain ``unet`` graph stays as it is and is what every step runs unless a
   ControlNet is active at that step (runtime/controlnet.py), so generation without ControlNet costs nothing more.
 
-Every ControlNet folder is checked against the pipeline's UNet and VAE before anything is loaded: the same block
-layout (so its residuals fit the UNet's skip connections), the same cross-attention width, and a conditioning
+Every ControlNet folder is checked against the pipeline's UNet and VAE before anything is loaded: the same family
+(SD 1.x/2.x or SDXL: ``addition_embed_type``), the same block layout (so its residuals fit the UNet's skip
+connections), the same cross-attention and pooled-embedding widths, and a conditioning
 embedding that downsamples the control image to the latent grid (``2 ** (len(conditioning_embedding_out_channels)
 - 1)`` must equal the VAE's scale factor).
 """
@@ -95,9 +98,9 @@ def with_controlnets(source, given, unet_config: dict, vae_config: dict, *, allo
     found = pipeline_controlnets(source.root, source.index) + [(Path(d), n or default_name(Path(d))) for d, n in given]
     if not found:
         return source
-    if source.sdxl:
-        raise ExportError("ControlNet export supports SD 1.x/2.x pipelines; SDXL ControlNets (which also take the "
-                          "pooled text embeddings and time ids) are not supported yet")
+    if source.sdxl and source.index.get("requires_aesthetics_score"):
+        raise ExportError("ControlNet export needs a base pipeline; an SDXL refiner (aesthetic-score time ids) has no "
+                          "ControlNets")
     names: dict[str, Path] = {}
     pickled = []
     for folder, name in found:
@@ -126,11 +129,13 @@ def _check(folder: Path, unet: dict, vae: dict, allow_pickle: bool) -> bool:
         raise ExportError(f"{what}: {exc}") from None
     if cfg.get("_class_name") != CONTROLNET_CLASS:
         raise ExportError(f"{what} holds a {cfg.get('_class_name')!r}, not a diffusers {CONTROLNET_CLASS}")
-    if cfg.get("addition_embed_type") is not None:
-        raise ExportError(f"{what} is an SDXL ControlNet (addition_embed_type {cfg['addition_embed_type']!r}); "
-                          "only SD 1.x/2.x ControlNets are supported")
+    if cfg.get("addition_embed_type") != unet.get("addition_embed_type"):
+        kinds = {None: "SD 1.x/2.x", "text_time": "SDXL"}
+        raise ExportError(f"{what} is an {kinds.get(cfg.get('addition_embed_type'), 'unknown')} ControlNet and the "
+                          f"pipeline an {kinds.get(unet.get('addition_embed_type'), 'unknown')} one: use a ControlNet "
+                          "made for this model family")
     for key, default in (("cross_attention_dim", 1280), ("block_out_channels", (320, 640, 1280, 1280)),
-                         ("in_channels", 4)):
+                         ("in_channels", 4), ("projection_class_embeddings_input_dim", None)):
         mine = unet.get(key, default)
         theirs = cfg.get(key, default)
         if key == "in_channels" and int(mine) == 2 * int(theirs) + 1:
@@ -164,25 +169,31 @@ def _modules():
     import torch
 
     class ControlNet(torch.nn.Module):
-        def __init__(self, m):
+        # SDXL: (sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond, scale)
+        def __init__(self, m, added: tuple[str, ...]):
             super().__init__()
-            self.m = m
+            self.m, self.added = m, added
 
-        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            added = dict(zip(self.added, rest)) or None  # SDXL's pooled text embeddings and time ids
+            controlnet_cond, conditioning_scale = rest[len(self.added):]
             down, mid = self.m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                controlnet_cond=controlnet_cond, conditioning_scale=1.0, guess_mode=False,
-                               return_dict=False)
+                               added_cond_kwargs=added, return_dict=False)
             # (R,) scales: one per residual, diffusers' conditioning_scale or its guess-mode ramp times it
             out = [d * conditioning_scale[k] for k, d in enumerate(down)]
             return (*out, mid * conditioning_scale[len(down)])
 
     class ResidualUNet(torch.nn.Module):
-        def __init__(self, m):
+        # SDXL: (sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals)
+        def __init__(self, m, added: tuple[str, ...]):
             super().__init__()
-            self.m = m
+            self.m, self.added = m, added
 
-        def forward(self, sample, timestep, encoder_hidden_states, *residuals):
-            return self.m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            added = dict(zip(self.added, rest)) or None
+            residuals = rest[len(self.added):]
+            return self.m(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
                           down_block_additional_residuals=tuple(residuals[:-1]),
                           mid_block_additional_residual=residuals[-1], return_dict=False)[0]
 
@@ -225,20 +236,30 @@ def controlnet_rows(source, unet_config: dict) -> dict[str, ComponentExport]:
     def axes(names) -> dict[str, dict[int, str]]:  # each residual's own spatial dims: they halve block by block
         return {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names}
 
+    # SDXL's UNet and ControlNets also take the pooled text embeddings and the 6 micro-conditioning time ids
+    added = ("text_embeds", "time_ids") if source.sdxl else ()
     base_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-                 "encoder_hidden_states": {0: "batch", 1: "sequence"}}
+                 "encoder_hidden_states": {0: "batch", 1: "sequence"}, **{n: {0: "batch"} for n in added}}
+
+    def added_inputs(cfg, g: Geometry, gen) -> tuple:
+        if not added:
+            return ()
+        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim * 6
+        return (torch.randn(g.batch, pooled, generator=gen),  # (B, pooled) OpenCLIP-G embedding
+                torch.randint(0, 1025, (g.batch, 6), generator=gen).float())  # (B, 6) sizes and crop offsets
 
     def unet_inputs(c, g: Geometry, gen):
         unet = c["unet"]
-        residuals = tuple(torch.randn(*s, generator=gen) for s in _residual_shapes(dict(unet.config), g))
-        return (torch.randn(g.batch, unet.config.in_channels, g.latent_h, g.latent_w, generator=gen),
+        head = (torch.randn(g.batch, unet.config.in_channels, g.latent_h, g.latent_w, generator=gen),
                 torch.rand(g.batch, generator=gen) * 999.0,
-                torch.randn(g.batch, g.seq, unet.config.cross_attention_dim, generator=gen), *residuals)
+                torch.randn(g.batch, g.seq, unet.config.cross_attention_dim, generator=gen),
+                *added_inputs(unet.config, g, gen))
+        return (*head, *(torch.randn(*s, generator=gen) for s in _residual_shapes(dict(unet.config), g)))
 
     rows = {RESIDUAL_UNET: ComponentExport(
-        RESIDUAL_UNET, ("sample", "timestep", "encoder_hidden_states", *res_in), ("out_sample",),
+        RESIDUAL_UNET, ("sample", "timestep", "encoder_hidden_states", *added, *res_in), ("out_sample",),
         {**base_axes, **axes(res_in), "out_sample": {0: "batch", 2: "height", 3: "width"}},
-        lambda c: ResidualUNet(c["unet"]), unet_inputs)}
+        lambda c: ResidualUNet(c["unet"], added), unet_inputs)}
 
     def net_row(comp: str) -> ComponentExport:
         def inputs(c, g: Geometry, gen):
@@ -248,14 +269,16 @@ def controlnet_rows(source, unet_config: dict) -> dict[str, ComponentExport]:
             return (torch.randn(g.batch, net.config.in_channels, g.latent_h, g.latent_w, generator=gen),
                     torch.rand(g.batch, generator=gen) * 999.0,
                     torch.randn(g.batch, g.seq, net.config.cross_attention_dim, generator=gen),
+                    *added_inputs(net.config, g, gen),
                     torch.rand(g.batch, net.config.conditioning_channels, g.latent_h * f, g.latent_w * f,
                                generator=gen),
                     torch.rand(r, generator=gen) + 0.5)  # (R,) scales, not all 1: the scaling is checked too
 
         return ComponentExport(
-            comp, ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale"), res_out,
-            {**base_axes, "controlnet_cond": {0: "batch", 2: "image_height", 3: "image_width"}, **axes(res_out)},
-            lambda c: ControlNet(c[comp]), inputs)
+            comp, ("sample", "timestep", "encoder_hidden_states", *added, "controlnet_cond", "conditioning_scale"),
+            res_out, {**base_axes, "controlnet_cond": {0: "batch", 2: "image_height", 3: "image_width"},
+                      **axes(res_out)},
+            lambda c: ControlNet(c[comp], added), inputs)
 
     for name, _ in source.controlnets:
         rows[component(name)] = net_row(component(name))

@@ -1,4 +1,5 @@
-"""ControlNet as diffusers' StableDiffusionControlNetPipeline (and its Img2Img variant) computes it, without torch:
+"""ControlNet as diffusers' StableDiffusionControlNetPipeline (its Img2Img variant, and
+StableDiffusionXLControlNetPipeline for SDXL) computes it, without torch:
 one step extension (runtime/job.py) that runs the request's ControlNets on each step's denoiser inputs and hands
 their summed residuals to the bundle's residual UNet (``unet_controlnet``; export --controlnet,
 export/components_controlnet.py). Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image
@@ -39,6 +40,7 @@ from .stages import run_component
 
 # PIL modes whose pixels convert to RGB without loss of meaning (8 bits per channel, palettes, bilevel)
 IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+CONTROL_INPUTS = ("controlnet_cond", "conditioning_scale")  # a ControlNet graph's inputs that are not the UNet's
 MAX_SCALE = 100.0  # far beyond any useful conditioning scale (diffusers' examples use 0.5-2); stops typos like 1e9
 
 
@@ -91,10 +93,6 @@ def prepare(bundle, control_image, *, controlnets=None, scale=None, start=None, 
         if stray is not None:
             raise InputError(f"{stray}= applies to ControlNet: give control_image= (--control-image) or drop it")
         return None
-    family = bundle.manifest.family
-    if family.startswith("sdxl"):
-        raise InputError(f"ControlNet supports SD 1.x/2.x bundles; this one is {family} (SDXL ControlNet is not "
-                         "supported yet)")
     have = names(bundle)
     if not have:
         raise InputError(f"{bundle.root} has no ControlNet; export one into the bundle with edgediff export SRC OUT "
@@ -131,7 +129,9 @@ def prepare(bundle, control_image, *, controlnets=None, scale=None, start=None, 
         if isinstance(want, int) and want != 3:
             raise BundleError(f"ControlNet {name!r} takes {want}-channel control images; this runtime prepares RGB "
                               "(3 channels) as diffusers does")
-        outs, res_in = len(comp.outputs), len(bundle.component(RESIDUAL_UNET).inputs) - 3
+        outs = len(comp.outputs)
+        res_in = sum(s.name.endswith("_additional_residual") or "_additional_residual_" in s.name
+                     for s in bundle.component(RESIDUAL_UNET).inputs)
         if outs != res_in:
             raise BundleError(f"ControlNet {name!r} makes {outs} residuals and {RESIDUAL_UNET} takes {res_in}; "
                               "re-export the bundle")
@@ -259,11 +259,12 @@ class ControlNetStep:
         guided = job.cond.guided
         cond_only = self.inputs.guess_mode and guided  # guess mode: the ControlNet sees the conditional half
         rows = slice(feeds["sample"].shape[0] // 2, None) if cond_only else slice(None)
-        base = {k: feeds[k][rows] for k in ("sample", "timestep", "encoder_hidden_states")}
         total: list[np.ndarray] | None = None
         with job.watch.span("controlnet", job.step):
             for u in units:
                 comp = self.bundle.component(u.component)
+                # the denoiser's own inputs the ControlNet takes too (SDXL: text_embeds and time_ids as well)
+                base = {s.name: feeds[s.name][rows] for s in comp.inputs if s.name not in CONTROL_INPUTS}
                 count = len(comp.outputs)
                 image = np.concatenate([u.image, u.image]) if guided and not cond_only else u.image  # (B, 3, H, W)
                 ramp = self.inputs.guess_mode and not u.global_pool

@@ -180,7 +180,10 @@ class Engine:
         """One two-step guided request at the model's default size: the first call's allocations happen here,
         not in a client's latency."""
         pipe = self.pipe
-        req = pipe.request("warm-up", num_inference_steps=2, guidance_scale=max(2.0, pipe.default_guidance), seed=0)
+        # guided where guidance is classifier-free; else the bundle's own (FLUX.1-schnell refuses any guidance_scale)
+        cfg = getattr(pipe.conditioner, "classifier_free_guidance", True)
+        req = pipe.request("warm-up", num_inference_steps=2, seed=0,
+                           guidance_scale=max(2.0, pipe.default_guidance) if cfg else None)
         job = pipe.start(req)
         while not job.done:
             step_together([job], self._run)

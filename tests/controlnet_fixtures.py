@@ -50,3 +50,17 @@ def tiny_controlnet_bundle(tmp_path_factory, source: Path) -> Built:
                                  controlnets=[(folder, name) for name, folder in nets.items()])
         _built["sd1"] = Built(source, nets, bundle)
     return _built["sd1"]
+
+
+def tiny_sdxl_controlnet_bundle(tmp_path_factory, source: Path) -> Built:
+    """The tiny SDXL base pipeline (tests/sdxl_fixtures.py) exported with one tiny SDXL ControlNet ``edges``
+    (ControlNetModel.from_unet on its UNet: text_time additional embeddings), built once per test session."""
+    if "sdxl" not in _built:
+        from edgediff.export.pipeline_export import export_pipeline
+
+        root = tmp_path_factory.mktemp("sdxl-controlnets")
+        nets = {"edges": build_tiny_controlnet(source, root / "edges", 4)}
+        bundle = export_pipeline(source, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-controlnet",
+                                 controlnets=[(folder, name) for name, folder in nets.items()])
+        _built["sdxl"] = Built(source, nets, bundle)
+    return _built["sdxl"]

@@ -95,7 +95,8 @@ def test_unfit_controlnets_are_refused_in_one_line(built, tmp_path):
          "downsamples the control image by 8 and the pipeline's VAE by 2"),
         ([(_config_copy(good, tmp_path / "layers", layers_per_block=2), None)],
          "makes 7 residuals and the pipeline's UNet takes 5"),
-        ([(_config_copy(good, tmp_path / "xl", addition_embed_type="text_time"), None)], "is an SDXL ControlNet"),
+        ([(_config_copy(good, tmp_path / "xl", addition_embed_type="text_time"), None)],
+         "is an SDXL ControlNet and the pipeline an SD 1.x/2.x one"),
         ([(good, "a"), (built.nets["depth"], "a")], "two ControlNets are named 'a'"),
         ([(good, "Bad Name")], "--controlnet name 'Bad Name'"),
     ]
@@ -112,13 +113,18 @@ def test_unfit_controlnets_are_refused_in_one_line(built, tmp_path):
         export_pipeline(built.source, tmp_path / "out", controlnets=[(pickled, None)])
 
 
-def test_sdxl_sources_are_refused(built):
+def test_refiners_and_controlnets_of_another_family_are_refused(built, tiny_sdxl_base):
     from edgediff.export.components_controlnet import with_controlnets
+    from edgediff.export.plan import _model_config
     from edgediff.export.source import inspect_source
 
-    source = replace(inspect_source(built.source), pipeline_class="StableDiffusionXLPipeline")
-    with pytest.raises(ExportError, match="SDXL ControlNets .* are not supported yet"):
-        with_controlnets(source, [(built.nets["canny"], None)], {}, {})
+    xl = inspect_source(tiny_sdxl_base.source)
+    unet, vae = _model_config(xl, "unet"), _model_config(xl, "vae")
+    refiner = replace(xl, index={**xl.index, "requires_aesthetics_score": True})
+    with pytest.raises(ExportError, match="an SDXL refiner .* has no ControlNets"):
+        with_controlnets(refiner, [(built.nets["canny"], None)], unet, vae)
+    with pytest.raises(ExportError, match="is an SD 1.x/2.x ControlNet and the pipeline an SDXL one"):
+        with_controlnets(xl, [(built.nets["canny"], None)], unet, vae)
 
 
 def test_controlnet_option_parsing(tmp_path):

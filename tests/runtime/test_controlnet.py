@@ -307,3 +307,34 @@ def test_sd2_v_prediction_controlnet_matches_diffusers(tmp_path_factory, tiny_sd
                     controlnet_conditioning_scale=1.2, rng=StreamFrom(3), output_type="np")  # the bundle's DDIM
     assert ours.bundle.manifest.family == "sd2-v"
     assert_images_close(mine.images, theirs, TOL)
+
+
+SDXL_CASES = [("euler", {}), ("euler", {"guess_mode": True, "controlnet_conditioning_scale": 0.8}),
+              ("ddim", {"control_guidance_start": 0.3, "control_guidance_end": 0.9})]
+
+
+@pytest.mark.parametrize("scheduler,options", SDXL_CASES)
+def test_sdxl_controlnet_matches_diffusers(scheduler, options, tmp_path_factory, tiny_sdxl_base):
+    """SDXL: the ControlNet and the residual UNet also take the pooled text embeddings and time ids (guess mode: the
+    conditional rows of those too), against StableDiffusionXLControlNetPipeline."""
+    from controlnet_fixtures import tiny_sdxl_controlnet_bundle
+
+    built = tiny_sdxl_controlnet_bundle(tmp_path_factory, tiny_sdxl_base.source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = diffusers.DiffusionPipeline.from_pretrained(built.source, local_files_only=True)
+        ref = diffusers.StableDiffusionXLControlNetPipeline(
+            **base.components, controlnet=diffusers.ControlNetModel.from_pretrained(built.nets["edges"]),
+            add_watermarker=False)
+    ref.scheduler = getattr(diffusers, CLASSES[scheduler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    image = picture((48, 48), seed=31)
+    theirs = ref("a red apple", image=image, height=32, width=32, num_inference_steps=5, guidance_scale=5.0,
+                 negative_prompt="blurry", generator=torch.Generator().manual_seed(7), output_type="np",
+                 **options).images
+    call = dict(height=32, width=32, num_inference_steps=5, guidance_scale=5.0, scheduler=scheduler, output_type="np")
+    with Pipeline.load(built.bundle) as ours:
+        mine = ours("a red apple", "blurry", control_image=image, rng=StreamFrom(7), **call, **options)
+        plain = ours("a red apple", "blurry", rng=StreamFrom(7), **call)
+    assert_images_close(mine.images, theirs, TOL)
+    assert np.abs(np.stack(plain.images) - theirs).max() > 20 * TOL

@@ -238,3 +238,15 @@ def test_memory_check_counts_packed_tokens(schnell, monkeypatch):
     with pytest.raises(InputError, match=r"256x256 with batch 1 needs about 0\.2 GiB for the denoiser's "
                                          r"activations; 0\.1 GiB is available"):
         schnell.request("x", height=256, width=256)
+
+
+def test_server_engine_warms_up_on_schnell(schnell):
+    """The server's warm-up asks for guidance only where it is classifier-free: a schnell bundle (which refuses
+    any guidance_scale) serves."""
+    from edgediff.serve.engine import Engine, EngineConfig
+
+    engine = Engine("flux", schnell, EngineConfig(warmup=True)).start()
+    assert engine.ready.wait(120)
+    assert engine.failure is None and engine.alive
+    engine.shutdown(0)
+    assert engine.join(30)
