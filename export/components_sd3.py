@@ -40,8 +40,8 @@ SD3_CLASSES = {
     "transformer": ("diffusers", "SD3Transformer2DModel"),
     "vae": ("diffusers", "AutoencoderKL"),
 }
-_TOKENIZERS = {"tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"), "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
-               "tokenizer_3": ("T5TokenizerFast", "T5Tokenizer")}
+_CLIP_TOKENIZER = ("CLIPTokenizer", "CLIPTokenizerFast")
+_TOKENIZERS = {"tokenizer": _CLIP_TOKENIZER, "tokenizer_2": _CLIP_TOKENIZER, "tokenizer_3": ("T5TokenizerFast", "T5Tokenizer")}
 _OPTIONAL = ("text_encoder_3", "tokenizer_3")  # diffusers runs SD3 with text_encoder_3=None
 
 
@@ -194,7 +194,8 @@ def sd3_plan(source, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
     p = int(cfg.get("patch_size", 2))
     seq = CLIP_LENGTH + max_sequence_length
     trace = Geometry(batch=2, latent_h=size, latent_w=size, seq=seq)
-    check = Geometry(batch=1, latent_h=size, latent_w=max(p, size - 2 * p), seq=CLIP_LENGTH + max(1, max_sequence_length // 2))
+    check = Geometry(batch=1, latent_h=size, latent_w=max(p, size - 2 * p),
+                     seq=CLIP_LENGTH + max(1, max_sequence_length // 2))
     return ExportPlan(rows=rows, trace=trace, check=check)
 
 

@@ -134,17 +134,20 @@ def build_sd3_pipeline(out: Path, preset: str, corpus: Iterable[str], seed: int 
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id, **conf)
         _build_and_save(lambda: CLIPTextModelWithProjection(config), out / name)
-        index[name], index[tok_name] = ["transformers", "CLIPTextModelWithProjection"], ["transformers", "CLIPTokenizer"]
+        index[name] = ["transformers", "CLIPTextModelWithProjection"]
+        index[tok_name] = ["transformers", "CLIPTokenizer"]
     if spec.t5 is not None:
         train_t5_tokenizer(corpus, out / "tokenizer_3")
         t5_config = T5Config(vocab_size=T5_VOCAB_SIZE if spec.full_vocab else 120, **spec.t5)
         _build_and_save(lambda: T5EncoderModel(t5_config), out / "text_encoder_3")
-        index["text_encoder_3"], index["tokenizer_3"] = ["transformers", "T5EncoderModel"], ["transformers", "T5TokenizerFast"]
+        index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
+        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
     else:
         index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
     _build_and_save(lambda: diffusers.SD3Transformer2DModel(**spec.transformer), out / "transformer")
     _build_and_save(lambda: diffusers.AutoencoderKL(**spec.vae), out / "vae")
-    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=spec.shift).save_pretrained(out / "scheduler")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=spec.shift)
+    scheduler.save_pretrained(out / "scheduler")
     index.update(transformer=["diffusers", "SD3Transformer2DModel"], vae=["diffusers", "AutoencoderKL"],
                  scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"])
     (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n", encoding="utf-8")

@@ -61,9 +61,12 @@ class Sd3TextConditioner:
             bundle.component(name)  # a missing tower is one BundleError now, not at the first call
         self.hidden = {enc: _penultimate(bundle, enc) for enc in CLIP_ENCODERS}
         dirs = {"text_encoder": layout.TOKENIZER_DIR, "text_encoder_2": layout.TOKENIZER_2_DIR}
-        self.tokenizers = {enc: ClipTokenizer.from_files(bundle.tokenizer_files(dirs[enc]), max_length=m.text_max_length,
-                                                         where=bundle.root / dirs[enc]) for enc in CLIP_ENCODERS}
-        self.t5 = T5Tokenizer.from_files(bundle.tokenizer_files(layout.TOKENIZER_3_DIR)) if bundle.has(T5_ENCODER) else None
+        self.tokenizers = {enc: ClipTokenizer.from_files(bundle.tokenizer_files(dirs[enc]),
+                                                         max_length=m.text_max_length, where=bundle.root / dirs[enc])
+                           for enc in CLIP_ENCODERS}
+        self.t5 = None  # a T5-less bundle (diffusers' text_encoder_3=None)
+        if bundle.has(T5_ENCODER):
+            self.t5 = T5Tokenizer.from_files(bundle.tokenizer_files(layout.TOKENIZER_3_DIR))
         self.max_sequence_length = m.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         # T5's width = the transformer's joint_attention_dim (the text axis of its encoder_hidden_states)
         width = bundle.component(bundle.denoiser).input("encoder_hidden_states").shape[-1]
@@ -88,9 +91,9 @@ class Sd3TextConditioner:
             raise InputError(f"max_sequence_length={n!r}; expected a positive integer (T5's token count, default "
                              f"{self.max_sequence_length})")
         elif n > self.max_sequence_length:
-            raise InputError(f"max_sequence_length={n} is over this bundle's exported limit {self.max_sequence_length}; "
-                             "lower it, or re-export with edgediff export --max-sequence-length "
-                             f"{min(int(n), 512)}")
+            raise InputError(f"max_sequence_length={n} is over this bundle's exported limit "
+                             f"{self.max_sequence_length}; lower it, or re-export with edgediff export "
+                             f"--max-sequence-length {min(int(n), 512)}")
         extra["max_sequence_length"] = int(n)
         return extra
 
@@ -140,7 +143,10 @@ class Sd3TextConditioner:
         clip = np.concatenate(states, axis=-1)  # (B, 77, D_L + D_G)
         d = clip.shape[-1]
         # torch.nn.functional.pad(clip, (0, J - d)): zeros up to T5's width (a negative pad would crop)
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, self.joint_dim - d))) if d <= self.joint_dim else clip[..., :self.joint_dim]
+        if d <= self.joint_dim:
+            clip = np.pad(clip, ((0, 0), (0, 0), (0, self.joint_dim - d)))  # (B, 77, J)
+        else:
+            clip = clip[..., :self.joint_dim]
         if self.t5 is None:  # diffusers' text_encoder_3=None: zeros of the joint width
             t5 = np.zeros((clip.shape[0], length, self.joint_dim), np.float32)  # (B, L, J)
         else:

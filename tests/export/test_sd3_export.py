@@ -102,10 +102,17 @@ def test_exported_t5_runs_other_lengths(tiny_sd3):
 
 
 def test_max_sequence_length_is_recorded_and_checked(tiny_sd3_no_t5, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
     from edgediff.export.pipeline_export import export_pipeline
 
-    out = export_pipeline(tiny_sd3_no_t5.source, tmp_path / "b", max_sequence_length=77)
-    assert Bundle.open(out).manifest.max_sequence_length == 77
+    r = CliRunner().invoke(main, ["export", str(tiny_sd3_no_t5.source), str(tmp_path / "b"), "--max-sequence-length", "77"])
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(tmp_path / "b").manifest.max_sequence_length == 77
+    r = CliRunner().invoke(main, ["export", str(tiny_sd3_no_t5.source), str(tmp_path / "c"), "--max-sequence-length", "600"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code not in (0, 70) and lines[-1].startswith("error: --max-sequence-length 600: expected an integer")
     for bad in (0, 513, True, "256"):
         with pytest.raises(ExportError, match="--max-sequence-length"):
             export_pipeline(tiny_sd3_no_t5.source, tmp_path / "c", max_sequence_length=bad)
