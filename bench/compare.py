@@ -32,7 +32,8 @@ from .runner import BenchConfig
 _SD = ("StableDiffusionPipeline", ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
 _SDXL = ("StableDiffusionXLPipeline", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae",
                                        "scheduler"))
-REFERENCE_PIPELINES = {"sd1": _SD, "sd2": _SD, "sd2-v": _SD, "sd-turbo": _SD, "sdxl": _SDXL, "sdxl-turbo": _SDXL}
+REFERENCE_PIPELINES = {"sd1": _SD, "sd2": _SD, "sd2-v": _SD, "sd-turbo": _SD, "sdxl": _SDXL, "sdxl-turbo": _SDXL,
+                       "lcm": ("LatentConsistencyModelPipeline", _SD[1])}  # the LCM family: SD's folders
 TIMED = ("text_encoder", "unet_per_call", "scheduler", "vae_decode", "total")  # seconds, mean over runs
 
 
