@@ -188,6 +188,8 @@ class Pipeline:
         tiled VAE decode and encode (default: tiled only when the full one would not fit in memory);
         ``cache_interval=N`` runs DeepCache (runtime/deepcache.py): the full UNet every N-th step, the shallow graph
         of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B).
+        ``preset="lcm"`` (runtime/presets.py) sets the LCM-LoRA recipe: scheduler lcm, 4 steps, guidance 1.0; steps,
+        guidance or scheduler given in the call win over it.
 
         ControlNet (a bundle exported with --controlnet; runtime/controlnet.py): ``control_image`` (one per ControlNet)
         for the ``controlnets`` named (default: the bundle's only one), with diffusers' ``controlnet_conditioning_scale``,
