@@ -250,3 +250,14 @@ def test_server_engine_warms_up_on_schnell(schnell):
     assert engine.failure is None and engine.alive
     engine.shutdown(0)
     assert engine.join(30)
+
+
+def test_schedulers_flux_cannot_run_are_refused_by_name(schnell):
+    """FluxPipeline passes sigmas and mu to set_timesteps: diffusers' FlowMatchHeunDiscreteScheduler takes neither
+    (FluxPipeline raises with it too), and SD's schedulers are the other kind."""
+    from edgediff.errors import ConfigError
+
+    with pytest.raises(InputError, match=r"flow_heun takes no mu or sigmas"):
+        schnell.request("x", scheduler="flow_heun")
+    with pytest.raises(ConfigError, match=r"scheduler 'euler' cannot run a flow-matching model's schedule"):
+        schnell.request("x", scheduler="euler")
