@@ -156,6 +156,8 @@ def test_bad_input_is_refused_in_one_line(ours):
     with pytest.raises(InputError, match="img2img with an lcm bundle runs the lcm scheduler"):
         ours.request("a cat", image=image, scheduler="euler")
     ours.request("a cat", image=image, strength=0.3, num_inference_steps=15)
+    with pytest.raises(InputError, match="inpainting is not supported for lcm bundles"):
+        ours.request("a cat", image=image, mask_image=Image.new("L", (16, 16), 255))
     with pytest.raises(InputError, match="is a Latent Consistency Model already"):
         ours.request("a cat", preset="lcm")
     with pytest.raises(InputError, match="prompt_2= does not apply to this lcm bundle"):
