@@ -133,6 +133,22 @@ def test_a_long_t5_prompt_is_cut_with_a_warning(ours):
         ours("a red circle on a white background " * 3, num_inference_steps=1, max_sequence_length=8)
 
 
+def test_a_non_square_size_matches_diffusers(tiny_sd3, ours):
+    """Another crop of the transformer's position embedding (pos_embed_max_size) than the default size's."""
+    latents = np.random.default_rng(8).standard_normal((1, 4, 24, 14)).astype(np.float32)  # 48x28 pixels
+    theirs = reference(tiny_sd3.source)(PROMPTS[1], height=48, width=28, num_inference_steps=2, guidance_scale=5.0,
+                                        latents=torch.from_numpy(latents), output_type="np").images
+    mine = ours(PROMPTS[1], height=48, width=28, num_inference_steps=2, guidance_scale=5.0, latents=latents,
+                output_type="np")
+    compare(mine.images, theirs)
+
+
+def test_low_memory_mode_gives_the_same_image(tiny_sd3, ours):
+    kw = dict(prompt=PROMPTS[0], seed=5, num_inference_steps=2, prompt_3="a lighthouse")
+    with Pipeline.load(tiny_sd3.bundle, low_memory=True) as lean:
+        assert np.array_equal(np.asarray(lean(**kw).images[0]), np.asarray(ours(**kw).images[0]))
+
+
 def test_heun_flow_scheduler_matches_diffusers(tiny_sd3, ours):
     theirs = reference(tiny_sd3.source, scheduler="FlowMatchHeunDiscreteScheduler")(
         PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, latents=torch.from_numpy(LATENTS[:1]),
