@@ -183,3 +183,17 @@ def test_full_size_presets_have_flux1_shapes():
         flux_spec("flux-dev", depth=20)
     with pytest.raises(ValueError, match="--depth applies to the full-width presets"):
         flux_spec("tiny-flux-dev", depth=1)
+
+
+def test_cli_export_refuses_a_long_t5_limit_in_one_line(tiny_flux_schnell, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    r = CliRunner().invoke(main, ["export", str(tiny_flux_schnell.source), str(tmp_path / "out"),
+                                  "--max-sequence-length", "600"])
+    assert r.exit_code not in (0, 70), r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]  # after the "exporting" line
+    assert errors == [r.output.strip().splitlines()[-1]] and len(errors) == 1, r.output
+    assert "--max-sequence-length 600: expected an integer from 1 to 512" in errors[0]
+    assert not (tmp_path / "out").exists()
