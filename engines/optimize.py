@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgediff.bundle.reader import Bundle
+from edgediff.bundle.schema import CONTROLNET_PREFIX, RESIDUAL_UNET
 from edgediff.errors import BackendUnavailable, EngineError, InputError
 
 from .derive import Result, begin, derive
@@ -82,6 +83,10 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     if target == "cuda":
         _require_cuda()
     if static is not None:
+        nets = [n for n in m.components if n == RESIDUAL_UNET or n.startswith(CONTROLNET_PREFIX)]
+        if nets:  # their batch follows guess mode and their residuals' sizes each block's downsampling
+            raise InputError(f"--static does not fix the ControlNet graphs ({', '.join(nets)}): optimize this bundle "
+                             "without --static, or export one without --controlnet for a static bundle")
         multiple = parent.size_multiple
         if static.height % multiple or static.width % multiple:
             raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")

@@ -31,3 +31,15 @@ def test_optimize_covers_the_controlnet_graphs(tmp_path_factory, tiny_sd1_source
     with Pipeline.load(parent) as p0, Pipeline.load(out) as p1:
         a, c = p0("a red circle", **kw).images[0], p1("a red circle", **kw).images[0]
     assert np.abs(a - c).max() < 1e-3
+
+
+def test_static_optimize_of_a_controlnet_bundle_is_one_line(tmp_path_factory, tiny_sd1_source, tmp_path):
+    from controlnet_fixtures import tiny_controlnet_bundle
+
+    from edgediff.engines.optimize import optimize_bundle, parse_static
+    from edgediff.errors import InputError
+
+    parent = tiny_controlnet_bundle(tmp_path_factory, tiny_sd1_source).bundle
+    with pytest.raises(InputError, match=r"--static does not fix the ControlNet graphs \(.*unet_controlnet\)") as e:
+        optimize_bundle(parent, tmp_path / "static", target="cpu", static=parse_static("1x16x16"))
+    assert "\n" not in str(e.value) and not (tmp_path / "static").exists()
