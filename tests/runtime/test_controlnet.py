@@ -338,3 +338,15 @@ def test_sdxl_controlnet_matches_diffusers(scheduler, options, tmp_path_factory,
         plain = ours("a red apple", "blurry", rng=StreamFrom(7), **call)
     assert_images_close(mine.images, theirs, TOL)
     assert np.abs(np.stack(plain.images) - theirs).max() > 20 * TOL
+
+
+def test_controlnet_with_a_hot_swapped_lora_is_refused(built, tmp_path):
+    """A swapped LoRA changes the unet graph's weights only, not unet_controlnet's: refused, pointing to export."""
+    from lora_fixtures import make_lora
+
+    lora = make_lora(built.source, tmp_path / "style.safetensors", seed=3)
+    with Pipeline.load(built.bundle, loras={str(lora): 0.8}) as pipe:
+        with pytest.raises(InputError, match="fuse the LoRA at export .*--lora FILE --controlnet DIR"):
+            pipe("a cat", control_image=picture(), controlnets="canny", num_inference_steps=2)
+        pipe.set_loras({})
+        pipe("a cat", control_image=picture(), controlnets="canny", num_inference_steps=2, output_type="latent")
