@@ -16,7 +16,9 @@ and the feature is the hidden state entering the first up layer it runs: the pre
 block's attention or resnet), or, when the whole up block runs, the previous up block's (the mid block's for the
 deepest branch). The mid block never runs on a cached step, so any branch saves at least it.
 
-SD 1.x/2.x UNets (SDXL's added conditioning and LCM's guidance embedding are not wired here: refused by name).
+The graphs take the plan's ``unet`` row's inputs (SD's three; SDXL's ``text_embeds`` and ``time_ids``, the added
+conditioning; an LCM's ``timestep_cond``, the guidance embedding) and the shallow one the feature after them.
+Other UNet kinds (class labels, projected or image conditioning) are refused by name.
 """
 from __future__ import annotations
 
@@ -47,15 +49,17 @@ def parse_branches(spec, unet_config: dict) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_unet(unet_config: dict, *, sdxl: bool) -> None:
-    """The UNets the shallow forward below reproduces: SD 1.x/2.x's (no added embeddings)."""
-    if sdxl or unet_config.get("addition_embed_type"):
-        raise ExportError("--deepcache supports SD 1.x/2.x UNets; this one takes SDXL's added conditioning "
-                          f"(addition_embed_type={unet_config.get('addition_embed_type')!r}), not wired yet")
-    for key in ("time_cond_proj_dim", "class_embed_type", "encoder_hid_dim"):
+def check_unet(unet_config: dict) -> None:
+    """The UNets the shallow forward below reproduces: SD 1.x/2.x's, SDXL's (added text/time embedding) and LCM's
+    (guidance embedding)."""
+    kind = unet_config.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise ExportError(f"--deepcache supports SD 1.x/2.x, SDXL and LCM UNets; this one sets addition_embed_type="
+                          f"{kind!r}, not wired")
+    for key in ("class_embed_type", "encoder_hid_dim"):
         if unet_config.get(key):
-            raise ExportError(f"--deepcache supports SD 1.x/2.x UNets; this one sets {key}="
-                              f"{unet_config.get(key)!r} (LCM, class-conditioned or projected text input), not wired")
+            raise ExportError(f"--deepcache supports SD 1.x/2.x, SDXL and LCM UNets; this one sets {key}="
+                              f"{unet_config.get(key)!r} (class-conditioned or projected text input), not wired")
 
 
 def _up_plan(unet, branch: int) -> tuple[int, int, int]:
@@ -77,18 +81,27 @@ def _feature_module(unet, branch: int):
     return (unet.up_blocks[u - 1], False) if u > 0 else (unet.mid_block, False)
 
 
+def _conditioning(names: tuple[str, ...], args: tuple) -> tuple:
+    """(timestep_cond, added_cond_kwargs) from the row's inputs after the first three (by name)."""
+    extra = dict(zip(names, args))
+    timestep_cond = extra.pop("timestep_cond", None)  # LCM's guidance embedding (components_lcm.py)
+    return timestep_cond, (extra or None)  # SDXL's text_embeds, time_ids
+
+
 def _modules():
     import torch
 
     class DeepCacheFull(torch.nn.Module):
         """The plain UNet forward, plus each branch's feature taken by a forward hook (removed after the call)."""
 
-        def __init__(self, m, branches):
+        def __init__(self, m, branches, extra: tuple[str, ...] = ()):
             super().__init__()
             self.m = m
             self.branches = tuple(branches)
+            self.extra = extra  # names of the inputs after the first three
 
-        def forward(self, sample, timestep, encoder_hidden_states):
+        def forward(self, sample, timestep, encoder_hidden_states, *more):
+            timestep_cond, added = _conditioning(self.extra, more)
             got, hooks = {}, []
             for b in self.branches:
                 mod, first = _feature_module(self.m, b)
@@ -98,7 +111,8 @@ def _modules():
 
                 hooks.append(mod.register_forward_hook(keep))
             try:
-                eps = self.m(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                eps = self.m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
             finally:
                 for h in hooks:
                     h.remove()
@@ -108,25 +122,34 @@ def _modules():
         """The layers a cached step recomputes (module docstring), in UNet2DConditionModel.forward's order and calls
         (diffusers 0.42: no masks, no cross_attention_kwargs, default upsampling as at the plain UNet's trace)."""
 
-        def __init__(self, m, branch):
+        def __init__(self, m, branch, extra: tuple[str, ...] = ()):
             super().__init__()
             self.m = m
             self.block, self.u, self.k0 = _up_plan(m, branch)
+            self.extra = extra
 
-        def forward(self, sample, timestep, encoder_hidden_states, deep_feature):
+        def forward(self, sample, timestep, encoder_hidden_states, *more):
+            *more, deep_feature = more
+            timestep_cond, added = _conditioning(self.extra, tuple(more))
             unet = self.m
             if unet.config.center_input_sample:
                 sample = 2 * sample - 1.0
-            emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+            emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                     added_cond_kwargs=added or {})
+            if aug is not None:  # SDXL: the pooled text and time ids' embedding
+                emb = emb + aug
             if unet.time_embed_act is not None:
                 emb = unet.time_embed_act(emb)
             ehs = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
-                                                     added_cond_kwargs=None)
+                                                     added_cond_kwargs=added)
             h = unet.conv_in(sample)
             res = (h,)
+            cross = False  # whether any layer run reads the text (SDXL's branch 0 runs none: UpBlock2D only)
             for blk in unet.down_blocks[:self.block]:
                 if getattr(blk, "has_cross_attention", False):
                     h, r = blk(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+                    cross = True
                 else:
                     h, r = blk(hidden_states=h, temb=emb)
                 res += r
@@ -136,6 +159,7 @@ def _modules():
                 h = down.resnets[j](h, emb)
                 if getattr(down, "attentions", None):
                     h = down.attentions[j](h, encoder_hidden_states=ehs, return_dict=False)[0]
+                    cross = True
                 res += (h,)
             group, res = res[-runs:], res[:-runs]
             h = deep_feature
@@ -145,6 +169,7 @@ def _modules():
                 h = up.resnets[k](h, emb)
                 if getattr(up, "attentions", None):
                     h = up.attentions[k](h, encoder_hidden_states=ehs, return_dict=False)[0]
+                    cross = True
             for us in up.upsamplers or ():
                 h = us(h, None)
             for blk in unet.up_blocks[self.u + 1:]:
@@ -152,50 +177,48 @@ def _modules():
                 if getattr(blk, "has_cross_attention", False):
                     h = blk(hidden_states=h, temb=emb, res_hidden_states_tuple=r, encoder_hidden_states=ehs,
                             upsample_size=None)
+                    cross = True
                 else:
                     h = blk(hidden_states=h, temb=emb, res_hidden_states_tuple=r, upsample_size=None)
             if unet.conv_norm_out:
                 h = unet.conv_act(unet.conv_norm_out(h))
-            return unet.conv_out(h)
+            out = unet.conv_out(h)
+            if not cross:  # keep encoder_hidden_states a graph input (torch.onnx drops unused ones) so every
+                # shallow graph takes the unet's inputs: + the sum of an empty slice, exactly 0.0
+                out = out + encoder_hidden_states[:, :0].sum()
+            return out
 
     return DeepCacheFull, DeepCacheShallow
 
 
-UNET_AXES = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-             "encoder_hidden_states": {0: "batch", 1: "sequence"}, "out_sample": {0: "batch", 2: "height", 3: "width"}}
-
-
-def deepcache_rows(branches: tuple[int, ...]) -> dict[str, ComponentExport]:
-    """The full graph (with every branch's feature) and one shallow graph per branch."""
+def deepcache_rows(branches: tuple[int, ...], unet_row: ComponentExport) -> dict[str, ComponentExport]:
+    """The full graph (with every branch's feature) and one shallow graph per branch, taking ``unet_row``'s inputs
+    (the plan's own UNet row: SD's, SDXL's or an LCM's) with its axes and random inputs."""
     import torch
 
     Full, Shallow = _modules()
-
-    def unet_inputs(c, g: Geometry, gen):  # the unet row's random inputs
-        cfg = c["unet"].config
-        return (torch.randn(g.batch, cfg.in_channels, g.latent_h, g.latent_w, generator=gen),
-                torch.rand(g.batch, generator=gen) * 999.0,  # (B,) float32 timesteps
-                torch.randn(g.batch, g.seq, cfg.cross_attention_dim, generator=gen))
+    names, extra = unet_row.input_names, unet_row.input_names[3:]
 
     def shallow_inputs(b):
         def inputs(c, g: Geometry, gen):  # the feature a full call really makes on those inputs, not noise
-            base = unet_inputs(c, g, gen)
+            base = unet_row.inputs(c, g, gen)
             with torch.no_grad():
-                feature = Full(c["unet"], (b,))(*base)[1]  # (B, C_b, h_b, w_b) float32
+                feature = Full(c["unet"], (b,), extra)(*base)[1]  # (B, C_b, h_b, w_b) float32
             return (*base, feature)
         return inputs
 
+    axes = {k: v for k, v in unet_row.dynamic_axes.items() if k in names or k == "out_sample"}
     feats = tuple(feature_output(b) for b in branches)
     rows = {DEEPCACHE_FULL: ComponentExport(
-        DEEPCACHE_FULL, ("sample", "timestep", "encoder_hidden_states"), ("out_sample", *feats),
-        {**UNET_AXES, **{f: {0: "batch", 2: f"{f}_height", 3: f"{f}_width"} for f in feats}},
-        lambda c: Full(c["unet"], branches), unet_inputs,
+        DEEPCACHE_FULL, names, ("out_sample", *feats),
+        {**axes, **{f: {0: "batch", 2: f"{f}_height", 3: f"{f}_width"} for f in feats}},
+        lambda c: Full(c["unet"], branches, extra), unet_row.inputs,
     )}
     for b in branches:
         name = deepcache_shallow(b)
         rows[name] = ComponentExport(
-            name, ("sample", "timestep", "encoder_hidden_states", FEATURE_INPUT), ("out_sample",),
-            {**UNET_AXES, FEATURE_INPUT: {0: "batch", 2: "feature_height", 3: "feature_width"}},
-            lambda c, b=b: Shallow(c["unet"], b), shallow_inputs(b),
+            name, (*names, FEATURE_INPUT), ("out_sample",),
+            {**axes, FEATURE_INPUT: {0: "batch", 2: "feature_height", 3: "feature_width"}},
+            lambda c, b=b: Shallow(c["unet"], b, extra), shallow_inputs(b),
         )
     return rows

@@ -94,7 +94,7 @@ def export_pipeline(
         if "unet" not in source.modules:
             raise ExportError(f"--deepcache needs a UNet; {source.pipeline_class} has none")
         unet_config = _model_config(source, "unet")
-        check_unet(unet_config, sdxl=source.sdxl)
+        check_unet(unet_config)
         source = dataclasses.replace(source, deepcache=parse_branches(deepcache, unet_config))
     lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)

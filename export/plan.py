@@ -84,8 +84,8 @@ def export_plan(source: Source) -> ExportPlan:
                               "LCM-LoRA and --preset lcm")
         rows = {**rows, **lcm_unet_row()}
     if source.deepcache:  # DeepCache's graphs right after the UNet, traced from the model already loaded
-        check_unet(unet, sdxl=source.sdxl)
-        extra, ordered = deepcache_rows(source.deepcache), {}
+        check_unet(unet)
+        extra, ordered = deepcache_rows(source.deepcache, rows["unet"]), {}
         for n, row in rows.items():
             ordered.update({n: row, **(extra if n == "unet" else {})})
         rows = ordered

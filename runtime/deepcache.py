@@ -11,6 +11,9 @@ call. For first-order schedulers ``k`` is the step index; for PNDM (which repeat
 second-order solvers the helper counts a repeated timestep as its first occurrence, and so does this module, so the
 images match the helper's. Interval 1 is the plain UNet (every call full): no extension is made at all.
 
+SD 1.x/2.x, SDXL and LCM UNets: the graphs take the ``unet``'s inputs, so the job's feeds (the conditioning's extra
+inputs included) go to them unchanged, plus ``deep_feature`` on the shallow steps.
+
 The cached feature belongs to its job (this extension object is made per job), so jobs stepped together by
 runtime/batching.step_together each carry their own; its rows are the job's denoiser rows (2N with guidance).
 """

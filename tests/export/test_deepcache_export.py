@@ -24,13 +24,17 @@ from deepcache_fixtures import deepcache_helper, tiny_unet_lpb2, unet_driver  # 
 BRANCHES = (0, 4)
 
 
-def _tiny_sd1_unet(source):
+def _load_unet(source):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").eval()
     unet.set_default_attn_processor()
     unet.requires_grad_(False)
     return unet
+
+
+def _tiny_sd1_unet(source):
+    return _load_unet(source)
 
 
 def _inputs(unet, seed: int, batch: int = 2, size: int = 8):
@@ -40,29 +44,51 @@ def _inputs(unet, seed: int, batch: int = 2, size: int = 8):
             torch.randn(batch, 77, cfg.cross_attention_dim, generator=g))
 
 
-def _reference(unet, branch: int, a, b, t=(901.0, 801.0)):
-    """The helper's two UNet calls (full, then cached) on inputs a and b."""
+def _reference(unet, branch: int, a, b, t=(901.0, 801.0), a_kw=None, b_kw=None):
+    """The helper's two UNet calls (full, then cached) on inputs a and b (``*_kw``: added conditioning)."""
     with deepcache_helper(unet_driver(unet, list(t)), 2, branch), torch.no_grad():
-        full = unet(a[0], torch.tensor(t[0]), encoder_hidden_states=a[1], return_dict=False)[0]
-        cached = unet(b[0], torch.tensor(t[1]), encoder_hidden_states=b[1], return_dict=False)[0]
+        full = unet(a[0], torch.tensor(t[0]), encoder_hidden_states=a[1], return_dict=False, **(a_kw or {}))[0]
+        cached = unet(b[0], torch.tensor(t[1]), encoder_hidden_states=b[1], return_dict=False, **(b_kw or {}))[0]
     return full.numpy(), cached.numpy()
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_torch_modules_equal_the_reference_helper_on_every_branch(tiny_sd1_source, layers):
-    """SD's UNets have 2 layers per block, the conftest's tiny one 1: every branch id of each, to the bit."""
-    from edgediff.export.components_deepcache import _modules
+@pytest.fixture(scope="module")
+def tiny_sdxl_source(tmp_path_factory):
+    from edgediff.export.random_pipeline import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("src") / "tiny-sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.mark.parametrize("kind", ["sd1-2-layers", "sd1", "sdxl", "lcm"])
+def test_torch_modules_equal_the_reference_helper_on_every_branch(request, kind):
+    """SD's UNets have 2 layers per block, the conftest's tiny one 1; SDXL's takes the added text/time embedding and
+    an LCM's the guidance embedding (the plan's own unet row's inputs): every branch id of each, to the bit."""
+    from edgediff.export.components import Geometry
+    from edgediff.export.components_deepcache import _conditioning, _modules
+    from edgediff.export.plan import export_plan
+    from edgediff.export.source import inspect_source
 
     Full, Shallow = _modules()
-    unet = tiny_unet_lpb2() if layers == 2 else _tiny_sd1_unet(tiny_sd1_source)
-    size = 16 if layers == 2 else 8
-    a, b = _inputs(unet, 1, size=size), _inputs(unet, 2, size=size)
+    fixture = {"sd1-2-layers": "tiny_sd1_source", "sd1": "tiny_sd1_source", "sdxl": "tiny_sdxl_source",
+               "lcm": "tiny_lcm_source"}[kind]
+    source = request.getfixturevalue(fixture)
+    unet = tiny_unet_lpb2() if kind == "sd1-2-layers" else _load_unet(source)
+    row = export_plan(inspect_source(source)).rows["unet"]
+    extra = row.input_names[3:]
+    a, b = (row.inputs({"unet": unet}, Geometry(2, 16, 16, 77), torch.Generator().manual_seed(s)) for s in (1, 2))
+
+    def kwargs(x):
+        cond, added = _conditioning(extra, x[3:])
+        return {**({"timestep_cond": cond} if cond is not None else {}),
+                **({"added_cond_kwargs": added} if added else {})}
+
+    assert len(extra) == {"sd1-2-layers": 0, "sd1": 0, "sdxl": 2, "lcm": 1}[kind]
     for branch in range(3 * len(unet.down_blocks)):
-        ref_full, ref_cached = _reference(unet, branch, a, b)
+        ref_full, ref_cached = _reference(unet, branch, (a[0], a[2]), (b[0], b[2]), a_kw=kwargs(a), b_kw=kwargs(b))
         with torch.no_grad():
-            eps, feature = Full(unet, (branch,))(a[0], torch.full((2,), 901.0), a[1])
-            shallow = Shallow(unet, branch)(b[0], torch.full((2,), 801.0), b[1], feature)
-            plain = unet(b[0], torch.tensor(801.0), encoder_hidden_states=b[1], return_dict=False)[0]
+            eps, feature = Full(unet, (branch,), extra)(a[0], torch.full((2,), 901.0), *a[2:])
+            shallow = Shallow(unet, branch, extra)(b[0], torch.full((2,), 801.0), *b[2:], feature)
+            plain = unet(b[0], torch.tensor(801.0), encoder_hidden_states=b[2], return_dict=False, **kwargs(b))[0]
         np.testing.assert_array_equal(eps.numpy(), ref_full)
         np.testing.assert_array_equal(shallow.numpy(), ref_cached, err_msg=f"branch {branch}")
         assert np.abs(shallow.numpy() - plain.numpy()).max() > 1e-3  # the cached feature really is used
@@ -131,10 +157,11 @@ def test_refusals_are_one_line_before_any_model_loads(tiny_sd1_source, tmp_path)
                         ("-1", "branch ids 0 to 5")):
         with pytest.raises(ExportError, match=match):
             parse_branches(spec, cfg)
-    with pytest.raises(ExportError, match="SDXL's added conditioning"):
-        check_unet({"addition_embed_type": "text_time"}, sdxl=True)
-    with pytest.raises(ExportError, match="time_cond_proj_dim"):
-        check_unet({"time_cond_proj_dim": 256}, sdxl=False)
+    check_unet({"addition_embed_type": "text_time", "time_cond_proj_dim": 256})  # SDXL's and LCM's: wired
+    with pytest.raises(ExportError, match="addition_embed_type='image', not wired"):
+        check_unet({"addition_embed_type": "image"})
+    with pytest.raises(ExportError, match="class_embed_type='timestep'"):
+        check_unet({"class_embed_type": "timestep"})
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="branch ids 0 to 5"):
         export_pipeline(tiny_sd1_source, out, deepcache="7")

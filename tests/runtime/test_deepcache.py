@@ -1,6 +1,6 @@
 """DeepCache at run time (runtime/deepcache.py): the full UNet every N-th step, the shallow one between.
 
-Reference: diffusers StableDiffusionPipeline / StableDiffusionImg2ImgPipeline with the DeepCache package's
+Reference: diffusers StableDiffusion(XL)Pipeline / StableDiffusionImg2ImgPipeline with the DeepCache package's
 ``DeepCacheSDHelper`` (``DeepCache==0.1.1``, cache_interval, cache_branch_id) enabled on it, same weights, same
 initial latents and noise stream. Tolerance: max abs <= 1e-3 on float images in [0, 1] (the parity tests' bar).
 """
@@ -43,10 +43,10 @@ def ours(dc_bundle):
 
 
 def reference(source, cls: str, scheduler: str):
+    kw = {} if "XL" in cls else dict(safety_checker=None, requires_safety_checker=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = getattr(diffusers, cls).from_pretrained(source, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = getattr(diffusers, cls).from_pretrained(source, local_files_only=True, **kw)
     extra = {"skip_prk_steps": True} if scheduler == "pndm" else {}
     pipe.scheduler = getattr(diffusers, SD_CLASSES[scheduler]).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -97,6 +97,57 @@ def test_img2img_counts_from_the_first_step_run(tiny_sd1_source, ours):
     mine = ours("a blue square", image=init, strength=0.7, num_inference_steps=10, guidance_scale=6.0, seed=21,
                 rng="torch", scheduler="euler", output_type="np", cache_interval=3)
     assert_images_close(mine.images, theirs, 1e-3)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dc(tmp_path_factory):
+    from edgediff.export.pipeline_export import export_pipeline
+    from edgediff.export.random_pipeline import build_random_pipeline
+
+    source = build_random_pipeline(tmp_path_factory.mktemp("src") / "tiny-sdxl", "tiny-sdxl", seed=0)
+    return source, export_pipeline(source, tmp_path_factory.mktemp("dc") / "xl", deepcache="0,3")
+
+
+def test_sdxl_images_match_diffusers_with_the_deepcache_helper(sdxl_dc):
+    """SDXL's graphs also take the pooled text embedding and the time ids (the added conditioning)."""
+    source, bundle = sdxl_dc
+    ref = reference(source, "StableDiffusionXLPipeline", "euler")
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(negative_prompt="ugly", num_inference_steps=7, guidance_scale=5.0, output_type="np")
+    with deepcache_helper(ref, 3, 3):
+        theirs = ref("an astronaut riding a horse", latents=torch.from_numpy(latents),
+                     generator=torch.Generator().manual_seed(2), **kw).images
+    with Pipeline.load(bundle) as xl:
+        assert [s.name for s in xl.bundle.component("unet_deepcache_shallow_3").inputs] == [
+            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "deep_feature"]
+        mine = xl("an astronaut riding a horse", latents=latents, scheduler="euler", rng=StreamFrom(2),
+                  cache_interval=3, cache_branch=3, **kw)
+        assert_images_close(mine.images, theirs, 1e-3)
+        plain = xl("an astronaut riding a horse", latents=latents, scheduler="euler", rng=StreamFrom(2), **kw)
+        assert np.abs(np.stack(plain.images) - np.stack(mine.images)).max() > 1e-4
+
+
+def test_lcm_images_match_diffusers_with_the_deepcache_helper(tiny_lcm_source, tmp_path_factory):
+    """An LCM's graphs also take the guidance embedding (timestep_cond); one unguided batch per step."""
+    from edgediff.export.pipeline_export import export_pipeline
+
+    bundle = export_pipeline(tiny_lcm_source, tmp_path_factory.mktemp("dc") / "lcm", deepcache="0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.LatentConsistencyModelPipeline.from_pretrained(
+            tiny_lcm_source, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    prompts = ["a red circle", "a blue square"]
+    with deepcache_helper(ref, 3, 0):
+        theirs = ref(prompts, num_inference_steps=7, guidance_scale=8.5, latents=torch.from_numpy(latents),
+                     generator=torch.Generator().manual_seed(11), output_type="np").images
+    with Pipeline.load(bundle) as lcm:
+        mine = lcm(prompts, num_inference_steps=7, guidance_scale=8.5, latents=latents, rng=StreamFrom(11),
+                   output_type="np", cache_interval=3)
+        assert_images_close(mine.images, theirs, 1e-3)
+        assert [s.name for s in mine.spans if s.name.startswith("unet")] == (
+            ["unet_deepcache_full"] + ["unet_deepcache_shallow_0"] * 2) * 2 + ["unet_deepcache_full"]
 
 
 def test_schedule_is_full_every_nth_step(ours):
