@@ -58,18 +58,18 @@ _SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, sample_size=1
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=1.5305, shift_factor=0.0609,
                 use_quant_conv=False, use_post_quant_conv=False)
 
-# Tiny: CLIP-L (16 wide) and CLIP-G (24 wide) concatenate to 40 features, padded to T5's 48 (the joint width), so a
+# Tiny: SD3's 16 latent channels and VAE shift; CLIP-L (16 wide) and CLIP-G (24 wide) concatenate to 40 features, padded to T5's 48 (the joint width), so a
 # swapped concatenation or a missing pad changes shapes; the projections (12, 20) sum to the pooled width 32.
 # Three CLIP layers, so the penultimate hidden state differs from the last one.
 _TINY_L = _clip(16, 37, 3, 4, "quick_gelu", 12)
 _TINY_G = _clip(24, 37, 3, 4, "gelu", 20)
 _TINY_T5 = dict(d_model=48, d_ff=64, d_kv=12, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
                 relative_attention_num_buckets=8, relative_attention_max_distance=32, is_encoder_decoder=False)
-_TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+_TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
                          caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32,
                          qk_norm="rms_norm", dual_attention_layers=(0,))  # SD3.5's block kinds, both exercised
-_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=32, norm_num_groups=8,
+_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, sample_size=32, norm_num_groups=8,
                  block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.5305, shift_factor=0.0609,
                  use_quant_conv=False, use_post_quant_conv=False)

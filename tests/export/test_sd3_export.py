@@ -40,11 +40,11 @@ def test_bundle_has_the_sd3_io_and_passing_receipts(tiny_sd3):
     assert te2.output("hidden_states.2").shape == ("batch", "sequence", 24) and te2.output("text_embeds").shape == ("batch", 20)
     assert te3.output("last_hidden_state").shape == ("batch", "sequence", 48)
     assert _names(tr.inputs) == ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
-    assert tr.input("sample").shape == ("batch", 4, "height", "width")
+    assert tr.input("sample").shape == ("batch", 16, "height", "width") and m.latent_channels == 16
     assert tr.input("encoder_hidden_states").shape == ("batch", "sequence", 48)  # T5's width = joint_attention_dim
     assert tr.input("pooled_projections").shape == ("batch", 32)  # 12 + 20
     # the transformer was checked at another batch, a non-square size and a shorter text than it was traced with
-    assert tr.parity.inputs["sample"] == [1, 4, 16, 12] and tr.parity.inputs["encoder_hidden_states"] == [1, 77 + 128, 48]
+    assert tr.parity.inputs["sample"] == [1, 16, 16, 12] and tr.parity.inputs["encoder_hidden_states"] == [1, 77 + 128, 48]
     assert b.verify() == [] and Manifest.from_json(m.to_json()) == m
     pinned = {f.path for f in m.files}
     assert {"tokenizer_3/tokenizer.json", "transformer/config.json", "text_encoder_3/config.json"} <= pinned

@@ -21,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 from streams import StreamFrom, assert_images_close  # noqa: E402
 
 TOL = 1e-3
-LATENTS = np.random.default_rng(3).standard_normal((2, 4, 16, 16)).astype(np.float32)  # 2 images of 32x32
+LATENTS = np.random.default_rng(3).standard_normal((2, 16, 16, 16)).astype(np.float32)  # 2 images of 32x32
 PROMPTS = ["a red circle on white", "an astronaut riding a horse"]
 
 
@@ -135,7 +135,7 @@ def test_a_long_t5_prompt_is_cut_with_a_warning(ours):
 
 def test_a_non_square_size_matches_diffusers(tiny_sd3, ours):
     """Another crop of the transformer's position embedding (pos_embed_max_size) than the default size's."""
-    latents = np.random.default_rng(8).standard_normal((1, 4, 24, 14)).astype(np.float32)  # 48x28 pixels
+    latents = np.random.default_rng(8).standard_normal((1, 16, 24, 14)).astype(np.float32)  # 48x28 pixels
     theirs = reference(tiny_sd3.source)(PROMPTS[1], height=48, width=28, num_inference_steps=2, guidance_scale=5.0,
                                         latents=torch.from_numpy(latents), output_type="np").images
     mine = ours(PROMPTS[1], height=48, width=28, num_inference_steps=2, guidance_scale=5.0, latents=latents,
