@@ -220,6 +220,14 @@ def test_refusals_are_one_line(ours, tiny_sd1_bundle):
         ours.request("x", cache_branch=0)
     with pytest.raises(InputError, match="does not combine with cfg_cutoff"):
         ours.request("x", cache_interval=3, cfg_cutoff=0.5)
+    from edgediff.deepcache import check_request
+
+    # what a ControlNet call or hot-swapped LoRAs bring (their own tests build those bundles): refused by name
+    with pytest.raises(InputError, match="does not combine with ControlNet"):
+        check_request(ours.bundle, 3, None, controlnet=object())
+    with pytest.raises(InputError, match="does not combine with LoRAs applied at load.*export --lora"):
+        check_request(ours.bundle, 3, 0, loras={"style.safetensors": 0.8})
+    assert check_request(ours.bundle, 1, None, controlnet=object(), loras={"a": 1.0}) == (1, 0)  # plain UNet
 
 
 def test_cli_generate(dc_bundle, tiny_sd1_bundle, tmp_path):
