@@ -1,0 +1,219 @@
+"""Stage 3 (optional) of the built-in model: its tiny decoder, distilled from its VAE decoder, added to the bundle as
+``vae_decoder_tiny`` so that ``decoder="tiny"`` (``generate --decoder tiny``, step previews) works on it.
+
+    python -m edgediff.export.recipes.shapes.tiny_decoder --out /tmp/shapes-taesd --seed 0 \\
+        --bundle-out /tmp/shapes-with-tiny      # or runtime/models/shapes --overwrite to ship it
+
+The student is a diffusers ``AutoencoderTiny`` (TAESD's architecture, Ollin Boer Bohan, github.com/madebyollin/taesd:
+conv + ReLU blocks, nearest upsampling, no normalisation or attention) scaled to this model: 4 latent channels, two
+2x upsamplings for its 4 pixels per latent cell, 16 channels, (2, 2, 0) blocks per stage (the last stage is the
+output conv alone). Only its decoder is trained and exported; the encoder in the saved folder is AutoencoderTiny's
+untrained one and is not exported (nothing in the runtime encodes with the tiny autoencoder).
+
+Teacher data, all from the shipped bundle through ONNX Runtime (no training source needed):
+- the VAE encoder's posterior means of ``--scenes`` training-split scenes (``dataset.make_dataset``, seed
+  ``seed + 30``), times the bundle's scaling_factor: the latents the UNet was trained to produce;
+- the model's own final latents for ``--generated`` training-split prompts (20 DPM-Solver++ steps, guidance 5,
+  seeds from 100000 on, so none is an eval-default seed; held-out colour/shape pairs never appear);
+- the teacher's pixels for every latent: the bundle's ``vae_decoder`` of latents / scaling_factor, in [-1, 1].
+The student reads the denoiser's latents as they are (its config's scaling_factor is 1.0, like TAESD's) and is
+trained on the teacher's pixels with stage 1b's class-balanced per-pixel weights (``train.shape_balanced_weight``:
+small shapes count as much as large ones, computed on the whole image) on an L1 + MSE loss, on random 8x8-cell
+crops (32x32 pixels; one offset per batch), AdamW with warm-up and cosine decay, a fixed number of steps from a
+generator seeded with ``seed + 3``: the weights depend only on the seed and torch's CPU kernels (and thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHANNELS = 16  # the teacher's own width at 64x64; the student costs about 1/8 of its multiply-adds
+DECODER_BLOCKS = (2, 2, 0)  # AutoencoderTinyBlocks per stage; the stages are 16x16, 32x32, 64x64 for a 64x64 image
+CROP = 8  # latent cells per side of a training crop (32x32 pixels): 4x cheaper steps; the decoder is convolutional
+GENERATED_SEED = 100_000  # the first seed of the model's own latents: far from eval-default's 0..n-1
+
+
+def teacher_data(bundle: Path, seed: int, scenes: int, generated: int, log: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(latents (N, 4, 16, 16), pixels (N, 3, 64, 64)) float32: denoiser-space latents and the VAE decoder's image
+    of each (module docstring)."""
+    from edgediff import Pipeline
+    from edgediff.stages import run_component
+
+    from .dataset import canonical_caption, make_dataset, sample_scenes
+
+    t0 = time.time()
+    with Pipeline.load(bundle) as pipe:
+        m = pipe.bundle.manifest
+        images, _, _ = make_dataset(seed + 30, scenes, "train")  # (S, 64, 64, 3) uint8
+        latents = []
+        with pipe.components.use("vae_encoder") as enc:
+            for i in range(0, scenes, 64):
+                x = np.ascontiguousarray((images[i:i + 64].astype(np.float32) / 127.5 - 1).transpose(0, 3, 1, 2))
+                out = run_component(enc, {"sample": x})[0]
+                latents.append(out[:, :m.latent_channels] * np.float32(m.scaling_factor))  # posterior mean, scaled
+        rng = np.random.default_rng(seed + 31)
+        prompts = [canonical_caption(s) for s in sample_scenes(rng, generated, "train")]
+        for i in range(0, generated, 16):
+            batch = prompts[i:i + 16]
+            res = pipe(batch, seed=[GENERATED_SEED + i + k for k in range(len(batch))], output_type="latent")
+            latents.append(res.latents)
+        z = np.concatenate(latents).astype(np.float32)  # (N, 4, 16, 16)
+        pixels = []
+        with pipe.components.use("vae_decoder") as dec:
+            for i in range(0, len(z), 64):
+                feed = np.ascontiguousarray(z[i:i + 64] / np.float32(m.scaling_factor))
+                pixels.append(run_component(dec, {"latent_sample": feed})[0])
+    log["teacher"] = {"scenes": scenes, "generated": generated, "minutes": (time.time() - t0) / 60}
+    return z, np.concatenate(pixels).astype(np.float32)
+
+
+def build_student():
+    from diffusers import AutoencoderTiny
+
+    n = len(DECODER_BLOCKS)
+    return AutoencoderTiny(encoder_block_out_channels=(CHANNELS,) * n, decoder_block_out_channels=(CHANNELS,) * n,
+                           num_encoder_blocks=(1,) * n, num_decoder_blocks=DECODER_BLOCKS, latent_channels=4,
+                           scaling_factor=1.0)
+
+
+def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: int, log: dict):
+    """The student trained on (latent, teacher pixels) pairs (module docstring); returns it in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from .train import shape_balanced_weight, warmup_cosine
+
+    torch.manual_seed(seed + 3)  # the student's initial weights
+    g = torch.Generator().manual_seed(seed + 3)  # its batches
+    student = build_student()
+    dec = student.decoder
+    zt, xt = torch.from_numpy(z), torch.from_numpy(pixels)
+    opt = torch.optim.AdamW(dec.parameters(), lr=2e-3, weight_decay=1e-4)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warm_max=100, floor=0.05))
+    dec.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        idx = torch.randint(0, len(zt), (batch,), generator=g)
+        oy, ox = (int(v) for v in torch.randint(0, zt.shape[2] - CROP + 1, (2,), generator=g))
+        f = xt.shape[2] // zt.shape[2]  # pixels per latent cell
+        target = xt[idx]
+        w = shape_balanced_weight(target)[:, :, f * oy:f * (oy + CROP), f * ox:f * (ox + CROP)]  # (B, 1, 32, 32)
+        target = target[:, :, f * oy:f * (oy + CROP), f * ox:f * (ox + CROP)]
+        err = dec(zt[idx][:, :, oy:oy + CROP, ox:ox + CROP]) - target
+        loss = (w * (err.abs() + err.square())).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr.step()
+        losses.append(float(loss.detach()))
+        if step % 200 == 0 or step == steps - 1:
+            print(f"tiny decoder step {step}: loss {np.mean(losses[-200:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    student.eval().requires_grad_(False)
+    log["distil"] = {"steps": steps, "batch": batch, "seconds": time.time() - t0,
+                     "loss": [float(np.mean(losses[i:i + 200])) for i in range(0, steps, 200)]}
+    return student
+
+
+def add_to_bundle(bundle: Path, taesd: Path, out: Path, *, overwrite: bool = False, opset: int | None = None) -> Path:
+    """A copy of ``bundle`` with ``taesd``'s decoder exported as ``vae_decoder_tiny`` (its graph, config and parity
+    receipt against diffusers' AutoencoderTiny.decode), every other file and manifest entry as they were; the
+    manifest's transforms record the step. ``out`` may be ``bundle`` itself with ``overwrite`` (staged, then
+    swapped in)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from edgediff.bundle import layout
+    from edgediff.bundle.describe import component_entry, other_files
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import staged_bundle, write_manifest
+    from edgediff.errors import ExportError, ParityError
+    from edgediff.export.components import Geometry
+    from edgediff.export.components_tiny_vae import TINY_FOLDER, tiny_factors, tiny_vae_rows
+    from edgediff.export.parity import receipt_for, reference_outputs
+    from edgediff.export.pipeline_export import MIN_OPSET, _export_graph, _jsonable
+    from edgediff.tiny_vae import TINY_DECODER
+
+    src = Bundle.open(bundle)
+    old = src.manifest
+    model = AutoencoderTiny.from_pretrained(taesd, local_files_only=True, torch_dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    cfg = dict(model.config)
+    if cfg["latent_channels"] != old.latent_channels or tiny_factors(cfg)[0] != old.vae_scale_factor:
+        raise ExportError(f"{taesd} does not fit {bundle}: {cfg['latent_channels']} latent channels and "
+                          f"{tiny_factors(cfg)[0]} pixels per cell, the bundle {old.latent_channels} and "
+                          f"{old.vae_scale_factor}")
+    spec = tiny_vae_rows()[TINY_DECODER]
+    loaded = {TINY_FOLDER: model}
+    h, w = old.default_height // old.vae_scale_factor, old.default_width // old.vae_scale_factor
+    trace, check = Geometry(2, h, w, old.text_max_length), Geometry(1, h, max(1, w - 4), old.text_max_length)
+    with staged_bundle(Path(out), overwrite) as tmp:
+        shutil.copytree(src.root, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+        shutil.rmtree(tmp / TINY_DECODER, ignore_errors=True)
+        (tmp / TINY_DECODER).mkdir()
+        module = spec.wrap(loaded).eval()
+        path = tmp / layout.graph_path(TINY_DECODER)
+        _export_graph(module, spec.inputs(loaded, trace, torch.Generator().manual_seed(0)), spec, path,
+                      opset or MIN_OPSET)
+        check_inputs = spec.inputs(loaded, check, torch.Generator().manual_seed(1))
+        receipt = receipt_for(path, reference_outputs(module, check_inputs), check_inputs, spec.input_names,
+                              reference=f"torch {torch.__version__} / diffusers {diffusers.__version__} "
+                                        "AutoencoderTiny")
+        if not receipt.passed:
+            raise ParityError(f"{TINY_DECODER}: ONNX Runtime differs from PyTorch by max_rel {receipt.max_rel:.2e}; "
+                              "nothing was written")
+        (tmp / layout.config_path(TINY_DECODER)).write_text(
+            json.dumps(_jsonable(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        comps = {**old.components, TINY_DECODER: component_entry(tmp, TINY_DECODER, parity=receipt)}
+        step = f"vae_decoder_tiny distilled from vae_decoder (export/recipes/shapes/tiny_decoder.py, {taesd.name})"
+        transforms = tuple(t for t in old.provenance.transforms if not t.startswith("vae_decoder_tiny")) + (step,)
+        manifest = dataclasses.replace(old, components=comps, files=other_files(tmp, comps),
+                                       provenance=dataclasses.replace(old.provenance, transforms=transforms))
+        write_manifest(tmp, manifest)
+    problems = Bundle.open(out).verify()
+    if problems:
+        raise ExportError(f"{out}: {problems[0]}")
+    return Path(out)
+
+
+def main(argv=None) -> None:
+    from edgediff.builtin_model import default_bundle
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, default=None, help="The shapes bundle (default: the built-in model).")
+    ap.add_argument("--out", type=Path, required=True, help="Where the AutoencoderTiny folder is saved.")
+    ap.add_argument("--bundle-out", type=Path, default=None, help="Also write the bundle with vae_decoder_tiny here.")
+    ap.add_argument("--overwrite", action="store_true", help="Replace --bundle-out if it exists.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1500, help="distillation steps (fixed: never a time budget)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--scenes", type=int, default=2048, help="ground-truth scenes whose encoder latents are used")
+    ap.add_argument("--generated", type=int, default=64, help="the model's own generated latents")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the weights depend on it)")
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    bundle = a.bundle or default_bundle()
+    log: dict = {"seed": a.seed, "threads": a.threads, "channels": CHANNELS, "decoder_blocks": list(DECODER_BLOCKS)}
+    t0 = time.time()
+    z, pixels = teacher_data(bundle, a.seed, a.scenes, a.generated, log)
+    student = distil(z, pixels, steps=a.steps, batch=a.batch, seed=a.seed, log=log)
+    shutil.rmtree(a.out, ignore_errors=True)
+    student.save_pretrained(a.out, safe_serialization=True)
+    log["minutes_total"] = (time.time() - t0) / 60
+    (a.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"saved {a.out} after {log['minutes_total']:.1f} min", flush=True)
+    if a.bundle_out is not None:
+        add_to_bundle(bundle, a.out, a.bundle_out, overwrite=a.overwrite)
+        print(f"wrote {a.bundle_out} with vae_decoder_tiny", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The built-in model's tiny-decoder stage (export/recipes/shapes/tiny_decoder.py): the recipe end to end at toy
+sizes, and add_to_bundle, which must leave every other file and manifest entry of the shipped bundle as it was and
+give a vae_decoder_tiny whose decode matches diffusers' AutoencoderTiny.decode of the same latents."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgediff import Pipeline
+from edgediff.builtin_model import default_bundle
+from edgediff.bundle.reader import Bundle
+from edgediff.errors import ExportError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from edgediff.export.recipes.shapes import tiny_decoder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    """The recipe at toy sizes: 3 steps on 16 scenes and 2 of the model's own latents."""
+    root = tmp_path_factory.mktemp("tiny-decoder")
+    tiny_decoder.main(["--out", str(root / "taesd"), "--bundle-out", str(root / "bundle"), "--steps", "3",
+                       "--scenes", "16", "--generated", "2", "--batch", "4"])
+    return root
+
+
+def test_recipe_writes_the_autoencoder_its_log_and_a_verified_bundle(recipe_run):
+    log = json.loads((recipe_run / "taesd" / "train_log.json").read_text())
+    assert log["distil"]["steps"] == 3 and log["teacher"] == {**log["teacher"], "scenes": 16, "generated": 2}
+    cfg = json.loads((recipe_run / "taesd" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderTiny" and cfg["scaling_factor"] == 1.0
+    out = Bundle.open(recipe_run / "bundle")
+    assert out.verify() == []
+
+
+def test_the_bundle_keeps_every_other_entry(recipe_run):
+    old, new = Bundle.open(default_bundle()).manifest, Bundle.open(recipe_run / "bundle").manifest
+    kept = {n: c for n, c in old.components.items() if n != "vae_decoder_tiny"}  # (the shipped one is replaced)
+    assert set(new.components) == set(kept) | {"vae_decoder_tiny"}
+    assert all(new.components[n] == c for n, c in kept.items())
+    tiny_config = "vae_decoder_tiny/config.json"
+    assert {f for f in old.files if f.path != tiny_config} == {f for f in new.files if f.path != tiny_config}
+    assert tiny_config in {f.path for f in new.files}
+    assert (new.defaults, new.scaling_factor, new.family) == (old.defaults, old.scaling_factor, old.family)
+    receipt = new.components["vae_decoder_tiny"].parity
+    assert receipt.passed and "AutoencoderTiny" in receipt.reference
+    assert new.provenance.transforms[-1].startswith("vae_decoder_tiny distilled from vae_decoder")
+
+
+def test_decoder_tiny_decodes_as_diffusers_autoencoder_tiny(recipe_run):
+    from diffusers import AutoencoderTiny
+
+    model = AutoencoderTiny.from_pretrained(recipe_run / "taesd").eval()
+    prompt = "a small red circle in the top left corner on a white background"
+    with Pipeline.load(recipe_run / "bundle") as pipe:
+        res = pipe(prompt, seed=3, num_inference_steps=2, output_type="latent")
+        ours = np.asarray(pipe(prompt, seed=3, num_inference_steps=2, decoder="tiny", output_type="np").images[0])
+    with torch.no_grad():  # the pipeline's convention: latents / scaling_factor (1.0), pixels [-1, 1] -> [0, 1]
+        theirs = model.decode(torch.from_numpy(res.latents)).sample[0].permute(1, 2, 0).numpy() / 2 + 0.5
+    assert np.abs(ours - np.clip(theirs, 0, 1)).max() <= 1e-3
+
+
+def test_an_autoencoder_of_another_scale_is_refused_and_nothing_written(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(tmp_path / "taesd8x")
+    with pytest.raises(ExportError, match="8 pixels per cell, the bundle 4 and 4"):
+        tiny_decoder.add_to_bundle(default_bundle(), tmp_path / "taesd8x", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
