@@ -5,6 +5,9 @@
 # SRC: the diffusers folder of the SD-1.5-shaped random model (python -m edgediff.export.random_pipeline sd15 SRC).
 # OUT: a new bundle exported from it with DeepCache's graphs for branches 0 and 3 (the full UNet is a second UNet
 # copy: about +3.4 GB on disk, and in memory while DeepCache runs). Run from the repository root, nothing else running.
+# Expected from FLOPs (torch.utils.flop_counter on the SD-1.5 UNet at 512x512, batch 2; not a time): the shallow graph
+# costs 7.9 % of the full UNet for branch 0, 47 % for branch 3, so interval 3 needs (1 + 2 s) / 3 = 0.39 / 0.65 of the
+# UNet's FLOPs; the bar is 0.55x of the plain run's UNet time.
 set -euo pipefail
 SRC=${SRC:-/work/meas/sd15-random}
 OUT=${OUT:-/work/meas/sd15-deepcache}
