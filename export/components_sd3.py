@@ -4,8 +4,10 @@
 Components and their graphs' I/O (the runtime's conditioner, runtime/families/sd3.py, reads these names):
 
 - ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP ViT-bigG), both ``CLIPTextModelWithProjection``:
-  ``input_ids`` (B, 77) int32 -> ``text_embeds`` (B, projection) and ``hidden_states.<layers-1>`` (B, 77, hidden),
-  the penultimate hidden state diffusers' _get_clip_prompt_embeds takes with clip_skip None.
+  ``input_ids`` (B, 77) int32 -> ``text_embeds`` (B, projection) and ``hidden_states.<i>`` (B, 77, hidden) for i = 0
+  .. layers - 1: ``hidden_states.<layers-1>`` is the penultimate state diffusers' _get_clip_prompt_embeds takes with
+  clip_skip None, ``hidden_states.<layers-1-k>`` the one it takes with clip_skip k (hidden_states[-(k + 2)]). The
+  last layer's state is not exported (no clip_skip reads it); the earlier ones cost no compute, only outputs.
 - ``text_encoder_3`` (optional; T5 v1.1 XXL ``T5EncoderModel``): ``input_ids`` (B, L) int32 -> ``last_hidden_state``
   (B, L, d_model), no attention mask, as _get_t5_prompt_embeds calls it. L is dynamic; the bundle records the
   longest it was exported for (``max_sequence_length``, default 256 as diffusers).
@@ -26,7 +28,6 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry, table
-from .components_sdxl import penultimate_name
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 CLIP_LENGTH = 77  # CLIP's max_position_embeddings: both towers' token length
@@ -93,7 +94,7 @@ def _modules():
     import torch
 
     class ClipProjectionTower(torch.nn.Module):
-        """CLIPTextModelWithProjection: text_embeds (pooled, projected) and the penultimate hidden state."""
+        """CLIPTextModelWithProjection: text_embeds (pooled, projected) and every hidden state but the last."""
 
         def __init__(self, m):
             super().__init__()
@@ -101,7 +102,7 @@ def _modules():
 
         def forward(self, input_ids):
             out = self.m(input_ids=input_ids.long(), output_hidden_states=True, return_dict=True)
-            return out.text_embeds, out.hidden_states[-2]
+            return (out.text_embeds, *out.hidden_states[:-1])
 
     class T5Tower(torch.nn.Module):
         def __init__(self, m):
@@ -152,10 +153,11 @@ def sd3_table(clip_layers: dict[str, int], t5: bool, t5_length: int) -> dict[str
 
     rows: dict[str, ComponentExport] = {}
     for name in ("text_encoder", "text_encoder_2"):
-        hidden = penultimate_name(clip_layers[name])
+        # hidden_states.0 .. <layers-1> (optimum's names; penultimate_name(layers) is the last of them)
+        hidden = tuple(f"hidden_states.{i}" for i in range(clip_layers[name]))
         rows[name] = ComponentExport(
-            name, ("input_ids",), ("text_embeds", hidden),
-            {"input_ids": seq_axes, "text_embeds": {0: "batch"}, hidden: seq_axes},
+            name, ("input_ids",), ("text_embeds", *hidden),
+            {"input_ids": seq_axes, "text_embeds": {0: "batch"}, **{h: seq_axes for h in hidden}},
             (lambda n: lambda c: ClipProjectionTower(c[n]))(name), clip_inputs(name),
         )
     if t5:

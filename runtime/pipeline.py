@@ -292,9 +292,7 @@ class Pipeline:
             start=control_guidance_start, end=control_guidance_end, guess_mode=guess_mode, height=height,
             width=width, multiple=self.size_multiple, total=len(prompts) * n, inpainting=inpainting is not None,
             loras=self.loras)
-        if control is not None:
-            if cache_interval is not None:
-                raise InputError("DeepCache (cache_interval) with ControlNet is not supported; drop one of them")
+        if control is not None:  # (DeepCache with ControlNet is refused by deepcache.check_request below)
             height, width = control.height, control.width
         h, w = check.size(height, width, multiple=self.size_multiple,
                           default=self._static_size() or (m.default_height, m.default_width))

@@ -2,8 +2,9 @@
 gives, as the transformer's inputs (``encoder_hidden_states`` plus ``extra`` = ``pooled_projections``).
 
 Three text towers (export/components_sd3.py names their graphs' I/O): CLIP ViT-L (``text_encoder``) and OpenCLIP
-ViT-bigG (``text_encoder_2``), each giving its penultimate hidden state (B, 77, D) and its projected pooled embedding;
-and T5 v1.1 (``text_encoder_3``, optional) giving (B, L, J) for L = ``max_sequence_length`` tokens. The CLIP states
+ViT-bigG (``text_encoder_2``), each giving its penultimate hidden state (B, 77, D; an earlier one with ``clip_skip``)
+and its projected pooled embedding; and T5 v1.1 (``text_encoder_3``, optional) giving (B, L, J) for L =
+``max_sequence_length`` tokens. The CLIP states
 are concatenated on the feature axis and zero-padded to T5's width J (the transformer's joint_attention_dim), then
 concatenated with T5's along the sequence: (B, 77 + L, J). Without T5 its part is zeros, as diffusers does with
 ``text_encoder_3=None``. The pooled input is concat(pooled_L, pooled_G).
@@ -40,26 +41,32 @@ POOLED = "text_embeds"
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default when the bundle records none
 
 
-def _penultimate(bundle: Bundle, enc: str) -> str:
+def _layers(bundle: Bundle, enc: str) -> int:
+    """The tower's layer count, after checking its graph has the penultimate state (what clip_skip None reads)."""
     layers = bundle.config(layout.config_path(enc)).get("num_hidden_layers")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 2:
         raise BundleError(f"{bundle.root}/{enc}/config.json: num_hidden_layers={layers!r}; expected an integer >= 2")
-    name = f"hidden_states.{layers - 1}"  # hidden_states[-2] of layers + 1 states
-    if name not in {o.name for o in bundle.component(enc).outputs}:
-        raise BundleError(f"{bundle.root}: {enc} has no output {name!r} (the penultimate hidden state); re-export "
-                          "the bundle with edgediff export")
-    return name
+    if _state(layers, 0) not in {o.name for o in bundle.component(enc).outputs}:
+        raise BundleError(f"{bundle.root}: {enc} has no output {_state(layers, 0)!r} (the penultimate hidden state); "
+                          "re-export the bundle with edgediff export")
+    return layers
+
+
+def _state(layers: int, clip_skip: int) -> str:
+    """The graph output diffusers reads with ``clip_skip``: hidden_states[-(clip_skip + 2)] of layers + 1 states."""
+    return f"hidden_states.{layers - 1 - clip_skip}"
 
 
 class Sd3TextConditioner:
     options: frozenset[str] = frozenset({"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3",
-                                         "max_sequence_length"})
+                                         "max_sequence_length", "clip_skip"})
 
     def __init__(self, bundle: Bundle):
         m = bundle.manifest
         for name in (*CLIP_ENCODERS, bundle.denoiser):
             bundle.component(name)  # a missing tower is one BundleError now, not at the first call
-        self.hidden = {enc: _penultimate(bundle, enc) for enc in CLIP_ENCODERS}
+        self.layers = {enc: _layers(bundle, enc) for enc in CLIP_ENCODERS}
+        self.outputs = {enc: {o.name for o in bundle.component(enc).outputs} for enc in CLIP_ENCODERS}
         dirs = {"text_encoder": layout.TOKENIZER_DIR, "text_encoder_2": layout.TOKENIZER_2_DIR}
         self.tokenizers = {enc: ClipTokenizer.from_files(bundle.tokenizer_files(dirs[enc]),
                                                          max_length=m.text_max_length, where=bundle.root / dirs[enc])
@@ -95,7 +102,22 @@ class Sd3TextConditioner:
                              f"{self.max_sequence_length}; lower it, or re-export with edgediff export "
                              f"--max-sequence-length {min(int(n), 512)}")
         extra["max_sequence_length"] = int(n)
+        extra["clip_skip"] = self._clip_skip(options.get("clip_skip"))
         return extra
+
+    def _clip_skip(self, k) -> int:
+        """diffusers' clip_skip: layers skipped from the end of both CLIP towers (None: 0, the penultimate state)."""
+        if k is None:
+            return 0
+        most = min(self.layers.values()) - 1
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= most:
+            raise InputError(f"clip_skip={k!r}; expected an integer from 0 to {most} (layers skipped from the end of "
+                             "the CLIP text encoders)")
+        for enc, layers in self.layers.items():
+            if _state(layers, int(k)) not in self.outputs[enc]:
+                raise InputError(f"clip_skip={k}: this bundle's {enc} was exported with its penultimate state only; "
+                                 "re-export it with this edgediff to use clip_skip")
+        return int(k)
 
     def img2img_steps(self, steps: int, strength: float) -> int:
         """Steps img2img runs: StableDiffusion3Img2ImgPipeline.get_timesteps rounds the skipped steps down
@@ -109,7 +131,9 @@ class Sd3TextConditioner:
         if request.guided:  # [uncond; cond] rows, one batch per encoder
             negs = list(request.negatives)
             streams = [[*self._texts(extra, "negative_prompt", negs, count, k), *s] for k, s in zip((1, 2, 3), streams)]
-        hidden, pooled = self._encode(streams, extra["max_sequence_length"], components, watch)
+        uncond = count if request.guided else 0  # rows of negative prompts, first
+        hidden, pooled = self._encode(streams, extra["max_sequence_length"], extra["clip_skip"], uncond, components,
+                                      watch)
         # each prompt's embedding for each of its n images (prompt-major, diffusers' repeat + view)
         hidden, pooled = np.repeat(hidden, n, axis=0), np.repeat(pooled, n, axis=0)
         return Conditioning(encoder_hidden_states=np.ascontiguousarray(hidden), guided=request.guided,
@@ -129,16 +153,21 @@ class Sd3TextConditioner:
             raise InputError(f"{base}_{k} has {len(given)} entries for {count} prompts; give one, or one per prompt")
         return list(given)
 
-    def _encode(self, streams: Sequence[list[str]], length: int, components: Components,
+    def _encode(self, streams: Sequence[list[str]], length: int, clip_skip: int, uncond: int, components: Components,
                 watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 77 + length, J) text states and (B, P_L + P_G) pooled embeddings of the three text streams."""
+        """(B, 77 + length, J) text states and (B, P_L + P_G) pooled embeddings of the three text streams, whose
+        first ``uncond`` rows are negative prompts: diffusers' encode_prompt applies clip_skip to the prompts only
+        (the negatives always take the penultimate state)."""
         states, pooled = [], []
         for enc, texts in zip(CLIP_ENCODERS, streams):
             with watch.span("tokenize"):
                 ids = self.tokenizers[enc].encode(texts)  # (B, 77) int64
             with components.use(enc) as be, watch.span("text_encoder"):
                 outs = dict(zip([o.name for o in be.outputs], run_component(be, {"input_ids": ids})))
-            states.append(outs[self.hidden[enc]])  # (B, 77, D) float32
+            state = outs[_state(self.layers[enc], clip_skip)]  # (B, 77, D) float32
+            if clip_skip and uncond:
+                state = np.concatenate([outs[_state(self.layers[enc], 0)][:uncond], state[uncond:]])
+            states.append(state)
             pooled.append(outs[POOLED])  # (B, P) float32
         clip = np.concatenate(states, axis=-1)  # (B, 77, D_L + D_G)
         d = clip.shape[-1]

@@ -35,7 +35,7 @@ def test_bundle_has_the_sd3_io_and_passing_receipts(tiny_sd3):
     for comp in m.components.values():
         assert comp.parity is not None and comp.parity.passed and comp.parity.max_rel < 1e-4, (comp.name, comp.parity)
     te, te2, te3, tr = (m.components[n] for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"))
-    assert _names(te.outputs) == ["text_embeds", "hidden_states.2"]
+    assert _names(te.outputs) == ["text_embeds", "hidden_states.0", "hidden_states.1", "hidden_states.2"]
     assert te.output("hidden_states.2").shape == ("batch", "sequence", 16) and te.output("text_embeds").shape == ("batch", 12)
     assert te2.output("hidden_states.2").shape == ("batch", "sequence", 24) and te2.output("text_embeds").shape == ("batch", 20)
     assert te3.output("last_hidden_state").shape == ("batch", "sequence", 48)
@@ -71,8 +71,8 @@ def test_exporter_holds_one_pytorch_model_at_a_time(tiny_sd3):
 
 @pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2"])
 def test_exported_clip_states_are_the_ones_sd3_reads(tiny_sd3, component):
-    """hidden_states.<layers-1> is transformers' hidden_states[-2] (what _get_clip_prompt_embeds takes) and differs
-    from the last layer's; text_embeds is the projected pooled output (its [0])."""
+    """hidden_states.<layers-1-k> is transformers' hidden_states[-(k + 2)] (what _get_clip_prompt_embeds takes with
+    clip_skip k, None = 0) and differs from the last layer's; text_embeds is the projected pooled output (its [0])."""
     import torch
     import transformers
 
@@ -82,7 +82,8 @@ def test_exported_clip_states_are_the_ones_sd3_reads(tiny_sd3, component):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), output_hidden_states=True)
     out = backend.run({"input_ids": ids.astype(np.int32)})
-    np.testing.assert_allclose(out["hidden_states.2"], ref.hidden_states[-2].numpy(), atol=1e-5, rtol=0)
+    for k in range(3):
+        np.testing.assert_allclose(out[f"hidden_states.{2 - k}"], ref.hidden_states[-(k + 2)].numpy(), atol=1e-5, rtol=0)
     assert np.abs(ref.hidden_states[-2].numpy() - ref.hidden_states[-1].numpy()).max() > 1e-2
     np.testing.assert_allclose(out["text_embeds"], ref[0].numpy(), atol=1e-5, rtol=0)
 

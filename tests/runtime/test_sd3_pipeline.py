@@ -83,6 +83,16 @@ def test_prompt_2_3_negatives_and_sequence_length_match_diffusers(tiny_sd3, ours
     assert np.abs(np.stack(plain.images) - np.stack(mine.images)).max() > 1e-3  # the options changed the image
 
 
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers(tiny_sd3, ours, clip_skip):
+    theirs = reference(tiny_sd3.source)(PROMPTS[1], negative_prompt="blurry", clip_skip=clip_skip,
+                                        num_inference_steps=2, guidance_scale=5.0,
+                                        latents=torch.from_numpy(LATENTS[:1]), output_type="np").images
+    mine = ours(PROMPTS[1], "blurry", clip_skip=clip_skip, num_inference_steps=2, guidance_scale=5.0,
+                latents=LATENTS[:1], output_type="np")
+    compare(mine.images, theirs)
+
+
 def test_images_per_prompt_and_seeded_noise_match_diffusers(tiny_sd3, ours):
     theirs = reference(tiny_sd3.source)(PROMPTS, num_inference_steps=2, guidance_scale=6.0, num_images_per_prompt=2,
                                         generator=torch.Generator().manual_seed(7), output_type="np").images
@@ -185,7 +195,8 @@ BAD = [
     (dict(max_sequence_length=0), "max_sequence_length=0; expected a positive integer"),
     (dict(prompt_3=5), "prompt_3 must be a string"),
     (dict(prompt_2=["a", "b", "c"]), "prompt_2 has 3 entries for 1 prompts"),
-    (dict(clip_skip=2), "clip_skip= does not apply to this sd3 bundle"),
+    (dict(clip_skip=3), r"clip_skip=3; expected an integer from 0 to 2"),
+    (dict(clip_skip=-1), r"clip_skip=-1; expected an integer from 0 to 2"),
     (dict(height=30), "not a multiple of 4"),
 ]
 
