@@ -32,8 +32,12 @@ from .runner import BenchConfig
 _SD = ("StableDiffusionPipeline", ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
 _SDXL = ("StableDiffusionXLPipeline", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae",
                                        "scheduler"))
+# SD3: text_encoder_3 (T5) is optional, as in diffusers; the worker loads a folder without it as such
+_SD3 = ("StableDiffusion3Pipeline", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae",
+                                     "scheduler"))
 REFERENCE_PIPELINES = {"sd1": _SD, "sd2": _SD, "sd2-v": _SD, "sd-turbo": _SD, "sdxl": _SDXL, "sdxl-turbo": _SDXL,
-                       "lcm": ("LatentConsistencyModelPipeline", _SD[1])}  # the LCM family: SD's folders
+                       "lcm": ("LatentConsistencyModelPipeline", _SD[1]),  # the LCM family: SD's folders
+                       "sd3": _SD3}
 TIMED = ("text_encoder", "unet_per_call", "scheduler", "vae_decode", "total")  # seconds, mean over runs
 
 

@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         kw.update(safety_checker=None, requires_safety_checker=False)
     if "add_watermarker" in params:  # SDXL: ours does not watermark (diffusers does with invisible-watermark)
         kw["add_watermarker"] = False
+    if "text_encoder_3" in params and not (Path(args.source) / "text_encoder_3").is_dir():
+        kw.update(text_encoder_3=None, tokenizer_3=None)  # an SD3 folder saved without T5: diffusers wants it said
     pipe = cls.from_pretrained(args.source, local_files_only=True, torch_dtype=torch.float32, **kw)
     pipe.set_progress_bar_config(disable=True)
     scheduler_config = json.loads(args.scheduler_config) if args.scheduler_config else dict(pipe.scheduler.config)
@@ -71,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     # The whole prompt encoding, as ours times it: every tokenizer and text encoder (SDXL: both towers), not only
     # text_encoder.forward (which on SDXL would miss text_encoder_2)
     pipe.encode_prompt = timed("text_encoder", pipe.encode_prompt)
-    pipe.unet.forward = timed("unet", pipe.unet.forward,
-                              lambda sample, *a, **k: unet_batches.append(int(sample.shape[0])))
+    # the denoiser under the span name ours uses ("unet"): SD3's transformer too, which is called with keywords
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser.forward = timed("unet", denoiser.forward,
+                             lambda *a, **k: unet_batches.append(int((a[0] if a else k["hidden_states"]).shape[0])))
     pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
     answer({"ready": True, "torch": torch.__version__, "diffusers": diffusers.__version__, "pipeline": args.pipeline})
     for line in sys.stdin:

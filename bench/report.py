@@ -50,7 +50,7 @@ def variant_info(bundle) -> dict:
     return {"path": str(bundle.root), "digest": bundle.digest, "family": m.family,
             "text_encoders": sorted(n for n in m.components if n.startswith("text_encoder")),
             "precision": {n: c.precision for n, c in m.components.items()},
-            "unet_bytes": m.components["unet"].size, "bytes": sum(f.size for f in m.all_files()),
+            "unet_bytes": m.components[bundle.denoiser].size, "bytes": sum(f.size for f in m.all_files()),
             "transforms": list(m.provenance.transforms)}
 
 

@@ -184,7 +184,7 @@ def op_profile(cfg: BenchConfig, top: int) -> list[dict]:
         pipe = Pipeline.load(cfg.bundle, backend=cfg.backend, options=opts)
         try:
             pipe(cfg.prompt, **cfg.call_kwargs())
-            by_op = profiler(pipe.components.get("unet")).stop_profiling()
+            by_op = profiler(pipe.components.get(pipe.bundle.denoiser)).stop_profiling()
         finally:
             pipe.close()
     total = sum(by_op.values()) or 1.0

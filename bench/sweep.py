@@ -125,7 +125,7 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
 
     first = variants[0]
     env = record(providers=sorted(set(axes.backend)), bundle_digest=first.digest,
-                 precision=first.component("unet").precision)
+                 precision=first.component(first.denoiser).precision)
     return Result(rows=rows, environment=env, spans=list(spans))
 
 
