@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bundle.schema import DEEPCACHE_FULL, DEEPCACHE_MAX_BRANCHES, deepcache_shallow
-from .errors import BundleError, InputError
+from .errors import InputError
 
 FEATURE_INPUT = "deep_feature"  # the shallow graph's input: the cached feature, (B, C_b, h_b, w_b) float32
 
@@ -78,11 +78,14 @@ def check_request(bundle, interval, branch, *, cfg_cutoff=None, loras=None, cont
         return interval, branch
     have = bundle_branches(bundle)
     if not have:
-        raise BundleError(f"{bundle.root} has no DeepCache graphs; export them with `edgediff export SRC OUT "
-                          f"--deepcache {branch}` (or run without cache_interval)")
+        # the request asks for what this bundle lacks (as decoder='tiny' without a tiny decoder): the caller's to fix
+        raise InputError(f"cache_interval={interval} needs DeepCache graphs and {bundle.root} has no DeepCache "
+                         f"graphs; export them with `edgediff export SRC OUT --deepcache {branch}` (or run without "
+                         "cache_interval)")
     if branch not in have:
-        raise BundleError(f"{bundle.root} has DeepCache graphs for branch(es) {', '.join(map(str, have))}, not "
-                          f"{branch}; pass one of those as cache_branch, or re-export with --deepcache {branch}")
+        raise InputError(f"cache_branch={branch}: {bundle.root} has DeepCache graphs for branch(es) "
+                         f"{', '.join(map(str, have))}, not {branch}; pass one of those as cache_branch, or re-export "
+                         f"with --deepcache {branch}")
     if cfg_cutoff is not None:  # the cached feature has the guided batch's rows; after the cutoff the batch halves
         raise InputError("cache_interval does not combine with cfg_cutoff (DeepCache's cached feature holds the "
                          "guided batch, which the cutoff halves); use one of them")

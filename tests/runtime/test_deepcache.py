@@ -16,7 +16,7 @@ from edgediff import Pipeline
 from edgediff.batching import step_together
 from edgediff.cli import main
 from edgediff.deepcache import DeepCache
-from edgediff.errors import BundleError, InputError
+from edgediff.errors import InputError
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -205,14 +205,14 @@ def test_jobs_stepped_together_each_keep_their_cache(ours):
 
 def test_refusals_are_one_line(ours, tiny_sd1_bundle):
     with Pipeline.load(tiny_sd1_bundle) as plain:
-        with pytest.raises(BundleError, match=r"no DeepCache graphs; export them with `edgediff export SRC OUT "
+        with pytest.raises(InputError, match=r"no DeepCache graphs; export them with `edgediff export SRC OUT "
                                               r"--deepcache 0`"):
             plain.request("x", cache_interval=3)
         plain.request("x", cache_interval=1)  # interval 1 is the plain UNet: any bundle runs it
     for value in (0, -2, 2.5, True, "3"):
         with pytest.raises(InputError, match="cache_interval=.*whole number >= 1"):
             ours.request("x", cache_interval=value)
-    with pytest.raises(BundleError, match=r"branch\(es\) 0, 4, not 3; pass one of those"):
+    with pytest.raises(InputError, match=r"branch\(es\) 0, 4, not 3; pass one of those"):
         ours.request("x", cache_interval=3, cache_branch=3)
     with pytest.raises(InputError, match="cache_branch=12; must be a whole number from 0 to 11"):
         ours.request("x", cache_interval=3, cache_branch=12)
