@@ -141,6 +141,13 @@ def test_source_lists_models_and_tokenizers(tiny_sd3, tiny_sd3_no_t5):
     assert "text_encoder_3" not in n.modules and n.tokenizers == ("tokenizer", "tokenizer_2")
 
 
+def test_an_img2img_folder_is_an_sd3_source(tiny_sd3, tmp_path):
+    from edgediff.export.source import inspect_source
+
+    s = inspect_source(_edited_source(tiny_sd3, tmp_path, _class_name="StableDiffusion3Img2ImgPipeline"))
+    assert s.pipeline_class == "StableDiffusion3Img2ImgPipeline" and "transformer" in s.modules
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(tokenizer_3=[None, None]), "'tokenizer_3' null but not its partner"),
     (dict(text_encoder_2=None), "no 'text_encoder_2' component"),
