@@ -179,8 +179,9 @@ class Pipeline:
         diffusers' ensemble of experts: the base stops at ``denoising_end`` with ``output_type="latent"`` and the
         refiner continues from those latents (``image=result.latents``) at ``denoising_start``. A family's own
         arguments (SDXL: ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
-        ``target_size``, their ``negative_`` forms, ``aesthetic_score``, ``negative_aesthetic_score``) are passed by
-        name as in diffusers; one the bundle's family does not take is refused.
+        ``target_size``, their ``negative_`` forms, ``aesthetic_score``, ``negative_aesthetic_score``; SD3:
+        ``prompt_2``, ``prompt_3``, ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length``,
+        ``clip_skip``) are passed by name as in diffusers; one the bundle's family does not take is refused.
 
         Speed options (each off by default): ``cfg_cutoff`` in [0, 1] stops classifier-free guidance after that
         fraction of the steps (diffusers' SDCFGCutoffCallback; no effect on an unguided call); ``decoder="tiny"``
