@@ -268,7 +268,9 @@ class Pipeline:
                 raise InputError("give strength or denoising_start, not both: with denoising_start the schedule "
                                  "starts there and strength does not apply")
             if start is None:
-                strength = check.strength(0.8 if strength is None else strength)  # diffusers' img2img default
+                # diffusers' img2img default: 0.8, or the family's (FluxImg2ImgPipeline: 0.6)
+                strength = check.strength(getattr(self.conditioner, "img2img_strength", 0.8) if strength is None
+                                          else strength)
             if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == m.latent_channels:
                 init_latents = self._init_latents(image, len(prompts) * n)  # latents handed on by a base model
                 ih, iw = init_latents.shape[2] * m.vae_scale_factor, init_latents.shape[3] * m.vae_scale_factor

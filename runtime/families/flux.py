@@ -55,6 +55,7 @@ class FluxTextConditioner:
 
     options: frozenset[str] = frozenset({"prompt_2", "max_sequence_length", "true_cfg_scale"})
     classifier_free_guidance = False  # guidance_scale is dev's distilled guidance input: one batch per step
+    img2img_strength = 0.6  # FluxImg2ImgPipeline's default strength (SD's img2img: 0.8)
 
     def __init__(self, bundle: Bundle):
         m = bundle.manifest

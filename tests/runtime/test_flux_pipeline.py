@@ -133,6 +133,20 @@ def test_img2img_matches_diffusers(request, variant, strength, steps):
     compare(mine.images, theirs)
 
 
+def test_img2img_default_strength_is_flux_img2img_pipelines(tiny_flux_schnell, schnell):
+    """No strength given: FluxImg2ImgPipeline's default 0.6 (SD's img2img pipelines use 0.8)."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(8).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    theirs = reference(tiny_flux_schnell.source, "FluxImg2ImgPipeline")(
+        PROMPTS[1], image=init, num_inference_steps=5, height=32, width=32, generator=torch.Generator().manual_seed(2),
+        max_sequence_length=16, output_type="np").images
+    mine = schnell(PROMPTS[1], image=init, num_inference_steps=5, rng=StreamFrom(2), max_sequence_length=16,
+                   output_type="np")
+    compare(mine.images, theirs)
+    assert mine.parameters["strength"] == 0.6
+
+
 def test_generation_never_imports_torch(tiny_flux_dev, tmp_path):
     code = f"""
 import sys
