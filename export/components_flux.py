@@ -226,7 +226,8 @@ def flux_plan(source):
     transformer = _config(source, "transformer")
     guidance = transformer.get("guidance_embeds", False)
     if not isinstance(guidance, bool):
-        raise ExportError(f"{source.root}/transformer/config.json: guidance_embeds={guidance!r}; expected true or false")
+        raise ExportError(f"{source.root}/transformer/config.json: guidance_embeds={guidance!r}; expected true or "
+                          "false")
     if transformer.get("patch_size", 1) != 1:
         raise ExportError(f"{source.root}/transformer/config.json: patch_size={transformer.get('patch_size')!r}; "
                           "FLUX packs 2x2 latent patches before the transformer, whose patch_size is 1")

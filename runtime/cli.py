@@ -274,7 +274,8 @@ def doctor(engine_dirs) -> None:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: the image to start from.")
 @click.option("--strength", type=float, default=None,
-              help="img2img/inpainting: how much to change it, (0, 1] (default 0.8; with --mask 1.0, SDXL 0.9999).")
+              help="img2img/inpainting: how much to change it, (0, 1] (default 0.8, FLUX 0.6; with --mask 1.0, "
+                   "SDXL 0.9999).")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
               help="Inpainting: with --init-image, an image of its size; white is repainted, black kept.")
 @click.option("--padding-mask-crop", type=int, default=None,

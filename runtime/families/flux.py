@@ -66,8 +66,8 @@ class FluxTextConditioner:
         inputs = {s.name for s in bundle.component(bundle.denoiser).inputs}
         configured = bundle.unet_config.get("guidance_embeds", False)
         if configured != (GUIDANCE in inputs):  # the variant is the config's; the graph must agree
-            raise BundleError(f"{bundle.root}: transformer/config.json has guidance_embeds={configured!r} but the graph "
-                              f"{'lacks' if configured else 'has'} a {GUIDANCE!r} input; re-export the bundle")
+            raise BundleError(f"{bundle.root}: transformer/config.json has guidance_embeds={configured!r} but the "
+                              f"graph {'lacks' if configured else 'has'} a {GUIDANCE!r} input; re-export the bundle")
         self.variant = "dev" if GUIDANCE in inputs else "schnell"
         self.clip = ClipTokenizer.from_files(bundle.tokenizer_files(layout.TOKENIZER_DIR), max_length=m.text_max_length,
                                              where=bundle.root / layout.TOKENIZER_DIR)

@@ -30,7 +30,8 @@ def _run_graph(bundle_dir, name: str, feeds: dict) -> np.ndarray:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(str(Bundle.open(bundle_dir).model_path(name)), so, providers=["CPUExecutionProvider"])
+    path = str(Bundle.open(bundle_dir).model_path(name))
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 
 

@@ -184,7 +184,8 @@ def test_size_multiple_counts_the_2x2_packing(schnell):
     """Sides must be multiples of the VAE factor x 2 for the 2x2 packing (16 for FLUX's 8x VAE; 4 for the tiny
     2x one), though the transformer's patch_size is 1; the refusal names the multiple and the nearest sizes."""
     assert schnell.size_multiple == 4
-    with pytest.raises(InputError, match=r"height=34 is not a multiple of 4 \(this model's latent grid\); try 32 or 36"):
+    with pytest.raises(InputError, match=r"height=34 is not a multiple of 4 \(this model's latent grid\); "
+                                         r"try 32 or 36"):
         schnell.request("x", height=34, width=32)
 
 
@@ -275,3 +276,28 @@ def test_schedulers_flux_cannot_run_are_refused_by_name(schnell):
         schnell.request("x", scheduler="flow_heun")
     with pytest.raises(ConfigError, match=r"scheduler 'euler' cannot run a flow-matching model's schedule"):
         schnell.request("x", scheduler="euler")
+
+
+def test_variant_config_and_graph_must_agree(tiny_flux_schnell, tmp_path):
+    """The variant is the transformer config's guidance_embeds; a graph without the guidance input under a dev
+    config (an edited or mixed-up bundle) is refused at load in one line, not run without its guidance."""
+    import dataclasses
+    import json
+    import shutil
+
+    from edgediff.bundle.checksums import sha256_file
+    from edgediff.bundle.manifest import FileEntry
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+    from edgediff.errors import BundleError
+
+    dst = tmp_path / "mixed"
+    shutil.copytree(tiny_flux_schnell.bundle, dst)
+    rel = "transformer/config.json"
+    cfg = json.loads((dst / rel).read_text())
+    (dst / rel).write_text(json.dumps(dict(cfg, guidance_embeds=True)))
+    m = Bundle.open(tiny_flux_schnell.bundle).manifest
+    pinned = FileEntry(rel, (dst / rel).stat().st_size, sha256_file(dst / rel, fresh=True))
+    write_manifest(dst, dataclasses.replace(m, files=tuple(pinned if f.path == rel else f for f in m.files)))
+    with pytest.raises(BundleError, match=r"guidance_embeds=True but the graph lacks a 'guidance' input; re-export"):
+        Pipeline.load(dst)
