@@ -82,7 +82,7 @@ def build_student():
                            scaling_factor=1.0)
 
 
-def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: int, log: dict):
+def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: int, log: dict, lr: float = 2e-3):
     """The student trained on (latent, teacher pixels) pairs (module docstring); returns it in eval mode."""
     import torch
     import torch.nn.functional as F
@@ -94,8 +94,8 @@ def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: i
     student = build_student()
     dec = student.decoder
     zt, xt = torch.from_numpy(z), torch.from_numpy(pixels)
-    opt = torch.optim.AdamW(dec.parameters(), lr=2e-3, weight_decay=1e-4)
-    lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warm_max=100, floor=0.05))
+    opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warm_max=100, floor=0.05))
     dec.train()
     t0, losses = time.time(), []
     for step in range(steps):
@@ -110,12 +110,12 @@ def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        lr.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if step % 200 == 0 or step == steps - 1:
             print(f"tiny decoder step {step}: loss {np.mean(losses[-200:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
     student.eval().requires_grad_(False)
-    log["distil"] = {"steps": steps, "batch": batch, "seconds": time.time() - t0,
+    log["distil"] = {"steps": steps, "batch": batch, "lr": lr, "seconds": time.time() - t0,
                      "loss": [float(np.mean(losses[i:i + 200])) for i in range(0, steps, 200)]}
     return student
 
@@ -191,10 +191,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bundle-out", type=Path, default=None, help="Also write the bundle with vae_decoder_tiny here.")
     ap.add_argument("--overwrite", action="store_true", help="Replace --bundle-out if it exists.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1500, help="distillation steps (fixed: never a time budget)")
+    ap.add_argument("--steps", type=int, default=500, help="distillation steps (fixed: never a time budget)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--scenes", type=int, default=2048, help="ground-truth scenes whose encoder latents are used")
-    ap.add_argument("--generated", type=int, default=64, help="the model's own generated latents")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    ap.add_argument("--scenes", type=int, default=1024, help="ground-truth scenes whose encoder latents are used")
+    ap.add_argument("--generated", type=int, default=32, help="the model's own generated latents")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the weights depend on it)")
     a = ap.parse_args(argv)
     import torch
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
     log: dict = {"seed": a.seed, "threads": a.threads, "channels": CHANNELS, "decoder_blocks": list(DECODER_BLOCKS)}
     t0 = time.time()
     z, pixels = teacher_data(bundle, a.seed, a.scenes, a.generated, log)
-    student = distil(z, pixels, steps=a.steps, batch=a.batch, seed=a.seed, log=log)
+    student = distil(z, pixels, steps=a.steps, batch=a.batch, seed=a.seed, log=log, lr=a.lr)
     shutil.rmtree(a.out, ignore_errors=True)
     student.save_pretrained(a.out, safe_serialization=True)
     log["minutes_total"] = (time.time() - t0) / 60
