@@ -35,9 +35,10 @@ _SDXL = ("StableDiffusionXLPipeline", ("tokenizer", "text_encoder", "tokenizer_2
 # SD3: text_encoder_3 (T5) is optional, as in diffusers; the worker loads a folder without it as such
 _SD3 = ("StableDiffusion3Pipeline", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae",
                                      "scheduler"))
+_FLUX = ("FluxPipeline", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler"))
 REFERENCE_PIPELINES = {"sd1": _SD, "sd2": _SD, "sd2-v": _SD, "sd-turbo": _SD, "sdxl": _SDXL, "sdxl-turbo": _SDXL,
                        "lcm": ("LatentConsistencyModelPipeline", _SD[1]),  # the LCM family: SD's folders
-                       "sd3": _SD3}
+                       "sd3": _SD3, "flux": _FLUX}
 TIMED = ("text_encoder", "unet_per_call", "scheduler", "vae_decode", "total")  # seconds, mean over runs
 
 
@@ -101,9 +102,10 @@ class DiffusersWorker:
             raise InputError(f"the diffusers reference process failed to start: {err}")
         self.versions = json.loads(hello)
 
-    def run(self, cfg: BenchConfig, *, height: int, width: int, seed: int, scheduler: str) -> dict:
+    def run(self, cfg: BenchConfig, *, height: int, width: int, seed: int, scheduler: str,
+            max_sequence_length: int | None = None) -> dict:
         req = dict(prompt=cfg.prompt, steps=cfg.steps, guidance=cfg.guidance, height=height, width=width,
-                   batch=cfg.batch, seed=seed, scheduler=scheduler)
+                   batch=cfg.batch, seed=seed, scheduler=scheduler, max_sequence_length=max_sequence_length)
         try:
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
@@ -149,9 +151,12 @@ def ours_computation(cfg: BenchConfig, pipe) -> dict:
 
     req = pipe.request(cfg.prompt, **cfg.call_kwargs())
     sched = make_scheduler(req.scheduler, pipe.scheduler_config)
-    sched.set_timesteps(req.steps)
+    pipe.set_timesteps(sched, req.steps, req.height, req.width)  # FLUX's mu and sigmas as the pipeline passes them
+    # T5's token count (SD3/FLUX): the reference must encode as many (FluxPipeline's default 512 is not schnell's 256)
+    length = req.extra.get("max_sequence_length", getattr(pipe.conditioner, "default_length", None))
     return {"scheduler": req.scheduler, "height": req.height, "width": req.width,
-            "timesteps": [float(t) for t in sched.timesteps], "unet_batch": [req.denoiser_batch]}
+            "timesteps": [float(t) for t in sched.timesteps], "unet_batch": [req.denoiser_batch],
+            **({"max_sequence_length": int(length)} if length is not None else {})}
 
 
 def check_like_for_like(ours: dict, theirs: dict, ours_calls: int) -> None:
@@ -176,7 +181,8 @@ def compare(cfg: BenchConfig, pipe, source: Path, *, order: str = "alternate",
     h, w = what["height"], what["width"]
     start = lambda: DiffusersWorker(source, reference_pipeline(bundle.manifest.family),  # noqa: E731
                                     bundle.config(layout.SCHEDULER_CONFIG))
-    theirs_run = lambda wk, seed: wk.run(cfg, height=h, width=w, seed=seed, scheduler=what["scheduler"])  # noqa: E731
+    theirs_run = lambda wk, seed: wk.run(cfg, height=h, width=w, seed=seed, scheduler=what["scheduler"],  # noqa: E731
+                                         max_sequence_length=what.get("max_sequence_length"))
     seeds = [cfg.seed + r for r in range(cfg.runs + 1)]  # seeds[0]: the warm-up of both
     ours_runs, theirs_runs = [], []
     worker = None
@@ -202,7 +208,8 @@ def compare(cfg: BenchConfig, pipe, source: Path, *, order: str = "alternate",
     ours_runs, theirs_runs = ours_runs[1:], theirs_runs[1:]
     mean = lambda rows, k: sum(x.get(k, 0.0) for x in rows) / len(rows)  # noqa: E731
     out = {"reference": dict(worker.versions, source=str(source)), "order": order,
-           "computation": {k: what[k] for k in ("scheduler", "timesteps", "unet_batch")}
+           "computation": {k: what[k] for k in ("scheduler", "timesteps", "unet_batch", "max_sequence_length")
+                           if k in what}
            | {"diffusers_scheduler": theirs_runs[-1]["scheduler_class"],
               "timestep_spacing": theirs_runs[-1].get("timestep_spacing")},
            "ours": {}, "theirs": {}, "ratio": {}}

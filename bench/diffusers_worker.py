@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             with PeakRss() as mem:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
+                    length = {"max_sequence_length": req["max_sequence_length"]} \
+                        if req.get("max_sequence_length") else {}  # SD3/FLUX: T5's token count as ours
                     pipe(req["prompt"], num_inference_steps=req["steps"], guidance_scale=req["guidance"],
                          height=req["height"], width=req["width"], num_images_per_prompt=req["batch"],
-                         generator=torch.Generator().manual_seed(req["seed"]), output_type="pil")
+                         generator=torch.Generator().manual_seed(req["seed"]), output_type="pil", **length)
                 total = time.perf_counter() - t0
         except Exception as exc:  # one line back to the parent, which names it; the worker stays usable
             answer({"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"})

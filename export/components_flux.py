@@ -259,10 +259,12 @@ FLUX_STEPS = {False: 4, True: 28}  # schnell's model card (4 steps) / FluxPipeli
 
 def flux_manifest(manifest, max_sequence_length: int, defaults):
     """The exported manifest with T5's token limit and the variant's step count (schnell 4, dev 28) unless the
-    export named one; the guidance default is the family's (FluxPipeline's 3.5, read by dev only)."""
+    export named one; the guidance default is dev's family default (FluxPipeline's 3.5) and schnell's 0 (its model
+    card's ``guidance_scale=0.0``: nothing to apply it to), unless the export named one."""
     import dataclasses
 
     guidance = "guidance" in {s.name for s in manifest.components["transformer"].inputs}  # FLUX.1-dev
     steps = defaults.steps if defaults.steps is not None else FLUX_STEPS[guidance]
+    scale = defaults.guidance_scale if defaults.guidance_scale is not None or guidance else 0.0
     return dataclasses.replace(manifest, max_sequence_length=max_sequence_length,
-                               defaults=dataclasses.replace(manifest.defaults, steps=steps))
+                               defaults=dataclasses.replace(manifest.defaults, steps=steps, guidance_scale=scale))

@@ -299,7 +299,7 @@ class Pipeline:
             height, width = control.height, control.width
         h, w = check.size(height, width, multiple=self.size_multiple,
                           default=self._static_size() or (m.default_height, m.default_width))
-        self._set_timesteps(schedule, steps, h, w, strength)  # a bad count (or schedule input) fails now
+        self.set_timesteps(schedule, steps, h, w, strength)  # a bad count (or schedule input) fails now
         total = len(prompts) * n
         self._check_static(h, w, total * (2 if guided else 1), total, guided)
         self._check_memory(total * (2 if guided else 1), h, w)
@@ -376,7 +376,7 @@ class Pipeline:
         sched = make_scheduler(req.scheduler, self.scheduler_config)
         shape = (req.total_images, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
         cond = self.conditioner(req, self.components, watch)
-        self._set_timesteps(sched, req.steps, req.height, req.width, req.strength)
+        self.set_timesteps(sched, req.steps, req.height, req.width, req.strength)
         if req.inpaint is not None:  # its own starting latents, and the step extension that applies the mask
             x, masking = inpaint.begin(self.bundle, self.components, req, sched, watch)
             extensions = (masking, *extensions)
@@ -576,8 +576,9 @@ class Pipeline:
         eps = req.noise.standard_normal(z.shape)
         return sched.add_noise(z, eps, sched.begin_index)
 
-    def _set_timesteps(self, sched, steps: int, height: int, width: int, strength: float | None = None) -> None:
-        """``sched.set_timesteps`` with what the family's pipeline also passes (the conditioner's optional
+    def set_timesteps(self, sched, steps: int, height: int, width: int, strength: float | None = None) -> None:
+        """``sched.set_timesteps`` with what the family's pipeline also passes, as every caller that needs this
+        bundle's schedule must call it (the bench's like-for-like check too): the conditioner's optional
         ``schedule_inputs(steps, height, width)``: FLUX's mu from the image's token count and its sigmas; and for
         img2img its optional ``img2img_schedule(sched, strength)``: an LCM's timesteps within ``strength``)."""
         family = getattr(self.conditioner, "schedule_inputs", None)

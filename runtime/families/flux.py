@@ -80,8 +80,9 @@ class FluxTextConditioner:
 
     # -- checks before any work ------------------------------------------------------------------------------
     def check_guidance(self, guidance_scale) -> None:
-        """``guidance_scale`` as the call gave it (None: not given). schnell has nothing to apply it to."""
-        if guidance_scale is not None and self.variant == "schnell":
+        """``guidance_scale`` as the call gave it (None: not given). schnell has nothing to apply it to: 0 (its model
+        card's value, and its bundle's recorded default) is accepted as "none", any other value refused."""
+        if guidance_scale is not None and guidance_scale != 0 and self.variant == "schnell":
             raise InputError(f"guidance_scale={guidance_scale} does not apply to FLUX.1-schnell: its transformer has "
                              "no guidance input (diffusers' FluxPipeline ignores the value); drop it, or use a "
                              "FLUX.1-dev bundle")

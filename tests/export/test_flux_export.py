@@ -42,7 +42,8 @@ def test_bundle_has_the_flux_io_and_passing_receipts(request, variant):
     m = b.manifest
     assert m.family == "flux" and m.prediction_type == "flow" and m.text_max_length == 77
     assert m.max_sequence_length == 512 and m.defaults.steps == (28 if variant == "dev" else 4)
-    assert b.default_guidance == 3.5  # FluxPipeline's default (read by dev only)
+    # dev: FluxPipeline's default; schnell: its model card's 0.0 (no guidance input to apply a value to)
+    assert b.default_guidance == (3.5 if variant == "dev" else 0.0)
     assert m.shift_factor == pytest.approx(0.1159) and m.scaling_factor == pytest.approx(0.3611)
     assert set(m.components) == {"text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"}
     # VAE factor 2 x the 2x2 packing (patch_size 1, in_channels 16 = 4 x 4 latent channels)

@@ -301,3 +301,14 @@ def test_variant_config_and_graph_must_agree(tiny_flux_schnell, tmp_path):
     write_manifest(dst, dataclasses.replace(m, files=tuple(pinned if f.path == rel else f for f in m.files)))
     with pytest.raises(BundleError, match=r"guidance_embeds=True but the graph lacks a 'guidance' input; re-export"):
         Pipeline.load(dst)
+
+
+def test_schnell_takes_its_model_cards_guidance_zero_as_none(schnell):
+    """FLUX.1-schnell's model card calls FluxPipeline with guidance_scale=0.0, and its bundle records 0 as the default
+    (so a bench or server passing the bundle's default is not refused); any other value is."""
+    assert schnell.bundle.default_guidance == 0.0
+    kw = dict(num_inference_steps=2, height=32, width=32, seed=3)
+    plain = np.asarray(schnell("a red circle", **kw).images[0])
+    assert np.array_equal(np.asarray(schnell("a red circle", guidance_scale=0.0, **kw).images[0]), plain)
+    with pytest.raises(InputError, match="guidance_scale=1.0 does not apply to FLUX.1-schnell"):
+        schnell.request("a red circle", guidance_scale=1.0)
