@@ -72,3 +72,19 @@ def test_an_autoencoder_of_another_scale_is_refused_and_nothing_written(tmp_path
     with pytest.raises(ExportError, match="8 pixels per cell, the bundle 4 and 4"):
         tiny_decoder.add_to_bundle(default_bundle(), tmp_path / "taesd8x", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_teacher_weights_balance_shape_and_a_noisy_background():
+    """A teacher's black background varies by ~0.1: it is background (weight 1), and the shape's pixels together
+    weigh as much as the background's (stage 1b's balance); stage 1b's corner rule took the noise for shape."""
+    from edgediff.export.recipes.shapes.train import shape_balanced_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = -0.75 + 0.05 * torch.randn(2, 3, 64, 64, generator=g)
+    x[:, 0, 10:18, 30:38] = 0.9  # a small red square: 64 of 4096 pixels
+    w = tiny_decoder.teacher_shape_weight(x)
+    shape = torch.zeros_like(w, dtype=torch.bool)
+    shape[:, :, 10:18, 30:38] = True
+    assert torch.all(w[~shape] == 1)
+    assert torch.allclose(w[shape].sum(), w[~shape].sum(), rtol=1e-5)
+    assert shape_balanced_weight(x)[~shape].mean() < 0.1  # why the stage 1b rule does not fit teacher images
