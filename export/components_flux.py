@@ -37,6 +37,7 @@ from typing import Any
 from edgediff.errors import ExportError
 
 from .components import ComponentExport, Geometry, table
+from .t5 import T5_LIMIT, check_max_sequence_length, component_config, t5_encoder_module
 
 SEQ_AXES = {0: "batch", 1: "sequence"}
 LATENT_AXES = {0: "batch", 2: "height", 3: "width"}
@@ -111,16 +112,6 @@ def _modules():
         def forward(self, input_ids):
             return self.m(input_ids=input_ids.long(), return_dict=True).pooler_output
 
-    class T5Encoder(torch.nn.Module):
-        """T5EncoderModel: the last hidden state (B, L, d_model)."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids.long(), return_dict=True).last_hidden_state
-
     class FluxDenoiser(torch.nn.Module):
         """FluxTransformer2DModel on (B, C, h, w) latents: pack 2x2 patches, make the position ids, run, unpack."""
 
@@ -145,7 +136,7 @@ def _modules():
             # FluxPipeline._unpack_latents: (B, h/2 * w/2, 4C) -> (B, C, h, w)
             return out.reshape(b, h2, w2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
-    return ClipPooled, T5Encoder, FluxDenoiser
+    return ClipPooled, t5_encoder_module(), FluxDenoiser
 
 
 def transformer_inputs(guidance: bool) -> tuple[str, ...]:
@@ -209,7 +200,6 @@ def flux_table(guidance: bool, clip_seq: int) -> dict[str, ComponentExport]:
 
 # -- the export plan of a FluxPipeline folder ------------------------------------------------------------------
 CLIP_LENGTH = 77  # CLIP ViT-L's max_position_embeddings: FluxPipeline pads its prompt to tokenizer_max_length (77)
-T5_LIMIT = 512  # FluxPipeline.check_inputs refuses max_sequence_length above 512; the bundle's default limit
 # Trace and check shapes: 16x16 / 16x12 latent cells (256 / 192 image tokens, a non-square check) and two T5
 # lengths, so every dynamic axis of the transformer is exercised by the parity check; small enough for full width.
 TRACE = Geometry(batch=2, latent_h=16, latent_w=16, seq=32)
@@ -223,7 +213,7 @@ def flux_plan(source):
     if not (source.root / "tokenizer_2" / "tokenizer.json").is_file():
         raise ExportError(f"{source.root}/tokenizer_2/ has no tokenizer.json; the runtime reads T5's tokenizer.json "
                           "(save the pipeline with transformers' T5TokenizerFast, which writes it from spiece.model)")
-    transformer = _config(source, "transformer")
+    transformer = component_config(source.root, "transformer")
     guidance = transformer.get("guidance_embeds", False)
     if not isinstance(guidance, bool):
         raise ExportError(f"{source.root}/transformer/config.json: guidance_embeds={guidance!r}; expected true or "
@@ -238,20 +228,7 @@ def flux_max_sequence_length(n: int | None) -> int:
     """The longest T5 prompt a FLUX bundle takes (recorded in the manifest): ``n`` from the export, else 512."""
     if n is None:
         return T5_LIMIT
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T5_LIMIT:
-        raise ExportError(f"--max-sequence-length {n!r}: expected an integer from 1 to {T5_LIMIT} (T5's token "
-                          "length; FluxPipeline takes up to 512)")
-    return n
-
-
-def _config(source, folder: str) -> dict:
-    from edgediff.config import read_json
-    from edgediff.errors import ConfigError
-
-    try:
-        return read_json(source.root / folder / "config.json", what=f"{folder}/config.json")
-    except ConfigError as exc:
-        raise ExportError(str(exc)) from None
+    return check_max_sequence_length(n, pipeline="FluxPipeline takes up to 512")
 
 
 FLUX_STEPS = {False: 4, True: 28}  # schnell's model card (4 steps) / FluxPipeline's default (28), by guidance_embeds

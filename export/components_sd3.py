@@ -24,15 +24,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgediff.config import read_json
-from edgediff.errors import ConfigError, ExportError
+from edgediff.errors import ExportError
 
 from .components import ComponentExport, Geometry, table
+from .t5 import component_config, t5_encoder_module
+from .t5 import check_max_sequence_length as check_t5_length
 
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 CLIP_LENGTH = 77  # CLIP's max_position_embeddings: both towers' token length
 MAX_SEQUENCE_LENGTH = 256  # diffusers' StableDiffusion3Pipeline default for the T5 tokens
-T5_LIMIT = 512  # diffusers refuses max_sequence_length above this
 # source folder -> (library, class) it is loaded with
 SD3_CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
@@ -48,39 +48,19 @@ _OPTIONAL = ("text_encoder_3", "tokenizer_3")  # diffusers runs SD3 with text_en
 
 def inspect_sd3(root: Path, index: dict, *, allow_pickle: bool):
     """The Source of an SD3 pipeline folder (export/source.py), one clear line per problem."""
-    from .source import PICKLE_SUFFIXES, Source, _null
+    from .source import Source, _null, check_components, weights_pickled
 
     absent = [c for c in _OPTIONAL if _null(index.get(c))]
     if len(absent) == 1:
         raise ExportError(f"{root}/model_index.json has {absent[0]!r} null but not its partner; text_encoder_3 and "
                           "tokenizer_3 come together (a T5-less SD3 pipeline has neither)")
     expected = {**{k: (v[1],) for k, v in SD3_CLASSES.items()}, **_TOKENIZERS}
-    for comp, allowed in expected.items():
-        if comp in absent:
-            continue
-        entry = index.get(comp)
-        if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise ExportError(f"{root}/model_index.json has no {comp!r} component; the pipeline is incomplete")
-        if entry[1] not in allowed:
-            raise ExportError(f"{comp} class {entry[1]!r} is not supported; expected one of {list(allowed)}")
-        if not (root / comp).is_dir():
-            raise ExportError(f"{root}/{comp}/ is missing; the pipeline folder is incomplete")
+    check_components(root, index, expected, absent)
     if "tokenizer_3" not in absent and not (root / "tokenizer_3" / "tokenizer.json").is_file():
         raise ExportError(f"{root}/tokenizer_3/ has no tokenizer.json; the runtime reads T5's tokenizer.json (save "
                           "the pipeline with transformers' T5TokenizerFast, which writes it from spiece.model)")
     modules = tuple(c for c in SD3_CLASSES if c not in absent)
-    pickled = []
-    for comp in modules:
-        files = [p for p in (root / comp).iterdir() if p.is_file()]
-        if any(p.suffix == ".safetensors" for p in files):
-            continue
-        pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
-        if not pickles:
-            raise ExportError(f"{root}/{comp}/ has no weights (*.safetensors)")
-        if not allow_pickle:
-            raise ExportError(f"{comp}/{pickles[0]} is a pickle file, which can run arbitrary code when loaded; "
-                              "convert it to safetensors, or pass --allow-pickle if you trust its source")
-        pickled.append(comp)
+    pickled = [comp for comp in modules if weights_pickled(root / comp, allow_pickle=allow_pickle)]
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         raise ExportError(f"{root}/scheduler/scheduler_config.json is missing; the pipeline folder is incomplete")
     sched = index.get("scheduler") or [None, ""]
@@ -104,14 +84,6 @@ def _modules():
             out = self.m(input_ids=input_ids.long(), output_hidden_states=True, return_dict=True)
             return (out.text_embeds, *out.hidden_states[:-1])
 
-    class T5Tower(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids.long(), return_dict=True).last_hidden_state
-
     class Sd3Transformer(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -121,7 +93,7 @@ def _modules():
             return self.m(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                           pooled_projections=pooled_projections, return_dict=False)[0]
 
-    return ClipProjectionTower, T5Tower, Sd3Transformer
+    return ClipProjectionTower, t5_encoder_module(), Sd3Transformer
 
 
 def sd3_table(clip_layers: dict[str, int], t5: bool, t5_length: int) -> dict[str, ComponentExport]:
@@ -188,8 +160,9 @@ def sd3_plan(source, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
     from .plan import ExportPlan
 
     check_max_sequence_length(max_sequence_length)
-    cfg = _config(source, "transformer")
-    clip_layers = {n: int(_config(source, n).get("num_hidden_layers", 12)) for n in ("text_encoder", "text_encoder_2")}
+    cfg = component_config(source.root, "transformer")
+    clip_layers = {n: int(component_config(source.root, n).get("num_hidden_layers", 12))
+                   for n in ("text_encoder", "text_encoder_2")}
     t5 = "text_encoder_3" in source.modules
     rows = sd3_table(clip_layers, t5, max_sequence_length)
     size = int(cfg.get("sample_size", 128))
@@ -202,17 +175,7 @@ def sd3_plan(source, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
 
 
 def check_max_sequence_length(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T5_LIMIT:
-        raise ExportError(f"--max-sequence-length {n!r}: expected an integer from 1 to {T5_LIMIT} (T5's token "
-                          "length; diffusers' SD3 default is 256)")
-    return n
-
-
-def _config(source, folder: str) -> dict:
-    try:
-        return read_json(source.root / folder / "config.json", what=f"{folder}/config.json")
-    except ConfigError as exc:
-        raise ExportError(str(exc)) from None
+    return check_t5_length(n, pipeline="diffusers' SD3 default is 256")
 
 
 SD3_STEPS = 28  # diffusers' StableDiffusion3Pipeline default (its guidance 7.0 is runtime/defaults.py's)

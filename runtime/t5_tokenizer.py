@@ -72,3 +72,21 @@ class T5Tokenizer:
             row = ids[:max_length - 1] + [self.eos_id]
             out[k, :len(row)] = row
         return out
+
+
+T5_LIMIT = 512  # StableDiffusion3Pipeline and FluxPipeline refuse max_sequence_length above this
+
+
+def sequence_length(n, *, default: int, limit: int) -> int:
+    """A call's ``max_sequence_length`` (None: ``default``) checked against the bundle's exported ``limit``: one
+    line saying how to get a longer one (no re-export helps past T5_LIMIT, which diffusers refuses too)."""
+    if n is None:
+        return default
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"max_sequence_length={n!r}; expected a positive integer (T5's token count, default "
+                         f"{default})")
+    if n > limit:
+        hint = (f"diffusers takes at most {T5_LIMIT}" if limit >= T5_LIMIT else
+                f"re-export with edgediff export --max-sequence-length {min(int(n), T5_LIMIT)}")
+        raise InputError(f"max_sequence_length={n} is over this bundle's limit {limit}; lower it ({hint})")
+    return int(n)

@@ -38,14 +38,13 @@ from ..request import GenerationRequest
 from ..schedulers.config import SchedulerConfig
 from ..schedulers.flow_shift import flux_sigmas, mu_for
 from ..stages import run_component
-from ..t5_tokenizer import T5Tokenizer
+from ..t5_tokenizer import T5_LIMIT, T5Tokenizer, sequence_length
 from ..timing import Stopwatch
 from ..tokenizer import ClipTokenizer
 
 CLIP_ENCODER, T5_ENCODER = "text_encoder", "text_encoder_2"
 POOLED, T5_STATES = "pooler_output", "last_hidden_state"  # the towers' graph outputs (components_flux.py)
 GUIDANCE = "guidance"  # FLUX.1-dev's transformer input
-T5_LIMIT = 512  # FluxPipeline.check_inputs refuses more; the limit of a bundle that records none
 # FluxPipeline's max_sequence_length default is 512; FLUX.1-schnell's model card runs 256 (its T5 was trained so)
 DEFAULT_LENGTH = {"schnell": 256, "dev": 512}
 
@@ -100,18 +99,8 @@ class FluxTextConditioner:
                 raise InputError(f"true_cfg_scale={true_cfg}: FluxPipeline's second, negative-prompt pass is not "
                                  "supported by this runtime; drop it (FLUX's guidance is guidance_scale, dev's "
                                  "distilled guidance input)")
-        n = options.get("max_sequence_length")
-        if n is None:
-            n = self.default_length
-        elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError(f"max_sequence_length={n!r}; expected a positive integer (T5's token count, default "
-                             f"{self.default_length})")
-        elif n > self.max_sequence_length:
-            hint = ("FluxPipeline takes at most 512" if self.max_sequence_length >= T5_LIMIT else
-                    f"re-export with edgediff export --max-sequence-length {min(int(n), T5_LIMIT)}")
-            raise InputError(f"max_sequence_length={n} is over this bundle's limit {self.max_sequence_length}; "
-                             f"lower it ({hint})")
-        extra["max_sequence_length"] = int(n)
+        extra["max_sequence_length"] = sequence_length(options.get("max_sequence_length"), default=self.default_length,
+                                                       limit=self.max_sequence_length)
         return extra
 
     # -- schedule ----------------------------------------------------------------------------------------------

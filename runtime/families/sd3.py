@@ -31,7 +31,7 @@ from ..conditioning import Conditioning
 from ..errors import BundleError, InputError
 from ..request import GenerationRequest
 from ..stages import run_component
-from ..t5_tokenizer import T5Tokenizer
+from ..t5_tokenizer import T5Tokenizer, sequence_length
 from ..timing import Stopwatch
 from ..tokenizer import ClipTokenizer
 
@@ -91,17 +91,8 @@ class Sd3TextConditioner:
                                      "drop it (diffusers would ignore it silently), or use a bundle exported with "
                                      "text_encoder_3")
                 extra[key] = check.prompts(options[key], what=key)
-        n = options.get("max_sequence_length")
-        if n is None:
-            n = self.max_sequence_length
-        elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError(f"max_sequence_length={n!r}; expected a positive integer (T5's token count, default "
-                             f"{self.max_sequence_length})")
-        elif n > self.max_sequence_length:
-            raise InputError(f"max_sequence_length={n} is over this bundle's exported limit "
-                             f"{self.max_sequence_length}; lower it, or re-export with edgediff export "
-                             f"--max-sequence-length {min(int(n), 512)}")
-        extra["max_sequence_length"] = int(n)
+        extra["max_sequence_length"] = sequence_length(options.get("max_sequence_length"),
+                                                       default=self.max_sequence_length, limit=self.max_sequence_length)
         extra["clip_skip"] = self._clip_skip(options.get("clip_skip"))
         return extra
 

@@ -1,11 +1,9 @@
-"""Whole SD3 pipelines against diffusers: the tiny random SD3 pipelines with and without T5 (tests/sd3_fixtures.py),
+"""Whole SD3 pipelines against diffusers: the tiny random SD3 pipelines with and without T5 (tests/sdxl_fixtures.py),
 exported and run by edgediff with the same initial latents and noise as diffusers' StableDiffusion3Pipeline /
 StableDiffusion3Img2ImgPipeline (installed version). Tolerance: max abs <= 1e-3 on float images in [0, 1], and uint8
 images within 2/255. Also: SD3's bad input (API and CLI), the step-level batching and no torch at generation."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -18,6 +16,7 @@ from edgediff.errors import ConfigError, InputError
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from no_torch import assert_generates_without_torch  # noqa: E402
 from streams import StreamFrom, assert_images_close  # noqa: E402
 
 TOL = 1e-3
@@ -191,7 +190,7 @@ def test_bundle_defaults_are_diffusers_sd3_defaults(ours):
 
 
 BAD = [
-    (dict(max_sequence_length=257), "max_sequence_length=257 is over this bundle's exported limit 256"),
+    (dict(max_sequence_length=257), "max_sequence_length=257 is over this bundle's limit 256"),
     (dict(max_sequence_length=0), "max_sequence_length=0; expected a positive integer"),
     (dict(prompt_3=5), "prompt_3 must be a string"),
     (dict(prompt_2=["a", "b", "c"]), "prompt_2 has 3 entries for 1 prompts"),
@@ -247,15 +246,4 @@ def test_sd3_cli_generate_and_bad_options(tiny_sd3, tiny_sd3_no_t5, ours, tmp_pa
 @pytest.mark.parametrize("t5", [True, False], ids=["t5", "no-t5"])
 def test_generation_never_imports_torch(request, t5, tmp_path):
     built = request.getfixturevalue("tiny_sd3" if t5 else "tiny_sd3_no_t5")
-    code = f"""
-import sys
-from edgediff import Pipeline
-r = Pipeline.load({str(built.bundle)!r})("a red circle", num_inference_steps=2, seed=0, prompt_2="a square")
-r.images[0].save({str(tmp_path / 'x.png')!r})
-heavy = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
-print("HEAVY", heavy)
-sys.exit(1 if heavy else 0)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "HEAVY []" in out.stdout and (tmp_path / "x.png").is_file()
+    assert_generates_without_torch(built.bundle, tmp_path / "x.png", num_inference_steps=2, seed=0, prompt_2="a square")
