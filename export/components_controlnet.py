@@ -37,10 +37,10 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry
+from .source import weights_pickled
 
 CONTROLNET_CLASS = "ControlNetModel"
 CONTROLNET_PIPELINES = ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 
 
@@ -153,16 +153,7 @@ def _check(folder: Path, unet: dict, vae: dict, allow_pickle: bool) -> bool:
     if 2 ** (len(emb) - 1) != f:
         raise ExportError(f"{what} downsamples the control image by {2 ** (len(emb) - 1)} and the pipeline's VAE "
                           f"by {f}: its residuals would not fit the latent grid")
-    files = [p.name for p in folder.iterdir() if p.is_file()]
-    if any(n.endswith(".safetensors") for n in files):
-        return False
-    pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
-    if not pickles:
-        raise ExportError(f"{what} has no weights (*.safetensors)")
-    if not allow_pickle:
-        raise ExportError(f"{what}/{pickles[0]} is a pickle file, which can run arbitrary code when loaded; "
-                          "convert it to safetensors, or pass --allow-pickle if you trust its source")
-    return True
+    return weights_pickled(folder, allow_pickle=allow_pickle, what=what)
 
 
 def _modules():

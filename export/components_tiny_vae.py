@@ -17,10 +17,10 @@ from edgediff.config import read_json
 from edgediff.errors import ConfigError, ExportError
 
 from .components import ComponentExport, Geometry
+from .source import weights_pickled
 
 TINY_FOLDER = "vae_tiny"  # the source model the tiny rows are traced from (plan.MODULE_OF / MODEL_CLASSES)
 TINY_CLASS = "AutoencoderTiny"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def tiny_factors(cfg: dict) -> tuple[int, int]:
@@ -54,16 +54,7 @@ def with_tiny_vae(source, folder: str | Path, vae_config: dict, *, allow_pickle:
     if (dec, enc) != (f, f):
         raise ExportError(f"--tiny-vae {root} maps a latent cell to {dec}x{dec} pixels (encoder {enc}x{enc}) and the "
                           f"pipeline's VAE to {f}x{f}: it does not fit this model")
-    files = [p.name for p in root.iterdir() if p.is_file()]
-    pickled = False
-    if not any(n.endswith(".safetensors") for n in files):
-        pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
-        if not pickles:
-            raise ExportError(f"--tiny-vae {root} has no weights (*.safetensors)")
-        if not allow_pickle:
-            raise ExportError(f"--tiny-vae {root}/{pickles[0]} is a pickle file, which can run arbitrary code when "
-                              "loaded; convert it to safetensors, or pass --allow-pickle if you trust its source")
-        pickled = True
+    pickled = weights_pickled(root, allow_pickle=allow_pickle, what=f"--tiny-vae {root}")
     return replace(source, tiny_vae=root,
                    pickle_components=source.pickle_components + ((TINY_FOLDER,) if pickled else ()))
 

@@ -20,7 +20,6 @@ from typing import Callable
 
 from edgediff import __version__
 from edgediff.bundle import layout
-from edgediff.bundle.derived import latent_multiple
 from edgediff.bundle.describe import describe
 from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenance
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest

@@ -102,32 +102,9 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
     if len(absent) == 1:
         raise ExportError(f"{root}/model_index.json has {absent[0]!r} null but not its partner; "
                           "text_encoder and tokenizer come together (a refiner has neither)")
-    for comp, allowed in expected.items():
-        if comp in absent:
-            continue
-        entry = index.get(comp)
-        if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise ExportError(f"{root}/model_index.json has no {comp!r} component; the pipeline is incomplete")
-        if entry[1] not in allowed:
-            raise ExportError(f"{comp} class {entry[1]!r} is not supported; expected one of {list(allowed)}")
-        if not (root / comp).is_dir():
-            raise ExportError(f"{root}/{comp}/ is missing; the pipeline folder is incomplete")
+    check_components(root, index, expected, absent)
     modules = tuple(c for c in WEIGHTED if c in expected and c not in absent)
-    pickled = []
-    for comp in modules:
-        files = [p for p in (root / comp).iterdir() if p.is_file()]
-        has_st = any(p.suffix == ".safetensors" for p in files)
-        pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
-        if has_st:
-            continue
-        if not pickles:
-            raise ExportError(f"{root}/{comp}/ has no weights (*.safetensors)")
-        if not allow_pickle:
-            raise ExportError(
-                f"{comp}/{pickles[0]} is a pickle file, which can run arbitrary code when loaded; "
-                "convert it to safetensors, or pass --allow-pickle if you trust its source"
-            )
-        pickled.append(comp)
+    pickled = [comp for comp in modules if weights_pickled(root / comp, allow_pickle=allow_pickle)]
     sched = index.get("scheduler") or [None, ""]
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         raise ExportError(f"{root}/scheduler/scheduler_config.json is missing; the pipeline folder is incomplete")
@@ -141,3 +118,34 @@ def inspect_source(src: str | Path, *, allow_pickle: bool = False) -> Source:
 def _null(entry) -> bool:
     """A component model_index.json lists as absent: ``[null, null]`` (what save_pretrained writes for None)."""
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None
+
+
+def check_components(root: Path, index: dict, expected: dict, absent=()) -> None:
+    """Every ``expected`` component (name -> allowed classes) but the ``absent`` ones is in model_index.json with
+    an allowed class and has its folder; else one line naming the first that is not."""
+    for comp, allowed in expected.items():
+        if comp in absent:
+            continue
+        entry = index.get(comp)
+        if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            raise ExportError(f"{root}/model_index.json has no {comp!r} component; the pipeline is incomplete")
+        if entry[1] not in allowed:
+            raise ExportError(f"{comp} class {entry[1]!r} is not supported; expected one of {list(allowed)}")
+        if not (root / comp).is_dir():
+            raise ExportError(f"{root}/{comp}/ is missing; the pipeline folder is incomplete")
+
+
+def weights_pickled(folder: Path, *, allow_pickle: bool, what: str | None = None) -> bool:
+    """Whether a model folder's weights are pickle files (False: safetensors). A folder with neither, or pickles
+    without ``allow_pickle``, is refused in one line naming it (``what``, default the folder's path)."""
+    what = what or str(folder)
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(n.endswith(".safetensors") for n in files):
+        return False
+    pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        raise ExportError(f"{what} has no weights (*.safetensors)")
+    if not allow_pickle:
+        raise ExportError(f"{what}/{pickles[0]} is a pickle file, which can run arbitrary code when loaded; "
+                          "convert it to safetensors, or pass --allow-pickle if you trust its source")
+    return True
