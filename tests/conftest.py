@@ -103,9 +103,9 @@ def tiny_sdxl_refiner(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
-    """The tiny random SD3 pipeline (CLIP-L, CLIP-G, T5) and its exported bundle (tests/sd3_fixtures.py)."""
+    """The tiny random SD3 pipeline (CLIP-L, CLIP-G, T5) and its exported bundle (tests/sdxl_fixtures.py)."""
     pytest.importorskip("diffusers")
-    from sd3_fixtures import tiny_sd3 as build
+    from sdxl_fixtures import tiny_random as build
 
     return build(tmp_path_factory, "tiny-sd3")
 
@@ -114,16 +114,16 @@ def tiny_sd3(tmp_path_factory):
 def tiny_sd3_no_t5(tmp_path_factory):
     """The tiny random SD3 pipeline without text_encoder_3 (diffusers' text_encoder_3=None) and its bundle."""
     pytest.importorskip("diffusers")
-    from sd3_fixtures import tiny_sd3 as build
+    from sdxl_fixtures import tiny_random as build
 
     return build(tmp_path_factory, "tiny-sd3-no-t5")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_schnell(tmp_path_factory):
-    """The tiny random FLUX.1-schnell pipeline and its exported bundle (tests/flux_fixtures.py)."""
+    """The tiny random FLUX.1-schnell pipeline and its exported bundle (tests/sdxl_fixtures.py)."""
     pytest.importorskip("diffusers")
-    from flux_fixtures import tiny_flux
+    from sdxl_fixtures import tiny_random as tiny_flux
 
     return tiny_flux(tmp_path_factory, "tiny-flux-schnell")
 
@@ -132,6 +132,6 @@ def tiny_flux_schnell(tmp_path_factory):
 def tiny_flux_dev(tmp_path_factory):
     """The tiny random FLUX.1-dev pipeline (guidance embedding, dynamic shifting) and its exported bundle."""
     pytest.importorskip("diffusers")
-    from flux_fixtures import tiny_flux
+    from sdxl_fixtures import tiny_random as tiny_flux
 
     return tiny_flux(tmp_path_factory, "tiny-flux-dev")

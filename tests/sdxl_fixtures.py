@@ -1,6 +1,7 @@
-"""Tiny random SDXL pipelines (base and refiner) and their exported bundles, built once per test session however many
-test modules ask (the export tests and the conditioning tests share them). Export of the base is traced: which
-PyTorch models were alive each time one was loaded and each time ONNX Runtime opened a graph."""
+"""Tiny random pipelines of edgediff.export.random_pipeline's presets (SDXL base and refiner, SD3 with and without
+T5, FLUX schnell and dev) and their exported bundles, built once per test session however many test modules ask.
+Each export is traced: which PyTorch models were alive each time one was loaded and each time ONNX Runtime opened a
+graph."""
 from __future__ import annotations
 
 import gc
@@ -10,8 +11,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-
-PRESETS = ("tiny-sdxl", "tiny-sdxl-refiner")
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Built:
 _built: dict[str, Built] = {}
 
 
-def tiny_sdxl(tmp_path_factory, preset: str) -> Built:
+def tiny_random(tmp_path_factory, preset: str) -> Built:
     if preset not in _built:
         from edgediff.export.random_pipeline import build_random_pipeline
 
@@ -87,3 +86,6 @@ class OrtBackend:
 
     def close(self) -> None:
         self._session = None
+
+
+tiny_sdxl = tiny_random  # the SDXL tests' name for it

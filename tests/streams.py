@@ -28,3 +28,26 @@ def assert_images_close(ours, theirs, tol: float = 1e-3) -> None:
     worst = np.unravel_index(int(np.argmax(err)), err.shape)
     assert err.max() <= tol, f"max abs {err.max():.2e} > {tol} at {worst}"
     assert theirs.std() > 0.01 * (255 if theirs.max() > 1.5 else 1)  # not a constant image
+
+
+class TorchGeneratorNoise:
+    """Draws exactly what diffusers' stochastic scheduler steps draw from a ``torch.Generator`` of the same seed
+    (torch itself: the reference side of a scheduler parity test)."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self._torch = torch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seeds = (seed,)
+
+    def standard_normal(self, shape):
+        return self._torch.randn(tuple(shape), generator=self.gen, dtype=self._torch.float32).numpy()
+
+
+def fake_model(x: np.ndarray, t: float, k: int) -> np.ndarray:
+    """A deterministic stand-in for the denoiser in scheduler parity tests: a fixed unit-variance field per call
+    plus a weak dependence on the sample and the timestep (a model output of ~0.9 x would make x0 = (x - sigma eps)
+    / alpha a cancellation that amplifies rounding and tests nothing more)."""
+    field = np.random.default_rng(1000 + k).standard_normal(x.shape).astype(np.float32)
+    return (field + 0.1 * np.tanh(x) + 0.01 * np.sin(t / 100.0)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""``edgediff bench --compare diffusers`` on FLUX bundles (tests/flux_fixtures.py): FluxPipeline runs like for like —
+"""``edgediff bench --compare diffusers`` on FLUX bundles (tests/sdxl_fixtures.py): FluxPipeline runs like for like —
 the same dynamically shifted timesteps (mu from the image's token count, the pipeline's sigmas), the same
 transformer batch (no CFG branch) and as many T5 tokens as ours encode (schnell 256, not FluxPipeline's 512)."""
 from __future__ import annotations

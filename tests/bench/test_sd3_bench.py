@@ -1,4 +1,4 @@
-"""``edgediff bench`` on SD3 bundles (the tiny random SD3 pipelines of tests/sd3_fixtures.py): the denoiser's bytes
+"""``edgediff bench`` on SD3 bundles (the tiny random SD3 pipelines of tests/sdxl_fixtures.py): the denoiser's bytes
 and timings are the transformer's, and ``--compare diffusers`` runs StableDiffusion3Pipeline like for like (the same
 flow-matching timesteps and transformer batch, checked), a folder without T5 loaded as diffusers loads it."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """diffusers FluxPipeline -> ONNX bundle (export/components_flux.py): the FLUX rows (CLIP pooled output, T5 states,
 the transformer with 2x2 packing and position ids inside its graph), parity receipts, family and variant detection,
 max_sequence_length in the manifest, one PyTorch model in memory at a time, the FLUX source checks and the random
-pipelines' presets. Reference: diffusers 0.42 / transformers 5 on tiny random pipelines (tests/flux_fixtures.py)."""
+pipelines' presets. Reference: diffusers 0.42 / transformers 5 on tiny random pipelines (tests/sdxl_fixtures.py)."""
 from __future__ import annotations
 
 import json

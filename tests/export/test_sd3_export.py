@@ -1,7 +1,7 @@
 """diffusers StableDiffusion3Pipeline -> ONNX bundle (export/components_sd3.py): the SD3 rows (CLIP-L/G with
 projection, optional T5, the MMDiT transformer), parity receipts, family detection, T5's tokenizer and
 max_sequence_length in the manifest, one PyTorch model in memory at a time, and the SD3 source checks. Reference:
-diffusers 0.42 / transformers 5 on tiny random pipelines (tests/sd3_fixtures.py)."""
+diffusers 0.42 / transformers 5 on tiny random pipelines (tests/sdxl_fixtures.py)."""
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ from edgediff.errors import ConfigError, EdgediffError, InputError
 from edgediff.schedulers import DIFFUSERS_EQUIVALENT, SCHEDULERS, make_scheduler, name_for_class
 from edgediff.schedulers.config import SchedulerConfig
 from edgediff.schedulers.flow_shift import calculate_shift, flux_sigmas, mu_for
+from streams import TorchGeneratorNoise, fake_model  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -26,23 +27,6 @@ FLUX_DEV = dict(_class_name=EULER, num_train_timesteps=1000, shift=3.0, use_dyna
                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 FLUX_SCHNELL = dict(_class_name=EULER, num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 STEPS = (1, 2, 4, 20, 28, 50)
-
-
-def fake_model(x: np.ndarray, t: float, k: int) -> np.ndarray:
-    """A stand-in velocity: a fixed unit-variance field per call plus a weak dependence on the sample and timestep."""
-    field = np.random.default_rng(1000 + k).standard_normal(x.shape).astype(np.float32)
-    return (field + 0.1 * np.tanh(x) + 0.01 * np.sin(t / 100.0)).astype(np.float32)
-
-
-class TorchNoise:
-    """The noise diffusers' stochastic step draws from a generator of the same seed."""
-
-    def __init__(self, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.seeds = (seed,)
-
-    def standard_normal(self, shape):
-        return torch.randn(tuple(shape), generator=self.gen, dtype=torch.float32).numpy()
 
 
 def rel(a, b) -> float:
@@ -88,7 +72,7 @@ def run_in_parity(cfg: dict, steps: int, name: str = "flow_euler", begin: int = 
         ref.set_begin_index(0)
     xr = torch.from_numpy(x.copy())
     gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
-    noise = TorchNoise(noise_seed) if noise_seed is not None else None
+    noise = TorchGeneratorNoise(noise_seed) if noise_seed is not None else None
     for i in range(begin, len(ref.timesteps)):
         t = ref.timesteps[i]
         assert np.array_equal(ours.scale_model_input(x, i), x)

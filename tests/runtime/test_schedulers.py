@@ -15,6 +15,7 @@ import pytest
 from edgediff.errors import ConfigError, InputError
 from edgediff.schedulers import DIFFUSERS_EQUIVALENT, SCHEDULERS, make_scheduler, name_for_class
 from edgediff.schedulers.config import SchedulerConfig
+from streams import TorchGeneratorNoise, fake_model  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -59,25 +60,6 @@ VARIANTS = [
 STEPS = (1, 2, 4, 20, 50)
 
 
-def fake_model(x: np.ndarray, t: float, k: int) -> np.ndarray:
-    """A deterministic stand-in for the UNet: a fixed unit-variance field per call plus a weak dependence on the
-    sample and the timestep (a model output of ~0.9 x would make x0 = (x - sigma eps) / alpha a cancellation that
-    amplifies rounding and tests nothing more)."""
-    field = np.random.default_rng(1000 + k).standard_normal(x.shape).astype(np.float32)
-    return (field + 0.1 * np.tanh(x) + 0.01 * np.sin(t / 100.0)).astype(np.float32)
-
-
-class TorchNoise:
-    """Draws the same noise diffusers' step draws from a generator of the same seed."""
-
-    def __init__(self, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.seeds = (seed,)
-
-    def standard_normal(self, shape):
-        return torch.randn(tuple(shape), generator=self.gen, dtype=torch.float32).numpy()
-
-
 def reference(name: str, extra: dict):
     cls_name, defaults = CLASSES[name]
     cls = getattr(diffusers, cls_name)
@@ -115,7 +97,7 @@ def run_in_parity(name: str, extra: dict, steps: int, tol: float = TOL, tol_max:
     x = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) * ours.init_noise_sigma).astype(np.float32)
     xr = torch.from_numpy(x.copy())
     gen = torch.Generator().manual_seed(7)
-    noise = TorchNoise(7)
+    noise = TorchGeneratorNoise(7)
     for i, t in enumerate(ref.timesteps):
         a_in = ours.scale_model_input(x, i)
         b_in = ref.scale_model_input(xr, t).numpy()
