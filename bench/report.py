@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -111,8 +112,10 @@ def table(rows: Sequence[dict]) -> str:
         o = row["overhead"]
         out.append(f"  loop overhead outside backend calls: {o['per_step_us']['mean']:.0f} µs per step "
                    f"({o['percent_of_step']:.3f} % of a step)")
+        load = row["load_seconds"]  # NaN: the pipeline was loaded once for several rows (a sweep), timed in the first
+        load_text = f"load {load:.2f} s" if math.isfinite(load) else "loaded with the row above"
         out.append(f"  {row['images_per_second']:.3f} images/s, {row['latency_per_image']:.3f} s per image; "
-                   f"load {row['load_seconds']:.2f} s, first image {row['first_image_seconds']:.2f} s; peak RSS "
+                   f"{load_text}, first image {row['first_image_seconds']:.2f} s; peak RSS "
                    f"{(row['peak_rss_bytes'] or 0) / 2**30:.2f} GiB")
         if row.get("cold_start"):
             cs = row["cold_start"]

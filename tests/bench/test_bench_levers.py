@@ -75,6 +75,7 @@ def test_levers_against_the_plain_run(taesd_bundle, tmp_path):
     assert q["psnr"]["mean"] == pytest.approx(np.mean([psnr(a, b) for a, b in pairs]), abs=1e-6) and q["psnr"]["mean"] < 40
     assert q["ssim"]["min"] == pytest.approx(min(ssim(a, b) for a, b in pairs), abs=1e-6)
     assert "speed levers vs the plain run" in r.output and "decoder=tiny" in r.output.split("speed levers")[1]
+    assert "load nan" not in r.output and "loaded with the row above" in r.output  # one load for all levers
     csv_head = (tmp_path / "levers.csv").read_text().splitlines()[0]
     assert "lever.ratio.latency_per_image" in csv_head and "lever.ssim.mean" in csv_head
 
