@@ -38,7 +38,7 @@ from ..tokenizer import ClipTokenizer
 CLIP_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, OpenCLIP-G: diffusers' concatenation order
 T5_ENCODER = "text_encoder_3"
 POOLED = "text_embeds"
-DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default when the bundle records none
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default call length; also the limit of older bundles
 
 
 def _layers(bundle: Bundle, enc: str) -> int:
@@ -91,8 +91,9 @@ class Sd3TextConditioner:
                                      "drop it (diffusers would ignore it silently), or use a bundle exported with "
                                      "text_encoder_3")
                 extra[key] = check.prompts(options[key], what=key)
-        extra["max_sequence_length"] = sequence_length(options.get("max_sequence_length"),
-                                                       default=self.max_sequence_length, limit=self.max_sequence_length)
+        default = min(DEFAULT_MAX_SEQUENCE_LENGTH, self.max_sequence_length)  # diffusers' default, not the limit
+        extra["max_sequence_length"] = sequence_length(options.get("max_sequence_length"), default=default,
+                                                       limit=self.max_sequence_length)
         extra["clip_skip"] = self._clip_skip(options.get("clip_skip"))
         return extra
 

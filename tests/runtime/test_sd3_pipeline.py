@@ -247,3 +247,20 @@ def test_sd3_cli_generate_and_bad_options(tiny_sd3, tiny_sd3_no_t5, ours, tmp_pa
 def test_generation_never_imports_torch(request, t5, tmp_path):
     built = request.getfixturevalue("tiny_sd3" if t5 else "tiny_sd3_no_t5")
     assert_generates_without_torch(built.bundle, tmp_path / "x.png", num_inference_steps=2, seed=0, prompt_2="a square")
+
+
+def test_a_longer_exported_limit_keeps_diffusers_default_length(tiny_sd3, tmp_path):
+    """A bundle exported with --max-sequence-length 512 takes up to 512 T5 tokens, but a call that names none
+    encodes StableDiffusion3Pipeline's default 256, as diffusers does with the same weights."""
+    import dataclasses
+    import shutil
+
+    from edgediff.bundle.reader import Bundle
+    from edgediff.bundle.writer import write_manifest
+
+    dst = tmp_path / "long"
+    shutil.copytree(tiny_sd3.bundle, dst)
+    write_manifest(dst, dataclasses.replace(Bundle.open(dst).manifest, max_sequence_length=512))
+    with Pipeline.load(dst) as pipe:
+        assert pipe.request("a cat").extra["max_sequence_length"] == 256
+        assert pipe.request("a cat", max_sequence_length=512).extra["max_sequence_length"] == 512
