@@ -125,13 +125,15 @@ def run(bundles, backend, steps, size, batch, scheduler, **options) -> None:
 @click.option("--cfg-cutoff", type=ListType(click.FloatRange(0.0, 1.0)), default=None,
               help="Speed lever: stop guidance after these fractions of the steps, e.g. 0.3,0.5.")
 @click.option("--vae-tiling", is_flag=True, help="Speed lever: tiled VAE decode, against the untiled one.")
+@click.option("--vae-tile-size", type=ListType(POSITIVE_INT), default=None,
+              help="With --vae-tiling: tile sides in pixels to measure, e.g. 256,512 (default: the VAE's own).")
 @click.option("--cache-interval", type=ListType(POSITIVE_INT), default=None,
               help="Speed lever: DeepCache, the full UNet every N-th step, e.g. 2,3 (a bundle with the shallow UNet).")
 @click.option("--cache-branch", type=click.IntRange(min=0), default=None,
               help="DeepCache's cached block for --cache-interval (default: the pipeline's).")
 @_measurement_options
-def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, vae_tiling, cache_interval,
-          cache_branch, **options) -> None:
+def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, vae_tiling, vae_tile_size,
+          cache_interval, cache_branch, **options) -> None:
     """Measure every BUNDLE (default: the built-in model) over the cartesian product of the lists; with several
     bundles, also the ratios of each to the first.
 
@@ -142,7 +144,8 @@ def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, 
     from .sweep import Axes
 
     lever_list = levers(decoder=decoder or (), cfg_cutoff=cfg_cutoff or (), vae_tiling=vae_tiling,
-                        cache_interval=cache_interval or (), cache_branch=cache_branch)
+                        vae_tile_size=vae_tile_size or (), cache_interval=cache_interval or (),
+                        cache_branch=cache_branch)
     _measure(bundles, Axes(backend=backend, steps=steps or [None], size=size or [None], batch=batch,
                            scheduler=scheduler or [None], levers=lever_list), **options)
 

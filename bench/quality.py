@@ -107,14 +107,20 @@ PLAIN = Lever("plain")
 
 
 def levers(*, decoder: Sequence[str] = (), cfg_cutoff: Sequence[float] = (), vae_tiling: bool = False,
-           cache_interval: Sequence[int] = (), cache_branch: int | None = None) -> list[Lever]:
+           vae_tile_size: Sequence[int] = (), cache_interval: Sequence[int] = (),
+           cache_branch: int | None = None) -> list[Lever]:
     """The levers the sweep options name, one per value, each alone (not combined): ``--decoder tiny``,
-    ``--cfg-cutoff 0.3,0.5``, ``--vae-tiling``, ``--cache-interval 2,3`` (with ``--cache-branch``, DeepCache's
+    ``--cfg-cutoff 0.3,0.5``, ``--vae-tiling`` (with ``--vae-tile-size 256,384``, one tiled lever per tile size
+    instead of the VAE's own), ``--cache-interval 2,3`` (with ``--cache-branch``, DeepCache's
     ``cache_branch=`` passed along with each interval). ``decoder="full"`` is the plain run's own and adds none."""
     out = [Lever(f"decoder={d}", (("decoder", d),)) for d in dict.fromkeys(decoder) if d != "full"]
     out += [Lever(f"cfg_cutoff={c:g}", (("cfg_cutoff", float(c)),)) for c in dict.fromkeys(cfg_cutoff)]
-    if vae_tiling:
+    if vae_tile_size and not vae_tiling:
+        raise InputError("--vae-tile-size sets the tile of the --vae-tiling lever; add --vae-tiling")
+    if vae_tiling and not vae_tile_size:
         out.append(Lever("vae_tiling", (("vae_tiling", True),)))
+    for px in dict.fromkeys(vae_tile_size) if vae_tiling else ():
+        out.append(Lever(f"vae_tiling,tile={px}", (("vae_tiling", True), ("vae_tile_size", int(px)))))
     for n in dict.fromkeys(cache_interval):
         opts: tuple[tuple[str, Any], ...] = (("cache_interval", int(n)),)
         if cache_branch is not None:

@@ -303,6 +303,9 @@ def doctor(engine_dirs) -> None:
               help="tiny: the bundle's tiny autoencoder (export --tiny-vae), much faster, lower quality.")
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles (default: only when it would not fit in memory).")
+@click.option("--vae-tile-size", type=int, default=None, metavar="PIXELS",
+              help="Tiled VAE's tile side in pixels, a multiple of the VAE factor (default: the VAE's sample_size, "
+                   "as diffusers); smaller tiles need less memory, e.g. 256 for SD 1.5 at 1024x1024.")
 @click.option("--preset", default=None, metavar="NAME",
               help="Set scheduler, steps and guidance together; --scheduler/--steps/--guidance still override. "
                    "lcm: scheduler lcm on the bundle's training schedule, 4 steps, guidance 1.0 (no CFG branch), "
@@ -327,7 +330,7 @@ def doctor(engine_dirs) -> None:
               help="DeepCache: which exported branch's feature is cached (default 0, the fastest).")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
              backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, prompt_3, negative_3, max_sequence_length,
-             refiner, refiner_start, cfg_cutoff, decoder, vae_tiling, mask, padding_mask_crop, preset, control_images, controlnet_names, control_scales,
+             refiner, refiner_start, cfg_cutoff, decoder, vae_tiling, vae_tile_size, mask, padding_mask_crop, preset, control_images, controlnet_names, control_scales,
              control_starts, control_ends, guess_mode, cache_interval, cache_branch) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
@@ -348,7 +351,7 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
                                 ("negative_prompt_3", negative_3), ("max_sequence_length", max_sequence_length))
               if v is not None}
     handoff = dict(denoising_end=refiner_start, output_type="latent") if refiner is not None else {}
-    decode = dict(decoder=decoder, vae_tiling=vae_tiling)  # applies to the model that decodes (the refiner, if any)
+    decode = dict(decoder=decoder, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)  # applies to the model that decodes (the refiner, if any)
     request = pipe.request(prompt, negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
                            mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,

@@ -294,7 +294,7 @@ def begin(bundle, components, req, sched, watch) -> tuple[np.ndarray, object]:
 
     def encode(x: np.ndarray) -> np.ndarray:  # (1, 3, H, W) -> (N, C, h, w) scaled latents, one sample per image
         with watch.span("vae_encode"):  # tiled as the request asks (runtime/vae_tiling.py), like img2img
-            out = tiling.run_vae(components, bundle, "vae_encoder", x, getattr(req, "vae_tiling", None))
+            out = tiling.run_vae(components, bundle, "vae_encoder", x, req.vae_tiling, req.vae_tile_size)
         if out.shape[1] == 2 * c:  # diagonal Gaussian parameters: sample them with the request's noise
             mean, logvar = np.split(out, 2, axis=1)
             z = mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * req.noise.standard_normal(shape)

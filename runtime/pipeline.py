@@ -156,6 +156,7 @@ class Pipeline:
         cfg_cutoff: float | None = None,
         decoder: str = "full",
         vae_tiling: bool | None = None,
+        vae_tile_size: int | None = None,
         preset: str | None = None,
         cache_interval: int | None = None,
         cache_branch: int | None = None,
@@ -186,7 +187,9 @@ class Pipeline:
         Speed options (each off by default): ``cfg_cutoff`` in [0, 1] stops classifier-free guidance after that
         fraction of the steps (diffusers' SDCFGCutoffCallback; no effect on an unguided call); ``decoder="tiny"``
         decodes with the bundle's tiny autoencoder (export --tiny-vae); ``vae_tiling`` True/False forces/forbids
-        tiled VAE decode and encode (default: tiled only when the full one would not fit in memory);
+        tiled VAE decode and encode (default: tiled only when the full one would not fit in memory) and
+        ``vae_tile_size`` sets its tile in pixels (default the VAE's sample_size, as diffusers; smaller tiles lower
+        the peak memory further);
         ``cache_interval=N`` runs DeepCache (runtime/deepcache.py): the full UNet every N-th step, the shallow graph
         of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B).
         ``preset="lcm"`` (runtime/presets.py) sets the LCM-LoRA recipe: scheduler lcm, 4 steps, guidance 1.0; steps,
@@ -204,7 +207,8 @@ class Pipeline:
                            image=image, strength=strength, mask_image=mask_image,
                            padding_mask_crop=padding_mask_crop, scheduler=scheduler, output_type=output_type,
                            denoising_start=denoising_start, denoising_end=denoising_end, cfg_cutoff=cfg_cutoff,
-                           decoder=decoder, vae_tiling=vae_tiling, preset=preset, cache_interval=cache_interval,
+                           decoder=decoder, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, preset=preset,
+                           cache_interval=cache_interval,
                            cache_branch=cache_branch, control_image=control_image,
                            controlnet_conditioning_scale=controlnet_conditioning_scale,
                            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
@@ -215,7 +219,8 @@ class Pipeline:
                 width=None, num_images_per_prompt=1, seed=None, rng="numpy", latents=None, image=None, strength=None,
                 mask_image=None, padding_mask_crop=None,
                 scheduler=None, output_type="pil", denoising_start=None, denoising_end=None, cfg_cutoff=None,
-                decoder="full", vae_tiling=None, preset=None, cache_interval=None, cache_branch=None,
+                decoder="full", vae_tiling=None, vae_tile_size=None, preset=None, cache_interval=None,
+                cache_branch=None,
                 control_image=None, controlnet_conditioning_scale=None, control_guidance_start=None,
                 control_guidance_end=None, guess_mode=None, controlnets=None,
                 **family_options) -> GenerationRequest:
@@ -309,8 +314,9 @@ class Pipeline:
                                                                controlnet=control)
         decoder = tiny_vae.check_decoder(self.bundle, decoder)
         vae_tiling = tiling.check_flag(vae_tiling)
+        vae_tile_size = tiling.check_tile_size(self.bundle, vae_tile_size, vae_tiling)
         tiling.check_request(self.bundle, vae_tiling, latent=(h // m.vae_scale_factor, w // m.vae_scale_factor),
-                             batch=total, img2img=init is not None)
+                             batch=total, img2img=init is not None, tile_px=vae_tile_size)
         seeds = seeds_for(seed, total)
         if isinstance(rng, str):
             noise = make_noise(rng, seeds)
@@ -330,6 +336,7 @@ class Pipeline:
                                  denoising_end=end, rng=rng if isinstance(rng, str) else "custom", extra=extra,
                                  inpaint=inpainting,
                                  cfg_cutoff=cfg_cutoff, decoder=decoder, vae_tiling=vae_tiling,
+                                 vae_tile_size=vae_tile_size,
                                  cache_interval=cache_interval, cache_branch=cache_branch, controlnet=control)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
@@ -406,7 +413,7 @@ class Pipeline:
             if r.output_type == "latent":
                 out[k] = self._settle(job, None)
             else:
-                groups.setdefault((job.x.shape[1:], r.decoder, r.vae_tiling), []).append(k)
+                groups.setdefault((job.x.shape[1:], r.decoder, r.vae_tiling, r.vae_tile_size), []).append(k)
         for members in groups.values():
             try:
                 decoded = self._decode([jobs[k] for k in members])
@@ -438,7 +445,7 @@ class Pipeline:
             decoded = tiny_vae.decode(self.components, self.bundle, x)
         else:
             z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor or 0.0)
-            decoded = tiling.run_vae(self.components, self.bundle, "vae_decoder", z, req.vae_tiling)
+            decoded = tiling.run_vae(self.components, self.bundle, "vae_decoder", z, req.vae_tiling, req.vae_tile_size)
         t1 = time.perf_counter()
         for j in jobs:
             j.watch.spans.append(Span("vae_decode", t0, t1))
@@ -563,7 +570,8 @@ class Pipeline:
         else:
             with watch.span("vae_encode"):
                 image = np.repeat(req.init_image, req.total_images, axis=0)  # (N, 3, H, W)
-                out = tiling.run_vae(self.components, self.bundle, "vae_encoder", image, req.vae_tiling)
+                out = tiling.run_vae(self.components, self.bundle, "vae_encoder", image, req.vae_tiling,
+                                     req.vae_tile_size)
             if out.shape[1] == 2 * m.latent_channels:  # diagonal Gaussian parameters: sample it with our noise
                 mean, logvar = np.split(out, 2, axis=1)
                 std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))

@@ -40,6 +40,7 @@ class GenerationRequest:
     cfg_cutoff: float | None = None  # [0, 1]: guidance stops after this fraction of the steps (runtime/cfg_cutoff.py)
     decoder: str = "full"  # "full": the VAE decoder; "tiny": the bundle's vae_decoder_tiny (runtime/tiny_vae.py)
     vae_tiling: bool | None = None  # None: tile the VAE when it would not fit in memory; True/False: always/never
+    vae_tile_size: int | None = None  # tiled VAE's tile in pixels (None: the VAE config's sample_size, diffusers')
     cache_interval: int | None = None  # DeepCache: full UNet every N-th step, shallow between (runtime/deepcache.py)
     cache_branch: int = 0  # DeepCache's cache_branch_id: which skip branch's feature is cached
     controlnet: Any = None  # runtime/controlnet.ControlInputs: control_image= (ControlNets, preprocessed images)

@@ -15,6 +15,12 @@ arithmetic exactly).
 
 ``tiling=None`` (the default) tiles only when the VAE's activation estimate exceeds the memory available now;
 ``True`` always (when the image is larger than one tile); ``False`` never.
+
+``tile_px`` (``vae_tile_size=``) replaces ``tile_sample_min_size`` (and so ``tile_latent_min_size`` = it / the factor),
+as setting those two attributes on diffusers' AutoencoderKL does. Peak memory follows the tile, not the image: on the
+SD-1.5 VAE a 1024x1024 decode peaks at 4.00 GiB whole, 2.06 GiB in diffusers' 512-pixel tiles and 0.94 GiB in
+256-pixel tiles, at 1.4x the untiled time (bench/scripts/issue18/tiled_decode_memory.sh). Smaller tiles also see
+less context per tile, so seams are blended over less.
 """
 from __future__ import annotations
 
@@ -113,6 +119,28 @@ def check_flag(value) -> bool | None:
     return None if value is None else bool(value)
 
 
+TILE_CELLS = 4  # a tile's side in latent cells is a multiple of this: the quarter-tile overlap is whole cells
+
+
+def check_tile_size(bundle, tile_px, tiling: bool | None) -> int | None:
+    """``vae_tile_size``: None (the VAE config's sample_size, diffusers' default) or a pixel count that is a multiple
+    of TILE_CELLS latent cells. Only then is a quarter tile whole in latents and in pixels alike; diffusers' tiled
+    decode assumes it (its row limit, tile - quarter tile in pixels, must equal the stride, 3/4 of the tile in latent
+    cells, times the factor) and returns an image of the wrong size for other tiles."""
+    if tile_px is None:
+        return None
+    step = TILE_CELLS * bundle.manifest.vae_scale_factor
+    if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)):
+        raise InputError(f"vae_tile_size must be a whole number of pixels, e.g. {8 * step}, not {tile_px!r}")
+    if tile_px % step or tile_px < step:
+        raise InputError(f"vae_tile_size={tile_px}: use a positive multiple of {step} pixels ({TILE_CELLS} latent "
+                         f"cells, so the quarter-tile overlap is whole), e.g. {8 * step}")
+    if tiling is False:
+        raise InputError("vae_tile_size sets the tile of tiled VAE decode, which vae_tiling=False turns off: "
+                         "drop one of the two")
+    return int(tile_px)
+
+
 def tile_size(bundle) -> int | None:
     """tile_sample_min_size: the VAE config's ``sample_size`` (pixels), or None when the bundle pins no config."""
     cfg = _vae_config(bundle)
@@ -121,13 +149,15 @@ def tile_size(bundle) -> int | None:
     return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def plan(bundle, graph: str, size: tuple[int, int], batch: int, tiling: bool | None) -> Tiles | None:
+def plan(bundle, graph: str, size: tuple[int, int], batch: int, tiling: bool | None,
+         tile_px: int | None = None) -> Tiles | None:
     """How to split a ``graph`` call whose input is ``size`` (latent cells for the decoder, pixels for the encoder),
-    or None to run it whole. Raises InputError when tiling was asked for (or is needed) and cannot run."""
+    in tiles of ``tile_px`` pixels (None: the VAE config's sample_size), or None to run it whole. Raises InputError
+    when tiling was asked for (or is needed) and cannot run."""
     if tiling is False:
         return None
     f = bundle.manifest.vae_scale_factor
-    sample = tile_size(bundle)
+    sample = tile_px if tile_px is not None else tile_size(bundle)
     if sample is None or sample < f:
         if tiling:
             raise InputError(f"{bundle.root} pins no VAE config with a sample_size, so the tile size is unknown; "
@@ -155,23 +185,25 @@ def plan(bundle, graph: str, size: tuple[int, int], batch: int, tiling: bool | N
                  fixed=fixed is not None)
 
 
-def check_request(bundle, tiling: bool | None, *, latent: tuple[int, int], batch: int, img2img: bool) -> None:
+def check_request(bundle, tiling: bool | None, *, latent: tuple[int, int], batch: int, img2img: bool,
+                  tile_px: int | None = None) -> None:
     """Refuse a forced tiling that cannot run, before any work (the plan is made again when the VAE runs)."""
     if tiling:
-        plan(bundle, DECODER, latent, batch, True)
+        plan(bundle, DECODER, latent, batch, True, tile_px)
         if img2img and bundle.has(ENCODER):
             f = bundle.manifest.vae_scale_factor
-            plan(bundle, ENCODER, (latent[0] * f, latent[1] * f), batch, True)
+            plan(bundle, ENCODER, (latent[0] * f, latent[1] * f), batch, True, tile_px)
 
 
-def run_vae(components, bundle, graph: str, x: np.ndarray, tiling: bool | None) -> np.ndarray:
+def run_vae(components, bundle, graph: str, x: np.ndarray, tiling: bool | None,
+            tile_px: int | None = None) -> np.ndarray:
     """The first output of ``graph`` (vae_decoder or vae_encoder) on ``x``, tiled when ``plan`` says so."""
     with components.use(graph) as backend:
         def run(a: np.ndarray) -> np.ndarray:
             feeds = {_INPUT[graph]: a}
             return run_component(backend, feeds, precision=bundle.component(graph).precision)[0]
 
-        tiles = plan(bundle, graph, (x.shape[2], x.shape[3]), x.shape[0], tiling)
+        tiles = plan(bundle, graph, (x.shape[2], x.shape[3]), x.shape[0], tiling, tile_px)
         return run(x) if tiles is None else tiled(run, x, tiles)
 
 

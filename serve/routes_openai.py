@@ -4,7 +4,7 @@ Request fields are OpenAI's (prompt, model, n, size "WIDTHxHEIGHT" or "auto", re
 output_format png | jpeg | webp, output_compression, user) plus Stable Diffusion's knobs as extra top-level fields,
 which is what the ``openai`` client sends through ``extra_body``: negative_prompt, num_inference_steps,
 guidance_scale, seed, scheduler, strength for edits, and the speed levers cfg_cutoff, decoder ("tiny"),
-vae_tiling, cache_interval, cache_branch (DeepCache) and preset ("lcm"). A field left out takes the model's own default (its
+vae_tiling, vae_tile_size, cache_interval, cache_branch (DeepCache) and preset ("lcm"). A field left out takes the model's own default (its
 recommended steps, guidance, scheduler and size: GET /v1/models). OpenAI fields that have no meaning here are
 accepted and ignored (quality, style, moderation, safety_identifier) or refused when they ask for something this
 server cannot do (background="transparent", partial_images > 0). Any other field is refused by name.
@@ -38,7 +38,7 @@ from .state import build_request, check_multiple, run_ticket
 router = APIRouter()
 
 # the runtime's speed levers, per request (issue 18): each the keyword Pipeline.__call__ takes
-SPEED = ("cfg_cutoff", "decoder", "vae_tiling", "cache_interval", "cache_branch", "preset")
+SPEED = ("cfg_cutoff", "decoder", "vae_tiling", "vae_tile_size", "cache_interval", "cache_branch", "preset")
 # runtime argument name (the start of its InputError messages) -> this API's field name
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "num_inference_steps",
           "guidance_scale": "guidance_scale", "height": "size", "width": "size", "num_images_per_prompt": "n",
@@ -158,6 +158,7 @@ def speed_options(f: Fields, lim) -> dict:
     given = dict(cfg_cutoff=f.number("cfg_cutoff", lo=0.0, hi=1.0),
                  decoder=f.string("decoder", choices=("full", "tiny")),
                  vae_tiling=f.boolean("vae_tiling"),
+                 vae_tile_size=f.integer("vae_tile_size", lo=1, hi=1 << 16),
                  cache_interval=f.integer("cache_interval", lo=1, hi=lim.max_steps),
                  cache_branch=f.integer("cache_branch", lo=0, hi=64),
                  preset=f.string("preset", choices=sorted(PRESETS)))

@@ -80,6 +80,15 @@ def test_levers_against_the_plain_run(taesd_bundle, tmp_path):
     assert "lever.ratio.latency_per_image" in csv_head and "lever.ssim.mean" in csv_head
 
 
+def test_vae_tile_sizes_are_one_tiled_lever_each():
+    from edgediff.bench.quality import levers
+
+    assert [(lv.name, lv.kwargs()) for lv in levers(vae_tiling=True)] == [("vae_tiling", {"vae_tiling": True})]
+    assert [(lv.name, lv.kwargs()) for lv in levers(vae_tiling=True, vae_tile_size=(256, 384, 256))] == [
+        ("vae_tiling,tile=256", {"vae_tiling": True, "vae_tile_size": 256}),
+        ("vae_tiling,tile=384", {"vae_tiling": True, "vae_tile_size": 384})]
+
+
 def test_samples_count_any_graph_a_step_runs_as_its_backend_call():
     """A step that runs another graph (DeepCache's shallow UNet has its own span name) is a UNet call, not loop
     overhead: the unet stage and the UNet time per image include it."""
@@ -100,6 +109,9 @@ def test_samples_count_any_graph_a_step_runs_as_its_backend_call():
     (["--cache-branch", "1"], "--cache-branch picks DeepCache's cached block and needs --cache-interval N"),
     (["--decoder", "tiny", "--cold-start"], "--cold-start does not combine with the speed levers"),
     (["--vae-tiling", "--profile-ops", "2"], "--profile-ops does not combine with the speed levers"),
+    (["--vae-tile-size", "64"], "--vae-tile-size sets the tile of the --vae-tiling lever; add --vae-tiling"),
+    (["--vae-tiling", "--vae-tile-size", "8,12"],
+     "bench lever vae_tiling,tile=12: vae_tile_size=12: use a positive multiple of 8 pixels"),
 ])
 def test_levers_refused_in_one_line_before_measuring(tiny_sd1_bundle, nothing_measured, args, match):
     r = bench("sweep", tiny_sd1_bundle, *FAST, *args)

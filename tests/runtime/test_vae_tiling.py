@@ -73,6 +73,72 @@ def test_tiled_encode_matches_diffusers(ours, vae):
     assert np.abs(whole - mine).max() > 1e-3
 
 
+@pytest.fixture
+def vae_tiles_of(tiny_sd1_source):
+    """diffusers' AutoencoderKL with enable_tiling() and its tile set as a user sets it: both min-size attributes."""
+    def make(tile_px: int):
+        m = diffusers.AutoencoderKL.from_pretrained(tiny_sd1_source, subfolder="vae", local_files_only=True).eval()
+        m.enable_tiling()
+        m.tile_sample_min_size, m.tile_latent_min_size = tile_px, tile_px // 2  # the fixture's VAE factor is 2
+        return m
+    return make
+
+
+@pytest.mark.parametrize("tile_px", [8, 24])
+def test_tile_size_decode_matches_diffusers_with_that_tile(ours, vae_tiles_of, tile_px):
+    """vae_tile_size = diffusers' tile_sample_min_size (tile_latent_min_size = it / factor): smaller and larger
+    tiles than the config's 16 pixels, the smallest allowed (4 latent cells) included."""
+    z = np.random.default_rng(tile_px).standard_normal((1, 4, 20, 28)).astype(np.float32)
+    with torch.no_grad():
+        theirs = vae_tiles_of(tile_px).decode(torch.from_numpy(z)).sample.numpy()
+    mine = tiling.run_vae(ours.components, ours.bundle, "vae_decoder", z, True, tile_px)
+    assert mine.shape == theirs.shape
+    assert np.abs(mine - theirs).max() <= 1e-4, np.abs(mine - theirs).max()
+    assert np.abs(decode(ours, z, True) - mine).max() > 1e-3  # not the default tile's result
+
+
+def test_tile_size_encode_matches_diffusers_with_that_tile(ours, vae_tiles_of):
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 40, 56)).astype(np.float32)
+    with torch.no_grad():
+        theirs = vae_tiles_of(8).encode(torch.from_numpy(x)).latent_dist.parameters.numpy()
+    mine = tiling.run_vae(ours.components, ours.bundle, "vae_encoder", x, True, 8)
+    assert mine.shape == theirs.shape
+    assert np.abs(mine - theirs).max() <= 1e-4, np.abs(mine - theirs).max()
+
+
+def test_pipeline_vae_tile_size_matches_diffusers(tiny_sd1_source, ours):
+    latents = np.random.default_rng(2).standard_normal((1, 4, 20, 28)).astype(np.float32)  # 40x56 pixels
+    ref = _reference(tiny_sd1_source)
+    ref.vae.tile_sample_min_size, ref.vae.tile_latent_min_size = 8, 4
+    theirs = ref("a red circle", num_inference_steps=3, guidance_scale=7.5, height=40, width=56,
+                 latents=torch.from_numpy(latents), output_type="np").images
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, height=40, width=56, latents=latents, scheduler="euler",
+              output_type="np", vae_tiling=True)
+    mine = ours("a red circle", vae_tile_size=8, **kw)
+    _close(mine.images, theirs)
+    default_tile = ours("a red circle", **kw)
+    assert np.abs(np.stack(default_tile.images) - np.stack(mine.images)).max() > 1e-3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (6, r"vae_tile_size=6: use a positive multiple of 8 pixels \(4 latent cells, so the quarter-tile overlap"),
+    (12, r"vae_tile_size=12: use a positive multiple of 8 pixels"),
+    (0, r"vae_tile_size=0: use a positive multiple of 8"),
+    (-16, r"vae_tile_size=-16: use a positive multiple of 8"),
+    (16.0, r"vae_tile_size must be a whole number of pixels"),
+    ("256", r"vae_tile_size must be a whole number of pixels"),
+    (True, r"vae_tile_size must be a whole number of pixels"),
+])
+def test_bad_tile_size_is_refused(ours, bad, message):
+    with pytest.raises(InputError, match=message):
+        ours("x", num_inference_steps=1, vae_tile_size=bad)
+
+
+def test_tile_size_with_tiling_off_is_refused(ours):
+    with pytest.raises(InputError, match="vae_tile_size sets the tile of tiled VAE decode, which vae_tiling=False"):
+        ours("x", num_inference_steps=1, vae_tiling=False, vae_tile_size=16)
+
+
 def _reference(source, img2img=False):
     cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
     with warnings.catch_warnings():
@@ -218,3 +284,13 @@ def test_cli_vae_tiling(tiny_sd1_bundle, tmp_path):
 
     with Image.open(tmp_path / "t.png") as t, Image.open(tmp_path / "u.png") as u:
         assert t.size == u.size == (56, 40) and t.tobytes() != u.tobytes()
+    r = CliRunner().invoke(main, ["generate", "x", "-m", str(tiny_sd1_bundle), "-o", str(tmp_path / "v.png"),
+                                  "--steps", "2", "--size", "56x40", "--seed", "3", "--vae-tiling",
+                                  "--vae-tile-size", "8"])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "t.png") as t, Image.open(tmp_path / "v.png") as v:
+        assert v.size == (56, 40) and t.tobytes() != v.tobytes()
+    r = CliRunner().invoke(main, ["generate", "x", "-m", str(tiny_sd1_bundle), "-o", str(tmp_path / "w.png"),
+                                  "--steps", "2", "--vae-tile-size", "7"])
+    assert r.exit_code != 0 and "vae_tile_size=7: use a positive multiple of 8 pixels" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "w.png").exists()

@@ -69,6 +69,9 @@ def _assert_openai_error(r: httpx.Response, param, status: int = 400) -> dict:
     ({"cfg_cutoff": "half"}, "cfg_cutoff"),
     ({"decoder": "small"}, "decoder"),
     ({"vae_tiling": "yes"}, "vae_tiling"),
+    ({"vae_tile_size": "big"}, "vae_tile_size"),
+    ({"vae_tile_size": 100}, "vae_tile_size"),  # not a multiple of 4 latent cells: the pipeline says so
+    ({"vae_tile_size": 64, "vae_tiling": False}, "vae_tile_size"),
     ({"cache_interval": 0}, "cache_interval"),
     ({"cache_interval": 3}, "cache_interval"),  # the built-in bundle has no DeepCache graphs: the pipeline says so
     ({"cache_branch": -1}, "cache_branch"),
