@@ -13,8 +13,9 @@ full-size and the last one along each side is moved back to end at the edge; its
 tile is taken from that tile, then ramped over the same quarter tile (for evenly fitting sizes this is diffusers'
 arithmetic exactly).
 
-``tiling=None`` (the default) tiles only when the VAE's activation estimate exceeds the memory available now;
-``True`` always (when the image is larger than one tile); ``False`` never.
+``tiling=None`` (the default) tiles only when the VAE's activation estimate exceeds the memory available now, in the
+VAE's own tiles or, if one of those would not fit either, in tiles halved until one does; ``True`` always (when the
+image is larger than one tile); ``False`` never.
 
 ``tile_px`` (``vae_tile_size=``) replaces ``tile_sample_min_size`` (and so ``tile_latent_min_size`` = it / the factor),
 as setting those two attributes on diffusers' AutoencoderKL does. Peak memory follows the tile, not the image: on the
@@ -172,6 +173,10 @@ def plan(bundle, graph: str, size: tuple[int, int], batch: int, tiling: bool | N
         return None  # diffusers decodes (encodes) a latent (image) of at most one tile whole
     if tiling is None and not _too_big(bundle, graph, size, batch):
         return None
+    if tiling is None and tile_px is None and fixed is None:  # tiled because memory is short: tiles that fit it
+        sample = _fitting_tile(bundle, graph, sample, batch)
+        latent = sample // f
+        tile, out_tile = (latent, sample) if graph == DECODER else (sample, latent)
     if fixed is not None:
         unit = "latent cells" if graph == DECODER else "pixels"
         if fixed != (tile, tile):
@@ -183,6 +188,18 @@ def plan(bundle, graph: str, size: tuple[int, int], batch: int, tiling: bool | N
                              f"{size[1]}x{size[0]}: use sides of at least {tile} or the dynamic bundle")
     return Tiles(tile=tile, stride=int(tile * (1 - OVERLAP)), blend=int(out_tile * OVERLAP), scale=scale,
                  fixed=fixed is not None)
+
+
+def _fitting_tile(bundle, graph: str, sample: int, batch: int) -> int:
+    """The VAE's own tile (pixels), halved while one tile's activation estimate does not fit in the memory available
+    either, down to TILE_CELLS latent cells (with less memory than that the call fails as it would have)."""
+    f = bundle.manifest.vae_scale_factor
+    while sample % (2 * TILE_CELLS * f) == 0:
+        side = sample // f if graph == DECODER else sample
+        if not _too_big(bundle, graph, (side, side), batch):
+            break
+        sample //= 2
+    return sample
 
 
 def check_request(bundle, tiling: bool | None, *, latent: tuple[int, int], batch: int, img2img: bool,

@@ -184,10 +184,10 @@ def test_img2img_encodes_tiled_as_diffusers(tiny_sd1_source, ours):
 
 def test_default_is_untiled_until_memory_runs_short(ours, monkeypatch):
     """vae_tiling=None: whole while the estimate fits in available memory (bit-identical to vae_tiling=False);
-    tiled, as if forced, when it does not."""
+    tiled when it does not, here (1 KiB: no tile fits) in the smallest tiles, 4 latent cells."""
     kw = dict(prompt="a red circle", num_inference_steps=2, height=40, width=56, seed=4, output_type="np")
     never = ours(**kw, vae_tiling=False).images[0]
-    forced = ours(**kw, vae_tiling=True).images[0]
+    forced = ours(**kw, vae_tiling=True, vae_tile_size=8).images[0]
     assert np.array_equal(ours(**kw).images[0], never)
     job = ours.start(ours.request(**kw))
     while not job.done:
@@ -199,6 +199,21 @@ def test_default_is_untiled_until_memory_runs_short(ours, monkeypatch):
     while not job.done:
         job.advance(ours.run_denoiser(job.graph(), job.unet_feeds()))
     assert np.array_equal(ours.finish(job).images[0], never)
+
+
+def test_memory_short_even_for_one_tile_halves_the_tile(ours, monkeypatch):
+    """Automatic tiling whose own 16-pixel (8-cell) tile would not fit either runs in 8-pixel tiles: the same
+    result as asking for vae_tile_size=8."""
+    z = np.random.default_rng(8).standard_normal((1, 4, 20, 28)).astype(np.float32)
+    channels = ours.bundle.config("vae_decoder/config.json")["block_out_channels"]
+    need = {cells: tiling.activation_bytes(batch=1, latent_h=cells, latent_w=cells, vae_scale_factor=2,
+                                           channels=channels) for cells in (4, 8)}
+    monkeypatch.setattr("edgediff.validation.available_memory", lambda: (need[4] + need[8]) // 2)
+    auto = decode(ours, z, None)
+    assert np.array_equal(auto, tiling.run_vae(ours.components, ours.bundle, "vae_decoder", z, True, 8))
+    assert np.abs(auto - decode(ours, z, True)).max() > 1e-3  # not the VAE's own 16-pixel tiles
+    monkeypatch.setattr("edgediff.validation.available_memory", lambda: (need[8] + 1))
+    assert np.array_equal(decode(ours, z, None), decode(ours, z, True))  # one own tile fits: diffusers' tiles
 
 
 def test_one_tile_or_less_is_never_tiled(ours):
