@@ -21,18 +21,21 @@ from edgediff.export.recipes.shapes import tiny_decoder  # noqa: E402
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    """The recipe at toy sizes: 3 steps on 16 scenes and 2 of the model's own latents."""
+    """The recipe at toy sizes: 3 steps on 16 scenes and 2 of the model's own latents, whole latents, a smaller
+    student than the default."""
     root = tmp_path_factory.mktemp("tiny-decoder")
     tiny_decoder.main(["--out", str(root / "taesd"), "--bundle-out", str(root / "bundle"), "--steps", "3",
-                       "--scenes", "16", "--generated", "2", "--batch", "4"])
+                       "--scenes", "16", "--generated", "2", "--batch", "4", "--blocks", "1,1,0", "--crop", "16"])
     return root
 
 
 def test_recipe_writes_the_autoencoder_its_log_and_a_verified_bundle(recipe_run):
     log = json.loads((recipe_run / "taesd" / "train_log.json").read_text())
     assert log["distil"]["steps"] == 3 and log["teacher"] == {**log["teacher"], "scenes": 16, "generated": 2}
+    assert log["decoder_blocks"] == [1, 1, 0] and log["distil"]["crop"] == 16
     cfg = json.loads((recipe_run / "taesd" / "config.json").read_text())
-    assert cfg["_class_name"] == "AutoencoderTiny" and cfg["scaling_factor"] == 1.0
+    assert cfg["_class_name"] == "AutoencoderTiny" and cfg["num_decoder_blocks"] == [1, 1, 0]
+    assert cfg["scaling_factor"] == tiny_decoder.LATENT_SCALE != 1.0  # read by the runtime: latents / scale
     out = Bundle.open(recipe_run / "bundle")
     assert out.verify() == []
 
@@ -59,8 +62,9 @@ def test_decoder_tiny_decodes_as_diffusers_autoencoder_tiny(recipe_run):
     with Pipeline.load(recipe_run / "bundle") as pipe:
         res = pipe(prompt, seed=3, num_inference_steps=2, output_type="latent")
         ours = np.asarray(pipe(prompt, seed=3, num_inference_steps=2, decoder="tiny", output_type="np").images[0])
-    with torch.no_grad():  # the pipeline's convention: latents / scaling_factor (1.0), pixels [-1, 1] -> [0, 1]
-        theirs = model.decode(torch.from_numpy(res.latents)).sample[0].permute(1, 2, 0).numpy() / 2 + 0.5
+    with torch.no_grad():  # diffusers pipelines' convention: latents / scaling_factor, pixels [-1, 1] -> [0, 1]
+        z = torch.from_numpy(res.latents) / model.config.scaling_factor
+        theirs = model.decode(z).sample[0].permute(1, 2, 0).numpy() / 2 + 0.5
     assert np.abs(ours - np.clip(theirs, 0, 1)).max() <= 1e-3
 
 
@@ -72,6 +76,26 @@ def test_an_autoencoder_of_another_scale_is_refused_and_nothing_written(tmp_path
     with pytest.raises(ExportError, match="8 pixels per cell, the bundle 4 and 4"):
         tiny_decoder.add_to_bundle(default_bundle(), tmp_path / "taesd8x", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--blocks", "2"], "expected counts"),
+                                           (["--blocks", "2,x,0"], "expected counts"),
+                                           (["--latent-scale", "0"], "must be positive"),
+                                           (["--crop", "0"], "must be positive")])
+def test_bad_options_are_one_line_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tiny_decoder.main(["--out", str(tmp_path / "taesd"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "taesd").exists()
+
+
+def test_the_student_sees_the_shape_through_its_clamp():
+    """AutoencoderTiny's decoder opens with tanh(x / 3) * 3. The built-in model's latents reach ~+-20 under the shape;
+    read / LATENT_SCALE, values 8 and 16 still differ after the clamp by a tenth of its range (at scale 1: 0.03)."""
+    def clamp(v):
+        return 3 * np.tanh(v / 3)
+
+    scale = tiny_decoder.LATENT_SCALE
+    assert clamp(16 / scale) - clamp(8 / scale) > 0.3 > clamp(16) - clamp(8)
 
 
 def test_teacher_weights_balance_shape_and_a_noisy_background():

@@ -37,19 +37,27 @@ import numpy as np
 CHANNELS = 32  # 16 (the teacher's own width at 64x64) lost 28 / 35 points of all-correct adherence, 32 lost 24 / 27
 DECODER_BLOCKS = (2, 2, 0)  # AutoencoderTinyBlocks per stage; the stages are 16x16, 32x32, 64x64 for a 64x64 image
 CROP = 8  # latent cells per side of a training crop (32x32 pixels): 4x cheaper steps; the decoder is convolutional
+# The student reads latents / LATENT_SCALE (its config's scaling_factor; the runtime divides, as diffusers' pipelines
+# do). AutoencoderTiny's decoder starts with the soft clamp tanh(x / 3) * 3, made for SD latents within about +-3;
+# this model's latents reach +-20 exactly where the shape is (54 % of the latent cells under a shape hold a value
+# beyond +-3, 0.9 % of background cells), so at scale 1 the clamp flattened the shape's values together.
+LATENT_SCALE = 4.0
 GENERATED_SEED = 100_000  # the first seed of the model's own latents: far from eval-default's 0..n-1
 
 
-def teacher_data(bundle: Path, seed: int, scenes: int, generated: int, log: dict) -> tuple[np.ndarray, np.ndarray]:
+def teacher_data(bundle: Path, seed: int, scenes: int, generated: int, log: dict,
+                 threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(latents (N, 4, 16, 16), pixels (N, 3, 64, 64)) float32: denoiser-space latents and the VAE decoder's image
-    of each (module docstring)."""
+    of each (module docstring). ``threads``: ONNX Runtime's intra-op threads (0: one per core); the values do not
+    depend on it beyond float rounding."""
     from edgediff import Pipeline
+    from edgediff.backends.ort import OrtOptions
     from edgediff.stages import run_component
 
     from .dataset import canonical_caption, make_dataset, sample_scenes
 
     t0 = time.time()
-    with Pipeline.load(bundle) as pipe:
+    with Pipeline.load(bundle, options=OrtOptions(intra_op_num_threads=threads)) as pipe:
         m = pipe.bundle.manifest
         images, _, _ = make_dataset(seed + 30, scenes, "train")  # (S, 64, 64, 3) uint8
         latents = []
@@ -87,18 +95,21 @@ def teacher_shape_weight(x, threshold: float = 0.25):
     return 1 + fg * ((1 - frac) / frac - 1)
 
 
-def build_student(channels: int = CHANNELS):
+def build_student(channels: int = CHANNELS, blocks: tuple[int, ...] = DECODER_BLOCKS, latent_scale: float = LATENT_SCALE):
     from diffusers import AutoencoderTiny
 
-    n = len(DECODER_BLOCKS)
+    n = len(blocks)
     return AutoencoderTiny(encoder_block_out_channels=(channels,) * n, decoder_block_out_channels=(channels,) * n,
-                           num_encoder_blocks=(1,) * n, num_decoder_blocks=DECODER_BLOCKS, latent_channels=4,
-                           scaling_factor=1.0)
+                           num_encoder_blocks=(1,) * n, num_decoder_blocks=tuple(blocks), latent_channels=4,
+                           scaling_factor=latent_scale)
 
 
 def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: int, log: dict, lr: float = 3e-3,
-           channels: int = CHANNELS):
-    """The student trained on (latent, teacher pixels) pairs (module docstring); returns it in eval mode."""
+           channels: int = CHANNELS, blocks: tuple[int, ...] = DECODER_BLOCKS, crop: int = CROP,
+           latent_scale: float = LATENT_SCALE, progress=None):
+    """The student trained on (latent, teacher pixels) pairs (module docstring); returns it in eval mode. ``crop``:
+    latent cells per side of a training crop, at most the latent's side (the whole latent). ``progress(step,
+    student)``, if given, is called every 1000 steps (e.g. to judge a held-out sample as training goes)."""
     import torch
     import torch.nn.functional as F
 
@@ -106,21 +117,22 @@ def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: i
 
     torch.manual_seed(seed + 3)  # the student's initial weights
     g = torch.Generator().manual_seed(seed + 3)  # its batches
-    student = build_student(channels)
+    student = build_student(channels, blocks, latent_scale)
     dec = student.decoder
-    zt, xt = torch.from_numpy(z), torch.from_numpy(pixels)
+    crop = min(crop, z.shape[2])
+    zt, xt = torch.from_numpy(z / np.float32(latent_scale)), torch.from_numpy(pixels)  # what the runtime feeds it
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warm_max=100, floor=0.05))
     dec.train()
     t0, losses = time.time(), []
     for step in range(steps):
         idx = torch.randint(0, len(zt), (batch,), generator=g)
-        oy, ox = (int(v) for v in torch.randint(0, zt.shape[2] - CROP + 1, (2,), generator=g))
+        oy, ox = (int(v) for v in torch.randint(0, zt.shape[2] - crop + 1, (2,), generator=g))
         f = xt.shape[2] // zt.shape[2]  # pixels per latent cell
         target = xt[idx]
-        w = teacher_shape_weight(target)[:, :, f * oy:f * (oy + CROP), f * ox:f * (ox + CROP)]  # (B, 1, 32, 32)
-        target = target[:, :, f * oy:f * (oy + CROP), f * ox:f * (ox + CROP)]
-        err = dec(zt[idx][:, :, oy:oy + CROP, ox:ox + CROP]) - target
+        w = teacher_shape_weight(target)[:, :, f * oy:f * (oy + crop), f * ox:f * (ox + crop)]  # (B, 1, 4c, 4c)
+        target = target[:, :, f * oy:f * (oy + crop), f * ox:f * (ox + crop)]
+        err = dec(zt[idx][:, :, oy:oy + crop, ox:ox + crop]) - target
         loss = (w * (err.abs() + err.square())).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,8 +141,12 @@ def distil(z: np.ndarray, pixels: np.ndarray, *, steps: int, batch: int, seed: i
         losses.append(float(loss.detach()))
         if step % 200 == 0 or step == steps - 1:
             print(f"tiny decoder step {step}: loss {np.mean(losses[-200:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if progress is not None and (step + 1) % 1000 == 0:
+            dec.eval()
+            progress(step + 1, student)
+            dec.train()
     student.eval().requires_grad_(False)
-    log["distil"] = {"steps": steps, "batch": batch, "lr": lr, "seconds": time.time() - t0,
+    log["distil"] = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "seconds": time.time() - t0,
                      "loss": [float(np.mean(losses[i:i + 200])) for i in range(0, steps, 200)]}
     return student
 
@@ -197,6 +213,17 @@ def add_to_bundle(bundle: Path, taesd: Path, out: Path, *, overwrite: bool = Fal
     return Path(out)
 
 
+def _blocks(text: str) -> tuple[int, ...]:
+    """``--blocks 2,2,0`` -> (2, 2, 0): one count per stage, at least 2 stages (one upsampling each but the last)."""
+    try:
+        blocks = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) < 2 or min(blocks) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected counts >= 0 per stage, e.g. 2,2,0")
+    return blocks
+
+
 def main(argv=None) -> None:
     from edgediff.builtin_model import default_bundle
 
@@ -210,18 +237,29 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     ap.add_argument("--channels", type=int, default=CHANNELS, help="the student's width (every stage)")
+    ap.add_argument("--blocks", type=_blocks, default=DECODER_BLOCKS,
+                    help="AutoencoderTinyBlocks per decoder stage, comma-separated (default %(default)s)")
+    ap.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
+                    help="the student reads latents / this (its scaling_factor; see LATENT_SCALE)")
+    ap.add_argument("--crop", type=int, default=CROP, help="latent cells per side of a training crop (16: whole)")
     ap.add_argument("--scenes", type=int, default=1024, help="ground-truth scenes whose encoder latents are used")
     ap.add_argument("--generated", type=int, default=32, help="the model's own generated latents")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the weights depend on it)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and ONNX Runtime CPU threads (the weights depend on it). 1 by default: on this "
+                         "machine's 2 shared cores a 2-thread step took 1.5-2.3 s against 0.1-0.26 s with 1")
     a = ap.parse_args(argv)
+    if a.latent_scale <= 0 or a.crop < 1:
+        ap.error(f"--latent-scale {a.latent_scale} and --crop {a.crop}: both must be positive")
     import torch
 
     torch.set_num_threads(a.threads)
     bundle = a.bundle or default_bundle()
-    log: dict = {"seed": a.seed, "threads": a.threads, "channels": a.channels, "decoder_blocks": list(DECODER_BLOCKS)}
+    log: dict = {"seed": a.seed, "threads": a.threads, "channels": a.channels, "decoder_blocks": list(a.blocks),
+                 "latent_scale": a.latent_scale}
     t0 = time.time()
-    z, pixels = teacher_data(bundle, a.seed, a.scenes, a.generated, log)
-    student = distil(z, pixels, steps=a.steps, batch=a.batch, seed=a.seed, log=log, lr=a.lr, channels=a.channels)
+    z, pixels = teacher_data(bundle, a.seed, a.scenes, a.generated, log, threads=a.threads)
+    student = distil(z, pixels, steps=a.steps, batch=a.batch, seed=a.seed, log=log, lr=a.lr, channels=a.channels,
+                     blocks=a.blocks, crop=a.crop, latent_scale=a.latent_scale)
     shutil.rmtree(a.out, ignore_errors=True)
     student.save_pretrained(a.out, safe_serialization=True)
     log["minutes_total"] = (time.time() - t0) / 60
