@@ -4,26 +4,33 @@ Stages, each reported through ``progress``: load (safetensors only unless allowe
 component, torch.onnx TorchScript exporter, dynamic batch/spatial axes), check (ONNX Runtime vs PyTorch on fresh
 random inputs of a different shape than the trace, so the dynamic axes are exercised), write (manifest last).
 Models are loaded one at a time and freed before the next one loads (export/plan.py says which rows need which).
+A pipeline with a model of ISOLATE_BYTES or more (SD-1.5's UNet and up) traces each model in a child process and
+checks its graphs with ONNX Runtime here, in a process that never imports torch (see ISOLATE_BYTES).
 Everything is written into a temporary sibling folder and renamed into place at the end: an interrupted export
 never leaves a half bundle at OUT.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
+import importlib.util
 import json
+import os
 import shutil
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edgediff import __version__
 from edgediff.bundle import layout
 from edgediff.bundle.describe import describe
 from edgediff.bundle.manifest import GenerationDefaults, ParityReceipt, Provenance
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
-from edgediff.errors import ExportError, ParityError, missing
+from edgediff.errors import EngineError, ExportError, ParityError, missing
 
 from . import lora, weights_map
 from .external_data import gather_external_data, has_external_data
@@ -40,6 +47,12 @@ MIN_OPSET = 17
 # Graphs whose protobuf would pass this size get their weights in one external-data file beside them
 # ("model.onnx_data", as optimum names it): protobuf cannot hold more than 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# When a source model folder holds this many bytes of weights or more, every model is traced in its own child process
+# (engines/isolate.py) and its graphs are checked here, after the child has exited. What tracing leaves behind (the
+# torch heap, the constant-folded copies of weights, the trace's activations) goes back to the system with the child,
+# so ONNX Runtime's copy of the weights is not stacked on it, and a model killed for memory is one ExportError line.
+# Below it, starting a process per model (seconds of imports) would cost more than it saves: tiny models stay here.
+ISOLATE_BYTES = 1 << 30
 
 Progress = Callable[[str, str, float], None]  # (stage, component, seconds)
 
@@ -75,6 +88,10 @@ def export_pipeline(
     out = Path(out).expanduser()
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
+    # Found, not imported (the models may be traced in child processes); before the configs, which import diffusers.
+    for lib in ("torch", "diffusers", "transformers"):
+        if importlib.util.find_spec(lib) is None:
+            raise missing(lib, "export", "edgediff export")
     source = inspect_source(src, allow_pickle=allow_pickle)
     if tiny_vae is not None:
         source = with_tiny_vae(source, tiny_vae, _model_config(source, "vae"), allow_pickle=allow_pickle)
@@ -97,12 +114,6 @@ def export_pipeline(
         source = dataclasses.replace(source, deepcache=parse_branches(deepcache, unet_config))
     lora_files = lora.prepare(loras, source) if loras else []  # every file checked before any model loads
     check_output(out, overwrite)
-    try:
-        import torch  # noqa: F401
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise missing(exc.name or "torch", "export", "edgediff export") from None
 
     with staged_bundle(out, overwrite) as tmp:
         receipts, configs = _export_all(source, tmp, opset, progress, lora_files)
@@ -157,29 +168,105 @@ def _load(source: Source, folder: str):
     return model
 
 
+@dataclasses.dataclass(frozen=True)
+class _Traced:
+    """One exported row, as the check needs it: plain Python and numpy, so it can come back from a child process
+    without torch being imported here."""
+
+    name: str
+    config: dict  # the model's config, made JSON-able (_jsonable)
+    prints: dict | None  # weights_map.fingerprints, taken while torch had the weights
+    reference: str  # what the expected outputs were computed with (the receipt's reference)
+    input_names: tuple[str, ...]
+    inputs: list  # the check inputs, numpy
+    expected: list  # PyTorch's outputs on them, numpy
+    reference_s: float  # seconds the PyTorch reference took (part of the check stage)
+
+
+class _Host:
+    """A numpy check input as parity.receipt_for reads one (``.numpy()``, ``.shape``, as on a torch tensor)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def numpy(self):
+        return self.array
+
+
 def _export_all(source: Source, tmp: Path, opset: int, progress: Progress,
                 lora_files=()) -> tuple[dict[str, ParityReceipt], dict[str, dict]]:
     """Export and check every row of the source's plan; return the receipts and each component's model config."""
+    from .parity import receipt_for
+
+    groups: list[tuple[str, list[str]]] = []  # consecutive rows traced from one source model: one load each
+    for name in export_plan(source).rows:
+        folder = module_of(name)
+        if groups and groups[-1][0] == folder:
+            groups[-1][1].append(name)
+        else:
+            groups.append((folder, [name]))
+    isolate = max(_weights_bytes(source, folder) for folder, _ in groups) >= ISOLATE_BYTES
+    receipts: dict[str, ParityReceipt] = {}
+    configs: dict[str, dict] = {}
+    for folder, names in groups:
+        if isolate:
+            traced = _trace_isolated(source, tmp, opset, folder, names, lora_files, progress)
+        else:
+            traced = _trace_rows(source, tmp, opset, folder, names, lora_files, progress)
+        for t in traced:  # in this process: the graph's rows check while the model is alive only if a later row needs it
+            configs[t.name] = t.config
+            t0 = time.perf_counter()
+            path = tmp / t.name / layout.GRAPH_FILE
+            r = receipt_for(path, t.expected, [_Host(a) for a in t.inputs], t.input_names, reference=t.reference)
+            progress("check", t.name, t.reference_s + time.perf_counter() - t0)
+            if not r.passed:
+                raise ParityError(
+                    f"{t.name}: ONNX Runtime differs from PyTorch by max_rel {r.max_rel:.2e} "
+                    f"(tolerance {r.tolerance:.0e}, max_abs {r.max_abs:.2e}); the export is wrong, nothing was written"
+                )
+            receipts[t.name] = r
+            if t.prints is not None:  # after the model is freed: the graph's initializers are read from disk
+                t0 = time.perf_counter()
+                weights_map.write(tmp, t.name, t.prints)
+                progress("map", t.name, time.perf_counter() - t0)
+            _trim()  # ONNX Runtime's session is gone: its pages go back before the next model is traced
+    return receipts, configs
+
+
+def _trim() -> None:
+    """Return the heap's free pages to the system. glibc keeps freed memory mapped in the process (a freed ONNX
+    Runtime session, a freed model's buffers: hundreds of MB) and counts it resident until malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _trace_rows(source: Source, tmp: Path, opset: int, folder: str, names: list[str], lora_files,
+                progress: Progress) -> Iterator[_Traced]:
+    """Load source model ``folder`` once, export the graph of each row in ``names`` and yield what its check needs.
+    The model is freed before the last row is yielded: ONNX Runtime never holds its copy of the weights next to
+    torch's, except for the rows before the last (the VAE decoder, whose encoder is traced next)."""
     import diffusers
     import torch
 
-    from .parity import receipt_for, reference_outputs
+    from .parity import reference_outputs
 
     plan = export_plan(source)
-    receipts: dict[str, ParityReceipt] = {}
-    configs: dict[str, dict] = {}
-    loaded: dict = {}  # source model folder -> the one model in memory
-    for name, spec in plan.rows.items():
-        folder = module_of(name)
-        if folder not in loaded:
-            loaded.clear()
-            gc.collect()  # the previous model is gone before the next one loads
-            t0 = time.perf_counter()
-            loaded[folder] = _load(source, folder)
-            lora.fuse_into(loaded[folder], folder, lora_files, source)  # --lora: fused before tracing
-            progress("load", folder, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    loaded = {folder: _load(source, folder)}  # the one model in memory
+    lora.fuse_into(loaded[folder], folder, lora_files, source)  # --lora: fused before tracing
+    progress("load", folder, time.perf_counter() - t0)
+    for i, name in enumerate(names):
+        spec = plan.rows[name]
         cfg = loaded[folder].config
-        configs[name] = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        config = _jsonable(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))  # no torch types in it
         module = spec.wrap(loaded).eval()
         t0 = time.perf_counter()
         path = tmp / name / layout.GRAPH_FILE
@@ -192,26 +279,87 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress,
         t0 = time.perf_counter()
         geo = plan.trace if name.startswith("text_encoder") else plan.check
         check_inputs = spec.inputs(loaded, geo, torch.Generator().manual_seed(1))
-        cls = type(getattr(module, "m")).__name__
-        ref = f"torch {torch.__version__} / diffusers {diffusers.__version__} {cls}"
+        reference = f"torch {torch.__version__} / diffusers {diffusers.__version__} {type(getattr(module, 'm')).__name__}"
         expected = reference_outputs(module, check_inputs)
-        del module, example
-        if plan.last_use(name):  # free the weights before ONNX Runtime loads its own copy of them
+        inputs = [t.numpy() for t in check_inputs]
+        del module, example, check_inputs
+        if i == len(names) - 1:  # free the weights before ONNX Runtime loads its own copy of them
             loaded.clear()
             gc.collect()
-        r = receipt_for(path, expected, check_inputs, spec.input_names, reference=ref)
-        progress("check", name, time.perf_counter() - t0)
-        if not r.passed:
-            raise ParityError(
-                f"{name}: ONNX Runtime differs from PyTorch by max_rel {r.max_rel:.2e} "
-                f"(tolerance {r.tolerance:.0e}, max_abs {r.max_abs:.2e}); the export is wrong, nothing was written"
-            )
-        receipts[name] = r
-        if prints is not None:  # after the model is freed: the graph's initializers are read from disk
-            t0 = time.perf_counter()
-            weights_map.write(tmp, name, prints)
-            progress("map", name, time.perf_counter() - t0)
-    return receipts, configs
+            _trim()
+        yield _Traced(name, config, prints, reference, tuple(spec.input_names), inputs, expected,
+                      time.perf_counter() - t0)
+
+
+def _trace_isolated(source: Source, tmp: Path, opset: int, folder: str, names: list[str], lora_files,
+                    progress: Progress) -> list[_Traced]:
+    """_trace_rows in a child process; its progress lines are passed on as it writes them. The child dying (the OOM
+    killer's SIGKILL) is one ExportError; an error raised in it (ExportError, ...) is raised here as it was."""
+    from edgediff.engines.isolate import run_isolated
+
+    with _Relay(progress) as relay:
+        try:
+            return run_isolated(_trace_in_child, source, tmp, opset, folder, names, lora_files, relay.path,
+                                what=f"exporting {folder}")
+        except EngineError as exc:
+            raise ExportError(str(exc)) from None
+
+
+def _trace_in_child(source: Source, tmp: Path, opset: int, folder: str, names: list[str], lora_files,
+                    events: str) -> list[_Traced]:
+    with open(events, "a", encoding="utf-8") as f:
+        def progress(stage: str, component: str, seconds: float) -> None:
+            f.write(f"{stage}\t{component}\t{seconds!r}\n")
+            f.flush()
+
+        return list(_trace_rows(source, tmp, opset, folder, names, lora_files, progress))
+
+
+class _Relay:
+    """A file a child process appends ``stage<TAB>component<TAB>seconds`` lines to, read by a thread here that
+    passes each line to ``progress`` as it arrives (the CLI's progress callback cannot be sent to the child)."""
+
+    def __init__(self, progress: Progress):
+        self._progress = progress
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="edgediff-export-progress", daemon=True)
+
+    def __enter__(self) -> "_Relay":
+        fd, self.path = tempfile.mkstemp(prefix="edgediff-export-", suffix=".progress")
+        os.close(fd)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.unlink(self.path)
+
+    def _pump(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            pending = ""
+            while True:
+                last = self._stop.is_set()  # read once more after the child has ended
+                pending += f.read()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    stage, component, seconds = line.split("\t")
+                    self._progress(stage, component, float(seconds))
+                if last:
+                    return
+                self._stop.wait(0.2)
+
+
+def _weights_bytes(source: Source, folder: str) -> int:
+    """Bytes of weight files in the folder source model ``folder`` loads from (as _load finds it)."""
+    lib, cls_name = source.classes.get(folder) or model_class(folder)
+    if folder == TINY_FOLDER and lib != "transformers":
+        where = Path(source.tiny_vae)
+    elif cls_name == "ControlNetModel":
+        where = Path(controlnet_folder(source, folder))
+    else:
+        where = source.root / folder
+    return sum(p.stat().st_size for p in where.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
 
 
 def _export_graph(module, example: tuple, spec, path: Path, opset: int) -> None:
