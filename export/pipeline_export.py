@@ -52,9 +52,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # torch heap, the constant-folded copies of weights, the trace's activations) goes back to the system with the child,
 # so ONNX Runtime's copy of the weights is not stacked on it, and a model killed for memory is one ExportError line.
 # Below it, starting a process per model (seconds of imports) would cost more than it saves: tiny models stay here.
-# Measured on SD-1.5's shapes (bench/scripts/tree_rss.py, sd15-random): the process tree peaked 0.6 GB higher than in one process (7.8 vs 7.2 GB, at
-# the UNet's trace): this process has imported torch too (plan._model_config reads diffusers' defaults), about 0.3 GB
-# the in-process export holds once. What the children buy is the failure mode and no heap carried between models.
+# Measured on sd15-random (bench/scripts/tree_rss.py): the process tree peaked 0.6 GB higher than in one process
+# (7.8 vs 7.2 GB, at the UNet's trace): this process has imported torch too (plan._model_config reads diffusers'
+# defaults), about 0.3 GB that one process holds once. The children buy the failure mode and no heap carried over.
 ISOLATE_BYTES = 1 << 30
 
 Progress = Callable[[str, str, float], None]  # (stage, component, seconds)
