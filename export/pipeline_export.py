@@ -222,7 +222,7 @@ def _export_all(source: Source, tmp: Path, opset: int, progress: Progress,
             traced = _trace_isolated(source, tmp, opset, folder, names, lora_files, progress)
         else:
             traced = _trace_rows(source, tmp, opset, folder, names, lora_files, progress)
-        for t in traced:  # in this process: the graph's rows check while the model is alive only if a later row needs it
+        for t in traced:  # checked here; the model is alive only while a later row needs it (in-process)
             configs[t.name] = t.config
             t0 = time.perf_counter()
             path = tmp / t.name / layout.GRAPH_FILE
@@ -282,7 +282,8 @@ def _trace_rows(source: Source, tmp: Path, opset: int, folder: str, names: list[
         t0 = time.perf_counter()
         geo = plan.trace if name.startswith("text_encoder") else plan.check
         check_inputs = spec.inputs(loaded, geo, torch.Generator().manual_seed(1))
-        reference = f"torch {torch.__version__} / diffusers {diffusers.__version__} {type(getattr(module, 'm')).__name__}"
+        cls = type(getattr(module, "m")).__name__
+        reference = f"torch {torch.__version__} / diffusers {diffusers.__version__} {cls}"
         expected = reference_outputs(module, check_inputs)
         inputs = [t.numpy() for t in check_inputs]
         del module, example, check_inputs
