@@ -160,6 +160,9 @@ class Pipeline:
         preset: str | None = None,
         cache_interval: int | None = None,
         cache_branch: int | None = None,
+        cache_schedule: str | None = None,
+        cache_center: int | None = None,
+        cache_pow: float | None = None,
         control_image: Any = None,
         controlnet_conditioning_scale: float | Sequence[float] | None = None,
         control_guidance_start: float | Sequence[float] | None = None,
@@ -191,7 +194,9 @@ class Pipeline:
         ``vae_tile_size`` sets its tile in pixels (default the VAE's sample_size, as diffusers; smaller tiles lower
         the peak memory further);
         ``cache_interval=N`` runs DeepCache (runtime/deepcache.py): the full UNet every N-th step, the shallow graph
-        of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B).
+        of ``cache_branch`` (default 0) with the cached deep feature between (export --deepcache B);
+        ``cache_schedule="quadratic"`` places the same number of full steps by the paper's non-uniform power law
+        around step ``cache_center`` (default floor(0.3 x steps)) with exponent ``cache_pow`` (default 1.2).
         ``preset="lcm"`` (runtime/presets.py) sets the LCM-LoRA recipe: scheduler lcm, 4 steps, guidance 1.0; steps,
         guidance or scheduler given in the call win over it.
 
@@ -209,7 +214,8 @@ class Pipeline:
                            denoising_start=denoising_start, denoising_end=denoising_end, cfg_cutoff=cfg_cutoff,
                            decoder=decoder, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, preset=preset,
                            cache_interval=cache_interval,
-                           cache_branch=cache_branch, control_image=control_image,
+                           cache_branch=cache_branch, cache_schedule=cache_schedule, cache_center=cache_center,
+                           cache_pow=cache_pow, control_image=control_image,
                            controlnet_conditioning_scale=controlnet_conditioning_scale,
                            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                            guess_mode=guess_mode, controlnets=controlnets, **family_options)
@@ -220,7 +226,7 @@ class Pipeline:
                 mask_image=None, padding_mask_crop=None,
                 scheduler=None, output_type="pil", denoising_start=None, denoising_end=None, cfg_cutoff=None,
                 decoder="full", vae_tiling=None, vae_tile_size=None, preset=None, cache_interval=None,
-                cache_branch=None,
+                cache_branch=None, cache_schedule=None, cache_center=None, cache_pow=None,
                 control_image=None, controlnet_conditioning_scale=None, control_guidance_start=None,
                 control_guidance_end=None, guess_mode=None, controlnets=None,
                 **family_options) -> GenerationRequest:
@@ -312,6 +318,8 @@ class Pipeline:
         cache_interval, cache_branch = deepcache.check_request(self.bundle, cache_interval, cache_branch,
                                                                cfg_cutoff=cfg_cutoff, loras=self.loras,
                                                                controlnet=control)
+        cache_schedule, cache_center, cache_pow = deepcache.check_schedule(cache_schedule, cache_center, cache_pow,
+                                                                           interval=cache_interval, steps=steps)
         decoder = tiny_vae.check_decoder(self.bundle, decoder)
         vae_tiling = tiling.check_flag(vae_tiling)
         vae_tile_size = tiling.check_tile_size(self.bundle, vae_tile_size, vae_tiling)
@@ -337,7 +345,9 @@ class Pipeline:
                                  inpaint=inpainting,
                                  cfg_cutoff=cfg_cutoff, decoder=decoder, vae_tiling=vae_tiling,
                                  vae_tile_size=vae_tile_size,
-                                 cache_interval=cache_interval, cache_branch=cache_branch, controlnet=control)
+                                 cache_interval=cache_interval, cache_branch=cache_branch,
+                                 cache_schedule=cache_schedule, cache_center=cache_center, cache_pow=cache_pow,
+                                 controlnet=control)
 
     def generate(self, req: GenerationRequest, *, callback: StepCallback | None = None,
                  cancel: Callable[[], bool] | None = None,
@@ -475,6 +485,9 @@ class Pipeline:
                 params[key] = getattr(req, key)
         if deepcache.extensions_for(req):  # DeepCache ran (interval >= 2)
             params.update(cache_interval=req.cache_interval, cache_branch=req.cache_branch)
+            if req.cache_schedule != "uniform":  # the default schedule leaves the record as it was
+                params.update(cache_schedule=req.cache_schedule, cache_center=req.cache_center,
+                              cache_pow=req.cache_pow)
         if req.inpaint is not None:
             params.update(req.inpaint.parameters())
         if req.controlnet is not None:

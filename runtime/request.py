@@ -43,6 +43,9 @@ class GenerationRequest:
     vae_tile_size: int | None = None  # tiled VAE's tile in pixels (None: the VAE config's sample_size, diffusers')
     cache_interval: int | None = None  # DeepCache: full UNet every N-th step, shallow between (runtime/deepcache.py)
     cache_branch: int = 0  # DeepCache's cache_branch_id: which skip branch's feature is cached
+    cache_schedule: str = "uniform"  # DeepCache's full steps: "uniform" (every N-th) or "quadratic" (paper Sec. 3.3)
+    cache_center: int | None = None  # quadratic only: the step the full steps crowd around
+    cache_pow: float | None = None  # quadratic only: the power law's exponent (> 1)
     controlnet: Any = None  # runtime/controlnet.ControlInputs: control_image= (ControlNets, preprocessed images)
 
     @property

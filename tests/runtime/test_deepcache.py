@@ -243,3 +243,171 @@ def test_cli_generate(dc_bundle, tiny_sd1_bundle, tmp_path):
     r = CliRunner().invoke(main, base + ["--cache-interval", "3", "--cache-branch", "4"])
     assert r.exit_code == 0, r.output
     assert out.is_file()
+
+
+# -- the paper's non-uniform 1:N schedule (cache_schedule="quadratic") ---------------------------------------------
+REFERENCE_PIPELINE = "DeepCache/sd/pipeline_stable_diffusion.py"
+
+
+@pytest.fixture(scope="module")
+def reference_quad_center():
+    """``sample_from_quad_center`` of the installed DeepCache==0.1.1. Its module cannot be imported under diffusers
+    0.42 (its UNet imports diffusers' removed PositionNet), so the function's own definition is compiled from the
+    installed file alone: ast-parsed, that one ``def`` executed with numpy, nothing else of the module run."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(importlib.util.find_spec("DeepCache").origin).parent.parent
+    tree = ast.parse((root / REFERENCE_PIPELINE).read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sample_from_quad_center"]
+    namespace = {"np": np}
+    exec(compile(ast.Module([fn], type_ignores=[]), str(root / REFERENCE_PIPELINE), "exec"), namespace)
+
+    def full_steps(steps, interval, center, power):  # the reference pipeline's call: num_slow_step = ceil(T / N)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its complex -> int32 cast warns (numpy's ComplexWarning)
+            seq, _ = namespace["sample_from_quad_center"](steps, -(-steps // interval), center=center, pow=power)
+        return sorted(int(i) for i in seq)
+
+    return full_steps
+
+
+@pytest.mark.parametrize("steps,interval,center,power", [
+    (50, 3, 15, 1.4), (50, 5, 15, 1.4), (50, 2, 20, 1.2), (20, 3, 6, 1.2), (20, 3, 0, 2.0), (20, 3, 19, 3.0),
+    (25, 4, 8, 1.6), (9, 3, 2, 1.4), (7, 2, 3, 1.2), (12, 20, 4, 1.2), (100, 10, 30, 1.5)])
+def test_quadratic_schedule_is_the_references(reference_quad_center, steps, interval, center, power):
+    from edgediff.deepcache import quadratic_full_steps
+
+    mine = list(quadratic_full_steps(steps, interval, center, power))
+    assert mine == reference_quad_center(steps, interval, center, power)
+    assert len(mine) == -(-steps // interval) and mine[0] == 0  # as many full steps as uniform, the first one full
+
+
+def test_quadratic_schedule_matches_the_reference_over_a_grid(reference_quad_center):
+    """Every (steps <= 40, interval 2..5, centre, power) the reference places, and the same ones refused."""
+    from edgediff.deepcache import quadratic_full_steps
+
+    refused = 0
+    for steps in range(2, 41):
+        for interval in range(2, 6):
+            for center in range(steps):
+                for power in (1.2, 1.4, 2.0):
+                    try:
+                        theirs = reference_quad_center(steps, interval, center, power)
+                    except ValueError:
+                        theirs = None
+                    try:
+                        mine = list(quadratic_full_steps(steps, interval, center, power))
+                    except InputError:
+                        mine = None
+                    assert mine == theirs, (steps, interval, center, power)
+                    refused += theirs is None
+    assert refused > 0  # the refusal path was compared too
+
+
+def test_quadratic_images_match_the_deepcache_helper_on_the_references_schedule(tiny_sd1_source, ours,
+                                                                                  reference_quad_center):
+    """The reference's caching (DeepCacheSDHelper) made full on the reference pipeline's non-uniform steps
+    (``i in interval_seq``, i the loop index) against ours, same latents and noise."""
+    from DeepCache import DeepCacheSDHelper
+
+    steps, interval, center, power = 10, 3, 2, 1.4
+    seq = reference_quad_center(steps, interval, center, power)
+    assert seq != list(range(0, steps, interval))  # a schedule the uniform one is not
+
+    class OnSchedule(DeepCacheSDHelper):
+        def is_skip_step(self, block_i, layer_i, blocktype="down"):
+            if self.cur_timestep in seq:  # the reference pipeline: prv_features = None on these steps
+                return False
+            return super().is_skip_step(block_i, layer_i, blocktype)  # skip_mode is not "uniform": cached below
+
+    ref = reference(tiny_sd1_source, "StableDiffusionPipeline", "euler")
+    latents = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    helper = OnSchedule(pipe=ref)
+    helper.set_params(cache_interval=interval, cache_branch_id=4, skip_mode="quadratic")
+    helper.enable()
+    try:
+        theirs = ref("a red circle on white", negative_prompt="blurry", num_inference_steps=steps,
+                     guidance_scale=7.5, latents=torch.from_numpy(latents), generator=torch.Generator().manual_seed(5),
+                     output_type="np").images
+    finally:
+        helper.disable()
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, latents=latents, scheduler="euler", rng=StreamFrom(5),
+              output_type="np", cache_interval=interval, cache_branch=4)
+    mine = ours("a red circle on white", "blurry", cache_schedule="quadratic", cache_center=center, cache_pow=power,
+                **kw)
+    assert_images_close(mine.images, theirs, 1e-3)
+    assert {k: mine.parameters[k] for k in ("cache_schedule", "cache_center", "cache_pow")} == dict(
+        cache_schedule="quadratic", cache_center=center, cache_pow=power)
+    uniform = ours("a red circle on white", "blurry", **kw)
+    assert np.abs(np.stack(uniform.images) - np.stack(mine.images)).max() > 1e-4  # the schedule changed the image
+
+
+def test_quadratic_schedule_runs_its_full_steps(ours):
+    from edgediff.deepcache import quadratic_full_steps
+
+    kw = dict(prompt="x", num_inference_steps=20, seed=0, scheduler="euler", cache_interval=3)
+    full, shallow = "unet_deepcache_full", "unet_deepcache_shallow_0"
+    seq = quadratic_full_steps(20, 3, 6, 1.2)  # the defaults for 20 steps: centre floor(0.3 x 20), power 1.2
+    assert seq == (0, 3, 6, 7, 10, 13, 16)
+    assert graphs_run(ours, cache_schedule="quadratic", **kw) == [full if i in seq else shallow for i in range(20)]
+    ran = graphs_run(ours, cache_schedule="quadratic", cache_center=0, cache_pow=2.0, **kw)
+    assert [i for i, g in enumerate(ran) if g == full] == list(quadratic_full_steps(20, 3, 0, 2.0))
+    assert ran.count(full) == graphs_run(ours, **kw).count(full) == 7  # as many full calls as the uniform schedule
+    # PNDM repeats its second timestep (t0, t1, t1, t2, ...): both calls are step 1 of the schedule
+    pndm = graphs_run(ours, cache_schedule="quadratic", cache_center=2, cache_pow=1.4,
+                      **dict(kw, num_inference_steps=10, scheduler="pndm"))
+    seq = quadratic_full_steps(10, 3, 2, 1.4)
+    step_of_call = [0, 1, 1, *range(2, 10)]
+    assert pndm == [full if step_of_call[c] in seq else shallow for c in range(11)]
+
+
+def test_uniform_schedule_is_the_default_path(ours):
+    kw = dict(prompt="a green triangle", num_inference_steps=7, seed=4, output_type="np", cache_interval=3)
+    a, b = ours(**kw), ours(cache_schedule="uniform", **kw)
+    assert np.array_equal(np.stack(a.images), np.stack(b.images))
+    assert not any(k in b.parameters for k in ("cache_schedule", "cache_center", "cache_pow"))
+    req = ours.request(**{k: v for k, v in kw.items() if k != "output_type"})
+    assert (req.cache_schedule, req.cache_center, req.cache_pow) == ("uniform", None, None)
+    # interval 1 is the plain UNet whatever the schedule: no extension, no record
+    c = ours(**dict(kw, cache_interval=1, cache_schedule="quadratic"))
+    assert "cache_schedule" not in c.parameters
+
+
+def test_quadratic_refusals_are_one_line(ours):
+    with pytest.raises(InputError, match=r"^cache_schedule='poisson'; expected one of uniform, quadratic$"):
+        ours.request("x", cache_interval=3, cache_schedule="poisson")
+    with pytest.raises(InputError, match=r"^cache_center=20; must be a step from 0 to 19"):
+        ours.request("x", num_inference_steps=20, cache_interval=3, cache_schedule="quadratic", cache_center=20)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match=r"^cache_center=.*must be a step from 0 to 9"):
+            ours.request("x", num_inference_steps=10, cache_interval=3, cache_schedule="quadratic", cache_center=bad)
+    for bad in (1, 1.0, 0.5, float("nan"), "2", True):
+        with pytest.raises(InputError, match=r"^cache_pow=.*must be a number > 1"):
+            ours.request("x", cache_interval=3, cache_schedule="quadratic", cache_pow=bad)
+    for given in (dict(cache_schedule="quadratic"), dict(cache_center=3), dict(cache_pow=1.4)):
+        with pytest.raises(InputError, match=r"shapes DeepCache's schedule and needs cache_interval N"):
+            ours.request("x", **given)
+    with pytest.raises(InputError, match=r"^cache_center and cache_pow place the full steps of "
+                                         r"cache_schedule='quadratic'"):
+        ours.request("x", cache_interval=3, cache_center=3)
+    # a centre the power law cannot spread the full steps around (the reference raises there too)
+    with pytest.raises(InputError, match=r"no power in \(1, 1.2\] spaces 3 distinct full steps \(rounding merges "
+                                         r"two\); try another cache_center or cache_pow$"):
+        ours.request("x", num_inference_steps=6, cache_interval=2, cache_schedule="quadratic", cache_center=3)
+
+
+def test_cli_generate_quadratic(dc_bundle, tmp_path):
+    out = tmp_path / "a.png"
+    base = ["generate", "a red circle", "--model", str(dc_bundle), "--steps", "6", "--seed", "1", "-o", str(out),
+            "--cache-interval", "2"]
+    r = CliRunner().invoke(main, base + ["--cache-schedule", "poisson"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "error: cache_schedule='poisson'; expected one of uniform, quadratic"), r.output
+    r = CliRunner().invoke(main, base + ["--cache-schedule", "quadratic", "--cache-pow", "1"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: cache_pow=1.0; must be"), r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, base + ["--cache-schedule", "quadratic", "--cache-center", "2", "--cache-pow", "1.4"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
