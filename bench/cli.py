@@ -131,9 +131,16 @@ def run(bundles, backend, steps, size, batch, scheduler, **options) -> None:
               help="Speed lever: DeepCache, the full UNet every N-th step, e.g. 2,3 (a bundle with the shallow UNet).")
 @click.option("--cache-branch", type=click.IntRange(min=0), default=None,
               help="DeepCache's cached block for --cache-interval (default: the pipeline's).")
+@click.option("--cache-schedule", type=click.Choice(["uniform", "quadratic"]), default=None,
+              help="DeepCache's full steps for --cache-interval: uniform (default) or quadratic, the paper's "
+                   "non-uniform schedule (as many full steps, crowded around --cache-center).")
+@click.option("--cache-center", type=click.IntRange(min=0), default=None,
+              help="With --cache-schedule quadratic: the centre step (default floor(0.3 x steps)).")
+@click.option("--cache-pow", type=float, default=None,
+              help="With --cache-schedule quadratic: the exponent, > 1 (default 1.2).")
 @_measurement_options
 def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, vae_tiling, vae_tile_size,
-          cache_interval, cache_branch, **options) -> None:
+          cache_interval, cache_branch, cache_schedule, cache_center, cache_pow, **options) -> None:
     """Measure every BUNDLE (default: the built-in model) over the cartesian product of the lists; with several
     bundles, also the ratios of each to the first.
 
@@ -145,7 +152,8 @@ def sweep(bundles, backend, steps, size, batch, scheduler, decoder, cfg_cutoff, 
 
     lever_list = levers(decoder=decoder or (), cfg_cutoff=cfg_cutoff or (), vae_tiling=vae_tiling,
                         vae_tile_size=vae_tile_size or (), cache_interval=cache_interval or (),
-                        cache_branch=cache_branch)
+                        cache_branch=cache_branch, cache_schedule=cache_schedule, cache_center=cache_center,
+                        cache_pow=cache_pow)
     _measure(bundles, Axes(backend=backend, steps=steps or [None], size=size or [None], batch=batch,
                            scheduler=scheduler or [None], levers=lever_list), **options)
 

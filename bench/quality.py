@@ -108,11 +108,14 @@ PLAIN = Lever("plain")
 
 def levers(*, decoder: Sequence[str] = (), cfg_cutoff: Sequence[float] = (), vae_tiling: bool = False,
            vae_tile_size: Sequence[int] = (), cache_interval: Sequence[int] = (),
-           cache_branch: int | None = None) -> list[Lever]:
+           cache_branch: int | None = None, cache_schedule: str | None = None, cache_center: int | None = None,
+           cache_pow: float | None = None) -> list[Lever]:
     """The levers the sweep options name, one per value, each alone (not combined): ``--decoder tiny``,
     ``--cfg-cutoff 0.3,0.5``, ``--vae-tiling`` (with ``--vae-tile-size 256,384``, one tiled lever per tile size
     instead of the VAE's own), ``--cache-interval 2,3`` (with ``--cache-branch``, DeepCache's
-    ``cache_branch=`` passed along with each interval). ``decoder="full"`` is the plain run's own and adds none."""
+    ``cache_branch=`` passed along with each interval, and ``--cache-schedule quadratic`` with ``--cache-center`` /
+    ``--cache-pow``, the paper's non-uniform schedule, likewise). ``decoder="full"`` is the plain run's own and adds
+    none."""
     out = [Lever(f"decoder={d}", (("decoder", d),)) for d in dict.fromkeys(decoder) if d != "full"]
     out += [Lever(f"cfg_cutoff={c:g}", (("cfg_cutoff", float(c)),)) for c in dict.fromkeys(cfg_cutoff)]
     if vae_tile_size and not vae_tiling:
@@ -123,12 +126,22 @@ def levers(*, decoder: Sequence[str] = (), cfg_cutoff: Sequence[float] = (), vae
         out.append(Lever(f"vae_tiling,tile={px}", (("vae_tiling", True), ("vae_tile_size", int(px)))))
     for n in dict.fromkeys(cache_interval):
         opts: tuple[tuple[str, Any], ...] = (("cache_interval", int(n)),)
+        name = f"cache_interval={n}"
         if cache_branch is not None:
             opts += (("cache_branch", int(cache_branch)),)
-        out.append(Lever(f"cache_interval={n}" + (f",branch={cache_branch}" if cache_branch is not None else ""),
-                         opts))
+            name += f",branch={cache_branch}"
+        for key, value in (("cache_schedule", cache_schedule), ("cache_center", cache_center),
+                           ("cache_pow", cache_pow)):
+            if value is not None:
+                opts += ((key, value),)
+                name += f",{key.removeprefix('cache_')}={value:g}" if isinstance(value, float) else \
+                    f",{key.removeprefix('cache_')}={value}"
+        out.append(Lever(name, opts))
     if cache_branch is not None and not cache_interval:
         raise InputError("--cache-branch picks DeepCache's cached block and needs --cache-interval N")
+    if not cache_interval and (cache_schedule, cache_center, cache_pow) != (None, None, None):
+        raise InputError("--cache-schedule, --cache-center and --cache-pow shape DeepCache's schedule and need "
+                         "--cache-interval N")
     return out
 
 

@@ -328,10 +328,18 @@ def doctor(engine_dirs) -> None:
                    "bundle needs export --deepcache).")
 @click.option("--cache-branch", type=int, default=None,
               help="DeepCache: which exported branch's feature is cached (default 0, the fastest).")
+@click.option("--cache-schedule", default=None, metavar="uniform|quadratic",
+              help="DeepCache: where the full steps go: uniform (every N-th, default) or quadratic (the paper's "
+                   "non-uniform one: as many full steps, crowded around --cache-center by the power --cache-pow).")
+@click.option("--cache-center", type=int, default=None,
+              help="DeepCache quadratic schedule: the step the full steps crowd around (default floor(0.3 x steps)).")
+@click.option("--cache-pow", type=float, default=None,
+              help="DeepCache quadratic schedule: the power law's exponent, > 1 (default 1.2, the reference's).")
 def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, size, num_images, init_image, strength,
              backend, rng, low_memory, lora, overwrite, prompt_2, negative_2, prompt_3, negative_3, max_sequence_length,
              refiner, refiner_start, cfg_cutoff, decoder, vae_tiling, vae_tile_size, mask, padding_mask_crop, preset, control_images, controlnet_names, control_scales,
-             control_starts, control_ends, guess_mode, cache_interval, cache_branch) -> None:
+             control_starts, control_ends, guess_mode, cache_interval, cache_branch, cache_schedule, cache_center,
+             cache_pow) -> None:
     """Generate images from PROMPT."""
     from .outputs import check_writable, image_paths, png_bytes, write_all
     from .pipeline import Pipeline
@@ -356,7 +364,8 @@ def generate(prompt, model, output, negative, steps, guidance, scheduler, seed, 
                            width=width, num_images_per_prompt=num_images, seed=seed, rng=rng, image=init_image,
                            mask_image=mask, padding_mask_crop=padding_mask_crop, strength=strength,
                            cfg_cutoff=cfg_cutoff, preset=preset, scheduler=scheduler, cache_interval=cache_interval,
-                           cache_branch=cache_branch, **({} if refiner is not None else decode), **handoff,
+                           cache_branch=cache_branch, cache_schedule=cache_schedule, cache_center=cache_center,
+                           cache_pow=cache_pow, **({} if refiner is not None else decode), **handoff,
                            **family, **_control_options(control_images, controlnet_names, control_scales,
                                                         control_starts, control_ends, guess_mode))
     second = None
@@ -460,8 +469,12 @@ main.add_command(_LazyCommand("serve", "edgediff.serve.cli:serve",
 @click.option("--cache-interval", type=click.IntRange(min=1), default=None,
               help="Speed option to judge: DeepCache, the full UNet every N-th step.")
 @click.option("--cache-branch", type=click.IntRange(min=0), default=None, help="DeepCache's cached block.")
+@click.option("--cache-schedule", default=None, metavar="uniform|quadratic",
+              help="DeepCache's full steps: uniform (default) or quadratic (the paper's non-uniform one).")
+@click.option("--cache-center", type=int, default=None, help="DeepCache quadratic: the centre step.")
+@click.option("--cache-pow", type=float, default=None, help="DeepCache quadratic: the exponent (> 1).")
 def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, reference, autoencode, decoder,
-                 cfg_cutoff, vae_tiling, cache_interval, cache_branch) -> None:
+                 cfg_cutoff, vae_tiling, cache_interval, cache_branch, cache_schedule, cache_center, cache_pow) -> None:
     """Prompt adherence of the built-in shapes model, judged from pixels: per-attribute and all-correct accuracy.
     With a speed option (--decoder tiny, --cfg-cutoff, --vae-tiling, --cache-interval) every image is made with it;
     the adherence it loses is this table's all-correct column against a run without it (same seeds)."""
@@ -475,7 +488,9 @@ def eval_default(model, n, split, steps, guidance, scheduler, seed, backend, ref
         raise InputError("--autoencode compares with the ground truth; drop --reference")
     options = tuple((k, v) for k, v in (("decoder", decoder), ("cfg_cutoff", cfg_cutoff),
                                         ("vae_tiling", vae_tiling or None), ("cache_interval", cache_interval),
-                                        ("cache_branch", cache_branch)) if v is not None and v != "full")
+                                        ("cache_branch", cache_branch), ("cache_schedule", cache_schedule),
+                                        ("cache_center", cache_center), ("cache_pow", cache_pow))
+                    if v is not None and v != "full")
     if autoencode and options:
         raise InputError("--autoencode judges the VAE round trip of ground-truth images; drop the speed options")
     pipe = Pipeline.load(model if model is not None else _default_bundle(), backend=backend)

@@ -4,7 +4,8 @@ Request fields are OpenAI's (prompt, model, n, size "WIDTHxHEIGHT" or "auto", re
 output_format png | jpeg | webp, output_compression, user) plus Stable Diffusion's knobs as extra top-level fields,
 which is what the ``openai`` client sends through ``extra_body``: negative_prompt, num_inference_steps,
 guidance_scale, seed, scheduler, strength for edits, and the speed levers cfg_cutoff, decoder ("tiny"),
-vae_tiling, vae_tile_size, cache_interval, cache_branch (DeepCache) and preset ("lcm"). A field left out takes the model's own default (its
+vae_tiling, vae_tile_size, cache_interval, cache_branch, cache_schedule ("uniform" | "quadratic"), cache_center,
+cache_pow (DeepCache) and preset ("lcm"). A field left out takes the model's own default (its
 recommended steps, guidance, scheduler and size: GET /v1/models). OpenAI fields that have no meaning here are
 accepted and ignored (quality, style, moderation, safety_identifier) or refused when they ask for something this
 server cannot do (background="transparent", partial_images > 0). Any other field is refused by name.
@@ -38,7 +39,8 @@ from .state import build_request, check_multiple, run_ticket
 router = APIRouter()
 
 # the runtime's speed levers, per request (issue 18): each the keyword Pipeline.__call__ takes
-SPEED = ("cfg_cutoff", "decoder", "vae_tiling", "vae_tile_size", "cache_interval", "cache_branch", "preset")
+SPEED = ("cfg_cutoff", "decoder", "vae_tiling", "vae_tile_size", "cache_interval", "cache_branch", "cache_schedule",
+         "cache_center", "cache_pow", "preset")
 # runtime argument name (the start of its InputError messages) -> this API's field name
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "num_inference_steps",
           "guidance_scale": "guidance_scale", "height": "size", "width": "size", "num_images_per_prompt": "n",
@@ -153,6 +155,7 @@ def speed_options(f: Fields, lim) -> dict:
     """The speed levers a request names (only those: a field left out keeps the pipeline's default, so a plain
     request runs the plain path). Whether the model can take one (a tiny decoder, DeepCache graphs, an LCM-LoRA for
     the preset) is the pipeline's check, answered as a 400 naming the field."""
+    from edgediff.deepcache import SCHEDULES
     from edgediff.presets import PRESETS
 
     given = dict(cfg_cutoff=f.number("cfg_cutoff", lo=0.0, hi=1.0),
@@ -161,6 +164,9 @@ def speed_options(f: Fields, lim) -> dict:
                  vae_tile_size=f.integer("vae_tile_size", lo=1, hi=1 << 16),
                  cache_interval=f.integer("cache_interval", lo=1, hi=lim.max_steps),
                  cache_branch=f.integer("cache_branch", lo=0, hi=64),
+                 cache_schedule=f.string("cache_schedule", choices=SCHEDULES),
+                 cache_center=f.integer("cache_center", lo=0, hi=lim.max_steps),
+                 cache_pow=f.number("cache_pow", hi=1e3),  # > 1: the pipeline's check names the field
                  preset=f.string("preset", choices=sorted(PRESETS)))
     return {k: v for k, v in given.items() if v is not None}
 

@@ -107,6 +107,10 @@ def test_samples_count_any_graph_a_step_runs_as_its_backend_call():
     (["--cfg-cutoff", "1.5"], "--cfg-cutoff"),
     (["--cache-interval", "0"], "--cache-interval"),
     (["--cache-branch", "1"], "--cache-branch picks DeepCache's cached block and needs --cache-interval N"),
+    (["--cache-schedule", "quadratic"],
+     "--cache-schedule, --cache-center and --cache-pow shape DeepCache's schedule and need --cache-interval N"),
+    (["--cache-pow", "1.4"], "and need --cache-interval N"),
+    (["--cache-schedule", "poisson"], "'poisson' is not one of 'uniform', 'quadratic'"),
     (["--decoder", "tiny", "--cold-start"], "--cold-start does not combine with the speed levers"),
     (["--vae-tiling", "--profile-ops", "2"], "--profile-ops does not combine with the speed levers"),
     (["--vae-tile-size", "64"], "--vae-tile-size sets the tile of the --vae-tiling lever; add --vae-tiling"),
@@ -140,3 +144,28 @@ def test_cache_interval_is_passed_to_the_pipeline(tiny_sd1_bundle, nothing_measu
     assert {"cache_interval": 3, "cache_branch": 1} in seen
     assert r.exit_code in (1, 2) and r.output.startswith("error: bench lever cache_interval=3,branch=1: "), r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_cache_schedule_is_passed_to_the_pipeline(tiny_sd1_bundle, nothing_measured, monkeypatch):
+    """--cache-schedule quadratic --cache-center C --cache-pow P ride along with each --cache-interval lever."""
+    from edgediff.bench.quality import levers
+
+    got = levers(cache_interval=(2, 3), cache_branch=0, cache_schedule="quadratic", cache_center=6, cache_pow=1.4)
+    assert [(lv.name, lv.kwargs()) for lv in got] == [
+        (f"cache_interval={n},branch=0,schedule=quadratic,center=6,pow=1.4",
+         dict(cache_interval=n, cache_branch=0, cache_schedule="quadratic", cache_center=6, cache_pow=1.4))
+        for n in (2, 3)]
+    assert [lv.kwargs() for lv in levers(cache_interval=(3,))] == [dict(cache_interval=3)]  # default: as before
+    seen = []
+    original = Pipeline.request
+
+    def spy(self, *a, **kw):
+        seen.append({k: kw[k] for k in ("cache_interval", "cache_schedule", "cache_center", "cache_pow") if k in kw})
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "request", spy)
+    r = bench("sweep", tiny_sd1_bundle, *FAST, "--cache-interval", "3", "--cache-schedule", "quadratic",
+              "--cache-center", "2", "--cache-pow", "1.4")
+    assert {"cache_interval": 3, "cache_schedule": "quadratic", "cache_center": 2, "cache_pow": 1.4} in seen
+    assert r.exit_code in (1, 2) and r.output.startswith(
+        "error: bench lever cache_interval=3,schedule=quadratic,center=2,pow=1.4: "), r.output

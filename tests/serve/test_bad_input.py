@@ -75,6 +75,10 @@ def _assert_openai_error(r: httpx.Response, param, status: int = 400) -> dict:
     ({"cache_interval": 0}, "cache_interval"),
     ({"cache_interval": 3}, "cache_interval"),  # the built-in bundle has no DeepCache graphs: the pipeline says so
     ({"cache_branch": -1}, "cache_branch"),
+    ({"cache_schedule": "poisson"}, "cache_schedule"),
+    ({"cache_schedule": "quadratic"}, "cache_schedule"),  # without cache_interval: the pipeline says so
+    ({"cache_center": -1}, "cache_center"),
+    ({"cache_pow": "steep"}, "cache_pow"),
     ({"preset": "turbo"}, "preset"),
 ])
 def test_generations_bad_field(url, change, param):
