@@ -219,9 +219,10 @@ def table(rows: Sequence[dict]) -> str:
     levered = [r for r in rows if (r.get("lever") or {}).get("vs")]
     if not levered:
         return ""
+    w = max(26, *(len(r["lever"]["name"]) + 1 for r in levered))  # whole names: two may share a long prefix
     out = ["speed levers vs the plain run (same run, interleaved, same seeds; ratio < 1 is faster; PSNR/SSIM of "
            "each image against the plain image of its seed):",
-           f"  {'bundle':<16}{'config':<22}{'lever':<26}{'per image':>10}{'ratio':>8}{'unet':>8}{'decode':>8}"
+           f"  {'bundle':<16}{'config':<22}{'lever':<{w}}{'per image':>10}{'ratio':>8}{'unet':>8}{'decode':>8}"
            f"{'PSNR dB':>9}{'min':>7}{'SSIM':>8}{'min':>7}"]
     plain = {_key(r): r for r in rows if (r.get("lever") or {}).get("name") == PLAIN.name}
     for r in levered:
@@ -229,11 +230,11 @@ def table(rows: Sequence[dict]) -> str:
         p = plain.get(_key(r))
         if p is not None:
             name = (r.get("variant") or {}).get("path") or c["bundle"]
-            out.append(f"  {_tail(name, 15):<16}{_config_label(c):<22}{'plain':<26}{p['latency_per_image']:>9.3f}s"
+            out.append(f"  {_tail(name, 15):<16}{_config_label(c):<22}{'plain':<{w}}{p['latency_per_image']:>9.3f}s"
                        f"{1.0:>8.3f}{1.0:>8.3f}{1.0:>8.3f}{'':>9}{'':>7}{'':>8}{'':>7}")
             plain.pop(_key(r))  # the plain line once, above its configuration's first lever
         q, ratio = lv["quality"], lv["ratio"]
-        out.append(f"  {'':<16}{'':<22}{lv['name'][:25]:<26}{r['latency_per_image']:>9.3f}s{_fmt(ratio['latency_per_image'])}"
+        out.append(f"  {'':<16}{'':<22}{lv['name']:<{w}}{r['latency_per_image']:>9.3f}s{_fmt(ratio['latency_per_image'])}"
                    f"{_fmt(ratio['unet_per_image'])}{_fmt(ratio['vae_decode'])}{q['psnr']['mean']:>9.2f}"
                    f"{q['psnr']['min']:>7.1f}{q['ssim']['mean']:>8.4f}{q['ssim']['min']:>7.3f}")
     return "\n".join(out) + "\n"

@@ -169,3 +169,21 @@ def test_cache_schedule_is_passed_to_the_pipeline(tiny_sd1_bundle, nothing_measu
     assert {"cache_interval": 3, "cache_schedule": "quadratic", "cache_center": 2, "cache_pow": 1.4} in seen
     assert r.exit_code in (1, 2) and r.output.startswith(
         "error: bench lever cache_interval=3,schedule=quadratic,center=2,pow=1.4: "), r.output
+
+
+def test_the_table_shows_whole_lever_names():
+    """Two DeepCache levers that differ only past the 25th character (the schedule) stay apart in the table."""
+    from edgediff.bench.quality import table
+
+    def row(name, vs="plain"):
+        q = {"psnr": {"mean": 40.0, "min": 39.0}, "ssim": {"mean": 0.99, "min": 0.98}}
+        return {"config": dict(bundle="b", backend="cpu", steps=20, height=64, width=64, batch=1, scheduler=None),
+                "latency_per_image": 1.0,
+                "lever": {"name": name, "vs": vs, "quality": q,
+                          "ratio": {"latency_per_image": 0.8, "unet_per_image": 0.7, "vae_decode": 1.0}}}
+
+    names = ["cache_interval=3,branch=0", "cache_interval=3,branch=0,schedule=quadratic,center=15,pow=2"]
+    text = table([row("plain", None), *(row(n) for n in names)])
+    lines = text.splitlines()
+    assert [ln.split()[0] for ln in lines[-2:]] == names, text
+    assert len({ln.index("0.800") for ln in lines[-2:]}) == 1, text  # the columns stay aligned
