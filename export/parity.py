@@ -11,9 +11,11 @@ import numpy as np
 
 from edgediff.bundle.manifest import ParityReceipt
 
-# Bound on max_rel per precision. fp32 graphs differ from PyTorch only by kernel summation order (~1e-6); 1e-4
-# leaves room for deep UNets while catching any real export bug (a wrong op or layout shows up at >1e-2).
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "mixed-fp16": 1e-2, "int8-qdq": 1e-1, "fp8-qdq": 1e-1, "int8-weights": 1e-1, "int4-weights": 2e-1,
+# Bound on max_rel per precision. fp32 graphs differ from PyTorch only by kernel summation order (~1e-6 on small
+# models); 5e-4 leaves room for the largest fp32 graphs while catching any real export bug (a wrong op or layout shows
+# up at >1e-2). It was 1e-4 until the SD3.5-medium-shaped random VAE decoder, checked at 128x120 latents (mid-block
+# attention over 15360 positions), measured max_rel 1.47e-4 against PyTorch with a correct graph.
+TOLERANCE = {"fp32": 5e-4, "fp16": 1e-2, "mixed-fp16": 1e-2, "int8-qdq": 1e-1, "fp8-qdq": 1e-1, "int8-weights": 1e-1, "int4-weights": 2e-1,
              "int8-storage": 5e-2}
 
 
