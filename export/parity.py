@@ -47,13 +47,14 @@ def reference_outputs(module, inputs: tuple) -> list[np.ndarray]:
 
 def receipt_for(model_path: Path, ref: list[np.ndarray], inputs: tuple, input_names: tuple[str, ...], *, reference: str,
                 precision: str = "fp32") -> ParityReceipt:
-    """Run the graph at ``model_path`` with ONNX Runtime (CPU) on ``inputs`` and compare with ``ref``."""
+    """Run the graph at ``model_path`` with ONNX Runtime (CPU) on ``inputs`` (numpy arrays or CPU torch tensors) and
+    compare with ``ref``."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    feeds = {n: t.numpy() for n, t in zip(input_names, inputs)}
+    feeds = {n: t if isinstance(t, np.ndarray) else t.numpy() for n, t in zip(input_names, inputs)}
     ours = sess.run(None, feeds)
     del sess
     max_abs, max_rel = compare(ours, ref)
