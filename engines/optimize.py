@@ -2,7 +2,7 @@
 
 Targets:
 - ``cpu`` / ``cuda``: ONNX Runtime's transformer optimizer (attention -> MultiHeadAttention/Attention, LayerNorm,
-  GELU and bias fusions; on cuda also GroupNorm, BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels
+  RMSNorm, GELU and bias fusions; recipe ``mmdit`` for the SD3/FLUX transformers; on cuda also GroupNorm, BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels
   only), then ONNX Runtime's own graph optimizations (level "extended") saved to disk. The runtime opens such a
   graph with optimizations off, so session creation skips the 10-40 s ONNX Runtime spends re-optimizing an
   SD-1.5 UNet at every start. The saved graph holds provider-specific fused ops: it is marked
@@ -18,7 +18,10 @@ from the manifest's I/O specs by the rule TensorRT profiles use, so inputs a fam
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,9 +39,14 @@ from .tensorrt.profiles import dim_values, input_shape
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
-# onnxruntime.transformers model types per component
-MODEL_TYPE = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae",
-              "vae_encoder": "vae"}
+# onnxruntime.transformers model types per component. "mmdit" (SD3/3.5 and FLUX transformers) fuses the joint
+# attention into MultiHeadAttention, whose CPU kernel never holds the (heads, tokens, tokens) score matrix that the
+# exported MatMul-Softmax-MatMul writes and reads: at 512x512 an SD3.5 attention's softmax alone moved 354 MB per call.
+MODEL_TYPE = {"unet": "unet", "transformer": "mmdit", "text_encoder": "clip", "text_encoder_2": "clip",
+              "vae_decoder": "vae", "vae_encoder": "vae"}
+# components that are T5 in a family (FLUX's text_encoder_2; SD3's text_encoder_3 has no entry above): no recipe of
+# ONNX Runtime's fits a T5 encoder alone, so they get ONNX Runtime's own optimizations only
+NOT_CLIP = {"flux": ("text_encoder_2",)}
 PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
 # components whose batch --static leaves dynamic: prompts x images-per-prompt, with or without a negative prompt
 DYNAMIC_BATCH = ("text_encoder", "text_encoder_2")
@@ -141,7 +149,7 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
     if static is not None:
         set_static_dims(model, _static_dims(name, static, Bundle.open(bundle_root)))
     if target in ("cpu", "cuda"):
-        model = _fuse(model, name, target)
+        model = _fuse(model, name, target, Bundle.open(bundle_root).manifest.family)
     raw = work / "raw" / "model.onnx"
     raw.parent.mkdir()
     save_model(model, raw)
@@ -166,12 +174,12 @@ def _static_dims(name: str, s: Static, bundle: Bundle) -> dict[str, dict[int, in
     return dims
 
 
-def _fuse(model, name: str, target: str):
+def _fuse(model, name: str, target: str, family: str):
     """ONNX Runtime's transformer fusions that have kernels on ``target``."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = MODEL_TYPE.get(name)
+    model_type = None if name in NOT_CLIP.get(family, ()) else MODEL_TYPE.get(name)
     if model_type is None:  # a component no fusion recipe knows: ONNX Runtime's own optimizations only
         return model
     opts = FusionOptions(model_type)
@@ -184,9 +192,28 @@ def _fuse(model, name: str, target: str):
         # onnxruntime's VAE self-attention fusion reads the head count with int() of a 1-element array, which
         # NumPy >= 2.3 refuses (TypeError). The VAE's one mid-block attention is < 2 % of its time: skip it.
         opts.enable_attention = False
-    fused = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, optimization_options=opts,
-                           opt_level=0, use_gpu=target == "cuda")
+    with _quiet_optimizer():
+        fused = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, optimization_options=opts,
+                               opt_level=0, use_gpu=target == "cuda")
     return fused.model
+
+
+@contextmanager
+def _quiet_optimizer():
+    """Keep ONNX Runtime's optimizer from printing progress bars and warnings meant for its developers (symbolic
+    shape inference's "Cannot determine if ... < 0" per slice, "use onnxruntime-gpu>=1.21" on a CPU target): the
+    parity check after the transform is what tells the user whether it worked. Runs in engines.isolate's child."""
+    old_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        if old_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_env
 
 
 def _ort_offline(src: Path, target: str, name: str, done: Path) -> Path:
