@@ -35,7 +35,7 @@ from .graphs import load_model, save_model, set_static_dims
 from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
 from .scratch import temp_files_in
-from .tensorrt.profiles import dim_values, input_shape
+from .tensorrt.profiles import ALIASES, dim_values, input_shape, text_sequence
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
@@ -49,7 +49,7 @@ MODEL_TYPE = {"unet": "unet", "transformer": "mmdit", "text_encoder": "clip", "t
 NOT_CLIP = {"flux": ("text_encoder_2",)}
 PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
 # components whose batch --static leaves dynamic: prompts x images-per-prompt, with or without a negative prompt
-DYNAMIC_BATCH = ("text_encoder", "text_encoder_2")
+DYNAMIC_BATCH = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -164,11 +164,14 @@ def _static_dims(name: str, s: Static, bundle: Bundle) -> dict[str, dict[int, in
     if name in DYNAMIC_BATCH:
         return {}  # text encoders: sequence length is fixed already; batch stays dynamic (see module doc)
     values = dim_values(name, bundle.manifest, s.images, s.height, s.width, s.cfg)
+    # a T5 sequence (SD3/FLUX) is chosen per call (max_sequence_length): it stays dynamic
+    varying = {"sequence"} if len(set(text_sequence(name, bundle.manifest))) > 1 else set()
     dims = {}
     for spec in bundle.component(name).inputs:
         shape = input_shape(name, spec, values, hint="--static cannot fix it; re-export the bundle with edgediff "
                                                       "export")
-        axes = {axis: v for axis, (d, v) in enumerate(zip(spec.shape, shape)) if not isinstance(d, int)}
+        axes = {axis: v for axis, (d, v) in enumerate(zip(spec.shape, shape))
+                if not isinstance(d, int) and ALIASES.get(d, d) not in varying}
         if axes:
             dims[spec.name] = axes
     return dims

@@ -42,10 +42,12 @@ from .weight_storage import MIN_ELEMENTS, store_weights_int8
 MODES = ("fp16", "int8", "int8-weights", "fp8", "int4-weights", "int8-storage")
 PRECISION = {"fp16": "mixed-fp16", "int8": "int8-qdq", "int8-weights": "int8-weights", "fp8": "fp8-qdq",
              "int4-weights": "int4-weights", "int8-storage": "int8-storage"}
-# the components a mode applies to by default, those of them a bundle has (SDXL: both text encoders for --fp16)
-DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"), "int8": ("unet",),
-                      "int8-weights": ("unet",), "fp8": ("unet",), "int4-weights": ("unet",),
-                      "int8-storage": ("unet",)}
+# the components a mode applies to by default, those of them a bundle has (SDXL: both text encoders for --fp16;
+# the denoiser is the UNet or, for SD3/FLUX, the transformer)
+DENOISERS = ("unet", "transformer")
+DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "text_encoder_2", *DENOISERS, "vae_decoder", "vae_encoder"),
+                      "int8": DENOISERS, "int8-weights": DENOISERS, "fp8": DENOISERS, "int4-weights": DENOISERS,
+                      "int8-storage": DENOISERS}
 QUANT_TARGETS = ("tensorrt", "cpu")
 # modes that rewrite weights only and keep every node: they apply to graphs ONNX Runtime has already fused
 AFTER_OPTIMIZE = ("int8-storage",)
@@ -92,6 +94,10 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
     m = parent.manifest
     names = list(components or DEFAULT_COMPONENTS[mode])
     names = [n for n in names if n in m.components] if components is None else names
+    if not names:  # a bundle of none of the default components: say so rather than write an unchanged copy
+        raise InputError(f"--{mode}: this bundle has none of the components it applies to by default "
+                         f"({', '.join(DEFAULT_COMPONENTS[mode])}); name them with --components (it has "
+                         f"{', '.join(sorted(m.components))})")
     for n in names:
         if n not in m.components:
             raise InputError(f"--components: {n!r} is not in this bundle; it has {sorted(m.components)}")

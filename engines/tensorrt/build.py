@@ -29,9 +29,9 @@ from edgediff.errors import EngineError, EngineIncompatible, InputError
 
 from .profiles import ShapeRange, profile_shapes
 
-# what a generation runs, of what the bundle has (the SDXL refiner has only text_encoder_2); img2img's vae_encoder
-# on request (--components)
-DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+# what a generation runs, of what the bundle has (the SDXL refiner has only text_encoder_2; SD3 adds T5 as
+# text_encoder_3 and a transformer for the UNet); img2img's vae_encoder on request (--components)
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
 
 
 @dataclass(frozen=True)

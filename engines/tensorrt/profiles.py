@@ -8,7 +8,12 @@ on or off -- and each component's symbolic dims are mapped from them:
                   row per image; without CFG, or at the minimum, images), images for the VAE
     height, width image size / vae_scale_factor (latents)
     image_height, image_width   image size in pixels (VAE image side)
-    sequence      the text encoder's token length (fixed by the tokenizer)
+    sequence      the text tokens: CLIP's fixed length (77); for the transformer families a T5 encoder's
+                  ``max_sequence_length``, chosen per call up to the bundle's limit (a range, even in a static
+                  profile), and the SD3 transformer's joint CLIP + T5 sequence (77 + that)
+
+The denoiser batch doubles with classifier-free guidance, except in families that never run it: FLUX.1's
+guidance is an input of its transformer (one batch per step, runtime/families/flux.py).
 
 Dims named differently by other exporters (optimum's ``batch_size``, ``sequence_length``, ...) are aliased; an
 unknown symbolic dim is refused with its name, since guessing it would build an engine that rejects real inputs.
@@ -24,7 +29,12 @@ from edgediff.errors import EngineError, InputError
 
 ALIASES = {"batch_size": "batch", "N": "batch", "sequence_length": "sequence", "seq_len": "sequence",
            "num_channels": None}
-CFG_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+CFG_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+NO_CFG_FAMILIES = ("flux",)
+# the component that is T5 in a family, and the length diffusers' SD3 pipeline and FLUX.1-schnell run by default
+# (the profile's opt point; FLUX.1-dev's 512 lies within the range when the bundle's limit allows it)
+T5_ENCODER = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+T5_DEFAULT_LENGTH = 256
 Triple = tuple[int, int, int]
 
 
@@ -79,23 +89,41 @@ def parse_profile(text: str, manifest: Manifest, multiple: int) -> ShapeRange:
     return ShapeRange(tuple(base["images"]), tuple(base["height"]), tuple(base["width"]), True)
 
 
+def text_sequence(component: str, manifest: Manifest) -> Triple:
+    """min / opt / max of ``component``'s ``sequence`` axis (see the module doc). CLIP's is one fixed length."""
+    clip = manifest.text_max_length
+    t5_name = T5_ENCODER.get(manifest.family)
+    if t5_name is None or component not in (t5_name, "transformer"):
+        return (clip, clip, clip)
+    # without T5 (an SD3 folder saved with text_encoder_3=None) the transformer still takes L zero rows
+    limit = manifest.max_sequence_length or T5_DEFAULT_LENGTH
+    t5 = (1, min(T5_DEFAULT_LENGTH, limit), limit)
+    if component == "transformer" and manifest.family == "sd3":
+        return tuple(clip + v for v in t5)  # type: ignore[return-value]
+    return t5
+
+
 def dim_values(component: str, manifest: Manifest, images: int, height: int, width: int, cfg: bool,
-               *, at_min: bool = False) -> dict[str, int]:
+               *, at_min: bool = False, point: int = 1) -> dict[str, int]:
+    """Each symbolic dim's value for ``images`` x ``height`` x ``width`` (pixels); ``point`` 0/1/2 picks the
+    text sequence's min/opt/max (text_sequence)."""
     f = manifest.vae_scale_factor
     if height % f or width % f:
         raise InputError(f"{width}x{height} is not a multiple of the VAE factor {f}")
-    doubled = cfg and component in CFG_COMPONENTS and not at_min
+    doubled = cfg and component in CFG_COMPONENTS and manifest.family not in NO_CFG_FAMILIES and not at_min
     return {"batch": images * (2 if doubled else 1), "height": height // f, "width": width // f,
-            "image_height": height, "image_width": width, "sequence": manifest.text_max_length}
+            "image_height": height, "image_width": width, "sequence": text_sequence(component, manifest)[point]}
 
 
 def profile_shapes(comp: Component, manifest: Manifest, r: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{input name: (min shape, opt shape, max shape)}`` for ``comp``, ready for IOptimizationProfile.set_shape.
-    The minimum batch is the no-CFG one (a guidance <= 1 call runs the denoiser at batch = images)."""
-    points = [dim_values(comp.name, manifest, r.images[i], r.height[i], r.width[i], r.cfg, at_min=(i == 0))
+    The minimum batch is the no-CFG one (a guidance <= 1 call runs the denoiser at batch = images). A static range
+    fixes images and size; a T5 sequence stays a range (each call picks its max_sequence_length)."""
+    points = [dim_values(comp.name, manifest, r.images[i], r.height[i], r.width[i], r.cfg, at_min=(i == 0), point=i)
               for i in range(3)]
     if r.static:
-        points = [dim_values(comp.name, manifest, r.images[1], r.height[1], r.width[1], r.cfg)] * 3
+        points = [dim_values(comp.name, manifest, r.images[1], r.height[1], r.width[1], r.cfg, point=i)
+                  for i in range(3)]
     hint = "re-export with edgediff export, or fix the shapes with edgediff optimize --static"
     return {spec.name: tuple(input_shape(comp.name, spec, values, hint=hint) for values in points)
             for spec in comp.inputs}

@@ -96,3 +96,59 @@ def test_build_shape_rules(tiny_sd1_bundle):
     assert shape_range_for(b, static="1x16x16", cfg=False).cfg is False
     with pytest.raises(InputError, match="--static or --profile, not both"):
         shape_range_for(b, static="1x16x16", profile="images=1:1:2")
+
+
+def _transformer_manifest(family: str, max_sequence_length: int | None):
+    """SD3- or FLUX-shaped transformer and T5 specs as the exporters write them (every text axis is "sequence")."""
+    from edgediff.bundle.manifest import Manifest, Provenance
+
+    extra = (TensorSpec("guidance", "float32", ("batch",)),) if family == "flux" else ()
+    transformer = Component(name="transformer", model="transformer/model.onnx", files=(), inputs=(
+        TensorSpec("sample", "float32", ("batch", 16, "height", "width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", 4096)),
+        TensorSpec("pooled_projections", "float32", ("batch", 2048)), *extra), outputs=())
+    t5 = "text_encoder_2" if family == "flux" else "text_encoder_3"
+    ids = (TensorSpec("input_ids", "int32", ("batch", "sequence")),)
+    comps = {"transformer": transformer, "text_encoder": Component("text_encoder", "text_encoder/model.onnx", (), ids, ()),
+             t5: Component(t5, f"{t5}/model.onnx", (), ids, ())}
+    return Manifest(family=family, prediction_type="flow", default_height=1024, default_width=1024,
+                    latent_channels=16, vae_scale_factor=8, scaling_factor=1.5, text_max_length=77,
+                    components=comps, files=(), provenance=Provenance(exporter="test"),
+                    max_sequence_length=max_sequence_length)
+
+
+@pytest.mark.parametrize("limit", [256, 512, None])
+def test_sd3_transformer_takes_clip_plus_t5_tokens_and_doubles_for_cfg(limit):
+    m = _transformer_manifest("sd3", limit)
+    r = ShapeRange(images=(1, 1, 2), height=(512, 1024, 1024), width=(512, 1024, 1024))
+    shapes = profile_shapes(m.components["transformer"], m, r)
+    top = limit or 256  # a T5-less SD3 folder still feeds 256 zero rows, as diffusers does
+    assert shapes["encoder_hidden_states"] == ((1, 78, 4096), (2, 77 + 256, 4096), (4, 77 + top, 4096))
+    assert shapes["sample"] == ((1, 16, 64, 64), (2, 16, 128, 128), (4, 16, 128, 128))
+    assert profile_shapes(m.components["text_encoder_3"], m, r)["input_ids"] == ((1, 1), (2, 256), (4, top))
+    assert profile_shapes(m.components["text_encoder"], m, r)["input_ids"] == ((1, 77), (2, 77), (4, 77))
+    static = profile_shapes(m.components["transformer"], m, static_range(1, 1024, 1024))
+    assert {s[0] for s in static["sample"]} == {2}  # images fixed, the T5 length still per call
+    assert [s[1] for s in static["encoder_hidden_states"]] == [78, 333, 77 + top]
+
+
+def test_flux_never_doubles_the_batch_and_its_t5_is_text_encoder_2():
+    m = _transformer_manifest("flux", 512)
+    r = ShapeRange(images=(1, 1, 2), height=(512, 1024, 1024), width=(512, 1024, 1024))
+    shapes = profile_shapes(m.components["transformer"], m, r)  # guidance is an input, not a second batch
+    assert shapes["sample"][2][0] == 2 and shapes["guidance"] == ((1,), (1,), (2,))
+    assert shapes["encoder_hidden_states"] == ((1, 1, 4096), (1, 256, 4096), (2, 512, 4096))
+    assert profile_shapes(m.components["text_encoder_2"], m, r)["input_ids"] == ((1, 1), (1, 256), (2, 512))
+
+
+def test_optimize_static_leaves_the_t5_sequence_dynamic():
+    from types import SimpleNamespace
+
+    from edgediff.engines.optimize import Static, _static_dims
+
+    m = _transformer_manifest("sd3", 256)
+    bundle = SimpleNamespace(manifest=m, component=lambda n: m.components[n])
+    dims = _static_dims("transformer", Static(1, 512, 512), bundle)
+    assert dims["encoder_hidden_states"] == {0: 2} and dims["sample"] == {0: 2, 2: 64, 3: 64}
+    assert _static_dims("text_encoder_3", Static(1, 512, 512), bundle) == {}  # text encoders keep a dynamic batch

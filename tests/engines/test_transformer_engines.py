@@ -57,3 +57,43 @@ def test_recipe_per_component_and_family(family, name, expected, monkeypatch):
     monkeypatch.setattr("onnxruntime.transformers.optimizer.optimize_model", fake_optimize_model)
     assert optimize._fuse("graph", name, "cpu", family) == "graph"
     assert seen == ([expected] if expected else [])
+
+
+def test_quantize_defaults_to_the_transformer(tiny_sd3, tmp_path):
+    from edgediff.engines.quantize import quantize_bundle
+
+    out = quantize_bundle(tiny_sd3.bundle, tmp_path / "int8s", mode="int8-storage")
+    comps = Bundle.open(out).manifest.components
+    assert comps["transformer"].precision == "int8-storage" and comps["transformer"].parity.passed
+    assert {n for n, c in comps.items() if c.precision != "fp32"} == {"transformer"}
+
+
+def test_build_defaults_and_profiles_cover_the_transformer_families(tiny_sd3, tiny_flux_dev):
+    from edgediff.engines.tensorrt.build import default_components
+    from edgediff.engines.tensorrt.profiles import default_range, profile_shapes
+
+    assert default_components(Bundle.open(tiny_sd3.bundle)) == ["text_encoder", "text_encoder_2", "text_encoder_3",
+                                                                "transformer", "vae_decoder"]
+    flux = Bundle.open(tiny_flux_dev.bundle)
+    assert default_components(flux) == ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"]
+    m = flux.manifest
+    shapes = profile_shapes(m.components["transformer"], m, default_range(m, flux.size_multiple))
+    # the exported graph's own specs: T5 tokens up to the bundle's limit, one batch per image (no CFG)
+    assert shapes["encoder_hidden_states"][2][1] == m.max_sequence_length
+    assert shapes["sample"][1][0] == 1 and shapes["guidance"][1] == (1,)
+
+
+@pytest.mark.parametrize("which", ["tiny_sd3", "tiny_flux_dev"])
+def test_the_conditioning_rule_keeps_adaln_and_the_embedders_float(which, request):
+    import onnx
+
+    from edgediff.engines.conditioning import conditioning_only
+
+    graph = onnx.load(str(request.getfixturevalue(which).bundle / "transformer/model.onnx"))
+    kept = conditioning_only(graph)
+    every = [n.name for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")]
+    adaln = [n for n in every if "/norm1/linear/" in n or "/norm1_context/linear/" in n or "/norm/linear/" in n]
+    embedders = [n for n in every if "/time_text_embed/" in n or "/context_embedder/" in n]
+    assert adaln and embedders and set(adaln + embedders) <= kept
+    assert any("guidance_embedder" in n for n in kept) == (which == "tiny_flux_dev")
+    assert not any("/attn/to_q/" in n or "/ff/" in n for n in kept)  # the image stream is quantized
