@@ -19,7 +19,8 @@
 #   Steps whose output already exists are skipped (delete it to measure again), so an interrupted run resumes.
 #   Environment overrides: SIZE (default 1024x1024; tiny: 64x64), TURBO_SIZE (512x512; tiny: 32x32), RUNS (timed
 #   runs per side, default 2), COMPARE_ORDER (sequential: both SDXL pipelines do not fit in 24 GB together),
-#   INT8_COMPONENTS (unet), PROMPT.
+#   INT8_COMPONENTS (unet), PROMPT, OPTIMIZE (1; 0 skips step (e)'s optimize and quantizes the exported bundle:
+#   optimize held ~4x a graph's size in memory on SD-1.5 (13.7 GiB for the 3.4 GB UNet), ~40 GiB for SDXL's).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
@@ -97,7 +98,9 @@ skip gen-diffusers "$RES/gen-diffusers.ok" || measure gen-diffusers bash -c \
 # (e) low memory: fp32 --low-memory, then optimize --target cpu -> quantize --int8-storage -> --low-memory
 skip gen-lowmem "$OUT/lowmem.png" || measure gen-lowmem edgediff generate "$PROMPT" -m "$BUNDLE" \
   --low-memory --size "$SIZE" --steps 1 --guidance 5 --scheduler euler --seed 0 -o "$OUT/lowmem.png" --overwrite
-skip optimize "$OPT/edgediff.json" || measure optimize edgediff optimize "$BUNDLE" "$OPT" --target cpu
+if [[ ${OPTIMIZE:-1} == 1 ]]; then
+  skip optimize "$OPT/edgediff.json" || measure optimize edgediff optimize "$BUNDLE" "$OPT" --target cpu
+fi
 INT8_FROM=$OPT
 if [[ ! -e $OPT/edgediff.json ]]; then  # optimize failed (memory?): --int8-storage also takes the exported bundle
   INT8_FROM=$BUNDLE INT8=$DIR/bundle-int8s
