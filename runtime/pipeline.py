@@ -672,12 +672,12 @@ class Pipeline:
     def _check_memory(self, batch: int, h: int, w: int) -> None:
         f = self.bundle.manifest.vae_scale_factor
         unet_config = self.bundle.unet_config
-        heads = unet_config.get("attention_head_dim", 8)
-        heads = max(heads) if isinstance(heads, (list, tuple)) else heads
         if self.bundle.denoiser != "unet":  # a transformer: its heads, and attention over its tokens, each
             # size_multiple pixels square (VAE factor x patch size, x 2 for FLUX's packing: Bundle.size_multiple)
-            heads, f = unet_config.get("num_attention_heads", heads), self.bundle.size_multiple
-        need = check.activation_bytes(batch=batch, latent_h=h // f, latent_w=w // f, attention_heads=int(heads),
+            heads, f = int(unet_config.get("num_attention_heads", 8)), self.bundle.size_multiple
+        else:
+            heads = check.unet_attention_heads(unet_config)
+        need = check.activation_bytes(batch=batch, latent_h=h // f, latent_w=w // f, attention_heads=heads,
                                       channels=unet_config.get("block_out_channels", [320]))
         have = check.available_memory()
         if have is not None and need > have:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -120,10 +120,30 @@ def available_memory() -> int | None:
         return None
 
 
-def activation_bytes(*, batch: int, latent_h: int, latent_w: int, attention_heads: int, channels: Sequence[int]) -> int:
-    """A deliberately rough upper estimate of the denoiser's activation memory: the full-resolution self-attention
-    matrix (batch * heads * (h*w)^2 float32), which dominates at large sizes, plus a few feature maps per level."""
+def activation_bytes(*, batch: int, latent_h: int, latent_w: int, attention_heads: int | Sequence[int | None],
+                     channels: Sequence[int]) -> int:
+    """A deliberately rough upper estimate of the denoiser's activation memory: the largest self-attention score
+    matrix (batch * heads * tokens^2 float32), which dominates at large sizes, plus a few feature maps per level.
+    ``attention_heads``: one count for attention over the full latent grid (SD 1.x's first level, a transformer's
+    patches), or one entry per UNet level (``None``: no attention there; level i sees (h*w) / 4^i tokens) -- SDXL's
+    first level has none, so its largest matrix is at 1/4 of the tokens, 1/16 of the full-grid size."""
     hw = latent_h * latent_w
-    attention = batch * attention_heads * hw * hw * 4
+    levels = [attention_heads] if isinstance(attention_heads, int) else list(attention_heads)
+    attention = max((batch * heads * (hw // 4 ** i) ** 2 * 4 for i, heads in enumerate(levels) if heads), default=0)
     features = sum(batch * c * hw // (4 ** i) * 4 * 6 for i, c in enumerate(channels))
     return attention + features
+
+
+def unet_attention_heads(config: Mapping[str, Any]) -> list[int | None]:
+    """Attention heads per level of a diffusers UNet2DConditionModel config (``None``: the level has no attention).
+    diffusers reads ``attention_head_dim`` as the head count when ``num_attention_heads`` is unset (a historical
+    misnaming it keeps), an int meaning every level; levels with attention are those whose down block type has
+    "Attn" in its name, plus the mid block's at the lowest level."""
+    types = list(config.get("down_block_types") or ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+    per_level = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(types)
+    levels: list[int | None] = [int(per_level[i]) if "Attn" in t and i < len(per_level) else None
+                                for i, t in enumerate(types)]
+    if levels and levels[-1] is None and "Attn" in str(config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        levels[-1] = int(per_level[min(len(types), len(per_level)) - 1])
+    return levels
