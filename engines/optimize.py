@@ -35,7 +35,7 @@ from .graphs import load_model, save_model, set_static_dims
 from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
 from .scratch import temp_files_in
-from .tensorrt.profiles import ALIASES, dim_values, input_shape, text_sequence
+from .tensorrt.profiles import ALIASES, T5_ENCODER, dim_values, input_shape, text_sequence
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
@@ -44,9 +44,8 @@ SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
 # exported MatMul-Softmax-MatMul writes and reads: at 512x512 an SD3.5 attention's softmax alone moved 354 MB per call.
 MODEL_TYPE = {"unet": "unet", "transformer": "mmdit", "text_encoder": "clip", "text_encoder_2": "clip",
               "vae_decoder": "vae", "vae_encoder": "vae"}
-# components that are T5 in a family (FLUX's text_encoder_2; SD3's text_encoder_3 has no entry above): no recipe of
-# ONNX Runtime's fits a T5 encoder alone, so they get ONNX Runtime's own optimizations only
-NOT_CLIP = {"flux": ("text_encoder_2",)}
+# a family's T5 encoder (profiles.T5_ENCODER: FLUX's text_encoder_2, SD3's text_encoder_3) takes no recipe: none of
+# ONNX Runtime's fits a T5 encoder alone, so it gets ONNX Runtime's own optimizations only
 PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
 # components whose batch --static leaves dynamic: prompts x images-per-prompt, with or without a negative prompt
 DYNAMIC_BATCH = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -182,7 +181,7 @@ def _fuse(model, name: str, target: str, family: str):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = None if name in NOT_CLIP.get(family, ()) else MODEL_TYPE.get(name)
+    model_type = None if name == T5_ENCODER.get(family) else MODEL_TYPE.get(name)
     if model_type is None:  # a component no fusion recipe knows: ONNX Runtime's own optimizations only
         return model
     opts = FusionOptions(model_type)
