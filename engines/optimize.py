@@ -2,8 +2,8 @@
 
 Targets:
 - ``cpu`` / ``cuda``: ONNX Runtime's transformer optimizer (attention -> MultiHeadAttention/Attention, LayerNorm,
-  RMSNorm, GELU and bias fusions; recipe ``mmdit`` for the SD3/FLUX transformers; on cuda also GroupNorm, BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels
-  only), then ONNX Runtime's own graph optimizations (level "extended") saved to disk. The runtime opens such a
+  RMSNorm, GELU and bias fusions; recipe ``mmdit`` for the SD3/FLUX transformers; on cuda also GroupNorm,
+  BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels only), then ONNX Runtime's own graph optimizations (level "extended") saved to disk. The runtime opens such a
   graph with optimizations off, so session creation skips the 10-40 s ONNX Runtime spends re-optimizing an
   SD-1.5 UNet at every start. The saved graph holds provider-specific fused ops: it is marked
   ``optimized_for`` and refused by other providers.
@@ -39,9 +39,9 @@ from .tensorrt.profiles import ALIASES, T5_ENCODER, dim_values, input_shape, tex
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
-# onnxruntime.transformers model types per component. "mmdit" (SD3/3.5 and FLUX transformers) fuses the joint
-# attention into MultiHeadAttention, whose CPU kernel never holds the (heads, tokens, tokens) score matrix that the
-# exported MatMul-Softmax-MatMul writes and reads: at 512x512 an SD3.5 attention's softmax alone moved 354 MB per call.
+# onnxruntime.transformers model types per component. "mmdit" (SD3/3.5 and FLUX transformers) fuses SD3's joint
+# attention into one MultiHeadAttention node in place of MatMul-Softmax-MatMul, whose score matrix goes through
+# memory (354 MB per attention at 512x512 with guidance); measured effect in docs/engines.md and the README.
 MODEL_TYPE = {"unet": "unet", "transformer": "mmdit", "text_encoder": "clip", "text_encoder_2": "clip",
               "vae_decoder": "vae", "vae_encoder": "vae"}
 # a family's T5 encoder (profiles.T5_ENCODER: FLUX's text_encoder_2, SD3's text_encoder_3) takes no recipe: none of
@@ -145,10 +145,11 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
     if static is None and target == "tensorrt":
         return _ort_offline(graph, target, name, done)
     model = load_model(graph)
+    bundle = Bundle.open(bundle_root)
     if static is not None:
-        set_static_dims(model, _static_dims(name, static, Bundle.open(bundle_root)))
+        set_static_dims(model, _static_dims(name, static, bundle))
     if target in ("cpu", "cuda"):
-        model = _fuse(model, name, target, Bundle.open(bundle_root).manifest.family)
+        model = _fuse(model, name, target, bundle.manifest.family)
     raw = work / "raw" / "model.onnx"
     raw.parent.mkdir()
     save_model(model, raw)
