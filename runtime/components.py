@@ -6,7 +6,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
-from .backends import open_backend
+from .backends import low_memory_options, open_backend
 from .backends.base import Backend
 from .bundle.reader import Bundle
 from .heap import release_free_memory
@@ -21,7 +21,8 @@ class Components:
                  weights: Mapping[str, Mapping[str, Any]] | None = None):
         self.bundle = bundle
         self.backend = backend
-        self.options = options
+        # low-memory mode also opens each graph without pre-packed weight copies (backends.low_memory_options)
+        self.options = low_memory_options(backend, options) if low_memory else options
         self.low_memory = low_memory
         self.verify = verify
         self._open: dict[str, Backend] = {}

@@ -34,6 +34,7 @@ from .families import text_conditioner
 from .job import DenoiseJob, StepCallback, StepExtension
 from .noise import NoiseSource, make_noise, seeds_for
 from .request import GenerationRequest
+from .rows import run_in_rows
 from .schedulers import make_scheduler, name_for_class
 from .schedulers.config import SchedulerConfig
 from .stages import run_component
@@ -67,6 +68,9 @@ class Pipeline:
         self.default_scheduler = default_scheduler
         self.size_multiple = bundle.size_multiple
         self._call_lock = threading.Lock() if components.low_memory else None
+        # low-memory mode runs the denoiser one batch row at a time: classifier-free guidance's two halves in turn,
+        # so its activations (SDXL 1024x1024: ~2.4 GB a row) are held for one row only (runtime/rows.py)
+        self._denoiser_rows = 1 if components.low_memory else None
         self._loras = None  # the LoRAs applied (runtime/lora/apply.py AppliedLoras), set by load / set_loras
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -378,7 +382,7 @@ class Pipeline:
         return self._denoise(self.components.get(graph), feeds)
 
     def _denoise(self, backend, feeds: dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
-        outs = self._run(backend, feeds)
+        outs = run_in_rows(lambda f: self._run(backend, f), backend, feeds, self._denoiser_rows)
         return outs[0] if len(outs) == 1 else {s.name: a for s, a in zip(backend.outputs, outs)}
 
     # -- the steps of a generation, for step-level schedulers (runtime/batching.py) ------------------------------

@@ -7,6 +7,7 @@ that run the ONNX graph open the path; the TensorRT backend reads its engine fro
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,3 +74,28 @@ def profiling_options(name: str, folder: str | Path) -> Any:
         raise InputError(f"backend {name!r} cannot profile operators; one that can: "
                          f"{'/'.join(PROFILING)} (ONNX Runtime)") from None
     return make(Path(folder))
+
+
+# -- low-memory mode (runtime/components.py) ---------------------------------------------------------------------
+def _ort_low_memory(options: Any) -> Any:
+    from .ort import OrtOptions
+
+    options = options or OrtOptions()
+    if not isinstance(options, OrtOptions):
+        return options
+    if options.disable_prepacking is None:  # left to the mode: no pre-packed second copy of the weights
+        options = replace(options, disable_prepacking=True)
+    if options.shrink_arena_after_run is None:  # nor one stage's activations held into the next
+        options = replace(options, shrink_arena_after_run=True)
+    return options
+
+
+# backend name -> that backend's options as low-memory mode opens it; a backend missing here opens as asked
+LOW_MEMORY: dict[str, Callable[[Any], Any]] = {"cpu": _ort_low_memory, "cuda": _ort_low_memory,
+                                               "tensorrt": _ort_low_memory}
+
+
+def low_memory_options(name: str, options: Any) -> Any:
+    """``options`` for backend ``name`` with low-memory mode's defaults filled in where the caller left them."""
+    make = LOW_MEMORY.get(name)
+    return options if make is None else make(options)

@@ -38,7 +38,13 @@ class OrtOptions:
     # 7.04 GiB at the same step time (docs/memory.md).
     shared_arena: bool = True
     enable_mem_pattern: bool = False
-    disable_prepacking: bool = False  # pre-packed weights are a second copy of every MatMul/Conv weight
+    # Pre-packed weights are a second copy of many MatMul/Conv weights (SDXL UNet, INT8 storage: +0.7 GiB resident).
+    # None: pack, except in low-memory mode (runtime/components.py), where the copy is the larger cost
+    disable_prepacking: bool | None = None
+    # Give the CPU arena's free chunks back after every run, so a stage's peak activations do not stay allocated
+    # into the next stage (SDXL 1024x1024: the UNet's 2.2 GiB were still held while the VAE decoded). Each run then
+    # allocates its activations afresh. None: on in low-memory mode only. Needs the arena (enable_mem_arena).
+    shrink_arena_after_run: bool | None = None
     optimized_model_filepath: str | None = None  # write the optimized graph (edgediff optimize uses this)
     # Graphs saved by `edgediff optimize --target cpu` open with optimizations off (session creation ~0.1x). True
     # re-runs level "all" on them: the CPU's NCHWc layout transforms, ~5 % faster SD-1.5 steps here, ~8 s more
@@ -170,11 +176,15 @@ class OrtBackend:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BackendError(f"{component.name}: ONNX Runtime could not load {model_path}: {_first_line(exc)}") from None
         self._output_names = [s.name for s in self.outputs]
+        self._run_options = None
+        if options.shrink_arena_after_run and options.enable_mem_arena:
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.component, self.inputs, feeds)
         try:
-            outs = self.session.run(self._output_names, dict(feeds))
+            outs = self.session.run(self._output_names, dict(feeds), self._run_options)
         except Exception as exc:
             raise BackendError(f"{self.component}: ONNX Runtime failed: {_first_line(exc)}") from None
         return dict(zip(self._output_names, outs))

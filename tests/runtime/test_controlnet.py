@@ -279,7 +279,9 @@ def test_low_memory_mode_gives_the_same_images(built, ours):
     kw = dict(control_image=[picture(seed=1), picture(seed=2)], controlnets=["canny", "depth"],
               control_guidance_end=[1.0, 0.5], num_inference_steps=3, scheduler="euler", seed=4, output_type="np")
     with Pipeline.load(built.bundle, low_memory=True) as low:
-        assert np.array_equal(low("a red apple", **kw).images[0], ours("a red apple", **kw).images[0])
+        # without pre-packed weights (low-memory mode) MLAS sums in another order: ~1e-6 apart
+        np.testing.assert_allclose(low("a red apple", **kw).images[0], ours("a red apple", **kw).images[0], atol=1e-5,
+                                   rtol=0)
 
 
 def test_sd2_v_prediction_controlnet_matches_diffusers(tmp_path_factory, tiny_sd2v_source):

@@ -60,7 +60,8 @@ def test_low_memory_mode_gives_the_same_image(tiny_sd1_bundle, pipe):
     low = Pipeline.load(tiny_sd1_bundle, low_memory=True)
     a = low("a dog", num_inference_steps=3, seed=5, output_type="np").images[0]
     b = pipe("a dog", num_inference_steps=3, seed=5, output_type="np").images[0]
-    np.testing.assert_array_equal(a, b)
+    # without pre-packed weights (low-memory mode) MLAS sums in another order: ~1e-6 apart
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_shared_arena_gives_the_same_image(tiny_sd1_bundle):

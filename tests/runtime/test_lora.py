@@ -93,7 +93,8 @@ def test_low_memory_mode_gives_the_same_images(tiny_sd1_bundle, loras):
     with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
         resident = ours(pipe)
     with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}, low_memory=True) as pipe:
-        assert np.array_equal(ours(pipe), resident)
+        # without pre-packed weights (low-memory mode) MLAS sums in another order: ~1e-6 apart
+        np.testing.assert_allclose(ours(pipe), resident, atol=1e-5, rtol=0)
 
 
 def test_fused_weights_are_not_kept_once_the_session_has_them(tiny_sd1_bundle, loras):
