@@ -16,16 +16,25 @@ from edgediff.export.pipeline_export import export_pipeline
 pytest.importorskip("diffusers")
 
 
-@pytest.mark.slow
-def test_smoke_training_exports_to_a_loadable_bundle(tmp_path):
-    out = tmp_path / "pipe"
-    r = subprocess.run([sys.executable, "-m", "edgediff.export.recipes.shapes.train", "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+RECIPE = [sys.executable, "-m", "edgediff.export.recipes.shapes.train", "--smoke"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One smoke run of the whole recipe, shared by the tests below (each run is ~20 s of a core)."""
+    out = tmp_path_factory.mktemp("recipe") / "full"
+    r = subprocess.run(RECIPE + ["--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_training_exports_to_a_loadable_bundle(full_run, tmp_path):
+    out = full_run
     log = json.loads((out / "train_log.json").read_text())
     assert log["vae"] and log["unet"] and log["scaling_factor"] > 0
     assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
-    assert not out.with_name("pipe.work").exists()  # the scratch folder is cleaned up
+    assert not out.with_name("full.work").exists()  # the scratch folder is cleaned up
 
     bundle = export_pipeline(out, tmp_path / "bundle")
     b = Bundle.open(bundle)
@@ -34,23 +43,20 @@ def test_smoke_training_exports_to_a_loadable_bundle(tmp_path):
 
 
 @pytest.mark.slow
-def test_reused_stages_give_the_weights_of_a_full_run(tmp_path):
+def test_reused_stages_give_the_weights_of_a_full_run(full_run, tmp_path):
     """Each stage draws from its own generator, so stage 2 on a VAE written earlier (--vae-from), and the whole
     pipeline assembled from earlier stages (--vae-from + --unet-from), reproduce a full run byte for byte -- the
     shipped model was assembled this way. Stage 1b (decoder refinement) leaves the encoder, hence what stage 2
     trains on, unchanged: a run without it has the same encoder and UNet, and another decoder."""
     from safetensors.numpy import load_file
 
-    runs = {"full": [], "resumed": ["--vae-from", "full"], "assembled": ["--vae-from", "full", "--unet-from", "full"],
+    full = full_run
+    runs = {"resumed": ["--vae-from", str(full)], "assembled": ["--vae-from", str(full), "--unet-from", str(full)],
             "no-1b": ["--decoder-steps", "0"]}
-    recipe = [sys.executable, "-m", "edgediff.export.recipes.shapes.train", "--smoke"]
-    # two at a time (each run is mostly one core's worth of imports): "full" and "no-1b" first, then the two that
-    # reuse "full"
-    for wave in (("full", "no-1b"), ("resumed", "assembled")):
-        procs = {out: subprocess.Popen(recipe + ["--out", str(tmp_path / out)]
-                                       + [str(tmp_path / x) if x == "full" else x for x in runs[out]],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for out in wave}
+    # two at a time, as CI has two cores (each run is mostly one core's worth of imports and small training steps)
+    for wave in (("resumed", "no-1b"), ("assembled",)):
+        procs = {out: subprocess.Popen(RECIPE + ["--out", str(tmp_path / out)] + runs[out], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True) for out in wave}
         for out, proc in procs.items():
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, (out, err[-2000:])
@@ -58,14 +64,14 @@ def test_reused_stages_give_the_weights_of_a_full_run(tmp_path):
              "vae/diffusion_pytorch_model.safetensors")
     for out in ("resumed", "assembled"):
         for part in parts:
-            assert (tmp_path / "full" / part).read_bytes() == (tmp_path / out / part).read_bytes(), (out, part)
-    full_log = json.loads((tmp_path / "full" / "train_log.json").read_text())
+            assert (full / part).read_bytes() == (tmp_path / out / part).read_bytes(), (out, part)
+    full_log = json.loads((full / "train_log.json").read_text())
     assembled_log = json.loads((tmp_path / "assembled" / "train_log.json").read_text())
     assert "reused" in assembled_log["vae_stage"] and "reused" in assembled_log["unet_stage"]
     assert assembled_log["decoder"] == full_log["decoder"] and full_log["decoder"][-1]["step"] == 2  # 3 steps
 
-    assert (tmp_path / "full" / parts[0]).read_bytes() == (tmp_path / "no-1b" / parts[0]).read_bytes()
-    with_1b, without = (load_file(str(tmp_path / out / parts[2])) for out in ("full", "no-1b"))
+    assert (full / parts[0]).read_bytes() == (tmp_path / "no-1b" / parts[0]).read_bytes()
+    with_1b, without = (load_file(str(d / parts[2])) for d in (full, tmp_path / "no-1b"))
     for name, w in with_1b.items():
         same = np.array_equal(w, without[name])
         assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
