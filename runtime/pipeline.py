@@ -34,7 +34,7 @@ from .families import text_conditioner
 from .job import DenoiseJob, StepCallback, StepExtension
 from .noise import NoiseSource, make_noise, seeds_for
 from .request import GenerationRequest
-from .rows import run_in_rows
+from .rows import ROW_BACKENDS, run_in_rows
 from .schedulers import make_scheduler, name_for_class
 from .schedulers.config import SchedulerConfig
 from .stages import run_component
@@ -70,7 +70,7 @@ class Pipeline:
         self._call_lock = threading.Lock() if components.low_memory else None
         # low-memory mode runs the denoiser one batch row at a time: classifier-free guidance's two halves in turn,
         # so its activations (SDXL 1024x1024: ~2.4 GB a row) are held for one row only (runtime/rows.py)
-        self._denoiser_rows = 1 if components.low_memory else None
+        self._denoiser_rows = 1 if components.low_memory and components.backend in ROW_BACKENDS else None
         self._loras = None  # the LoRAs applied (runtime/lora/apply.py AppliedLoras), set by load / set_loras
 
     # -- loading ---------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ import numpy as np
 
 from .backends.base import Backend
 
+# Backends whose graphs take any batch the bundle's symbolic axis allows. A TensorRT engine (native, or ONNX
+# Runtime's TensorRT provider) takes the batches of the profile it was built with, which may be static at 2N with
+# guidance, so it keeps whole batches.
+ROW_BACKENDS = ("cpu", "cuda")
+
 
 def run_in_rows(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], backend: Backend,
                 feeds: Mapping[str, np.ndarray], max_rows: int | None) -> list[np.ndarray]:
