@@ -69,10 +69,16 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
     from edgediff.controlnet import names as controlnet_names
     from edgediff.pipeline import Pipeline
 
+    from edgediff.backends.ort import OrtOptions
+    from edgediff.heap import release_free_memory
+
     prompts = list(prompts)
     if not prompts:
         raise InputError("no calibration prompts; give at least one")
     got = Captured()
+    # The arena gives each call's activations back: the capturing process goes on to derive graphs and waits on a
+    # parity child, and a 1024x1024 SD3 transformer's activations (~10 GB) held here got the CLI killed for memory.
+    options = options or OrtOptions(shrink_arena_after_run=True)
     with Pipeline.load(bundle, "cpu", options=options, scheduler=scheduler) as pipe, warnings.catch_warnings():
         # Calibration and parity prompts only steer activations: cutting them to a short text encoder (the
         # built-in model has 24 tokens) changes nothing the user must act on, so it is not printed on their terminal.
@@ -94,6 +100,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
                 pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=h, width=w,
                      seed=[seed + i + j for j in range(len(batch))], output_type="np", controlnets=nets,
                      control_image=[calibration_image(seed + i + k, h, w) for k in range(len(nets))])
+    release_free_memory()  # the closed sessions' weights (runtime/heap.py)
     return got
 
 
