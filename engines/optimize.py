@@ -3,10 +3,10 @@
 Targets:
 - ``cpu`` / ``cuda``: ONNX Runtime's transformer optimizer (attention -> MultiHeadAttention/Attention, LayerNorm,
   RMSNorm, GELU and bias fusions; recipe ``mmdit`` for the SD3/FLUX transformers; on cuda also GroupNorm,
-  BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels only), then ONNX Runtime's own graph optimizations (level "extended") saved to disk. The runtime opens such a
-  graph with optimizations off, so session creation skips the 10-40 s ONNX Runtime spends re-optimizing an
-  SD-1.5 UNet at every start. The saved graph holds provider-specific fused ops: it is marked
-  ``optimized_for`` and refused by other providers.
+  BiasSplitGelu, BiasAdd, NHWC convolutions, which have CUDA kernels only), then ONNX Runtime's own graph
+  optimizations (level "extended") saved to disk. The runtime opens such a graph with optimizations off, so
+  session creation skips the 10-40 s ONNX Runtime spends re-optimizing an SD-1.5 UNet at every start. The saved
+  graph holds provider-specific fused ops: it is marked ``optimized_for`` and refused by other providers.
 - ``tensorrt``: portable clean-up only (constant folding, redundant-node elimination: ONNX Runtime level "basic",
   standard ONNX ops), because TensorRT fuses by itself and must be able to parse every node.
 

@@ -66,11 +66,10 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
     derived bundle will run at, so that calibration sees each of its timesteps; ``guidance_scale`` None is the
     bundle's own (SDXL 5.0, a Turbo bundle's recorded 0: its denoiser then runs unguided, at batch 1, as users run
     it)."""
-    from edgediff.controlnet import names as controlnet_names
-    from edgediff.pipeline import Pipeline
-
     from edgediff.backends.ort import OrtOptions
+    from edgediff.controlnet import names as controlnet_names
     from edgediff.heap import release_free_memory
+    from edgediff.pipeline import Pipeline
 
     prompts = list(prompts)
     if not prompts:

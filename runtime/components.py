@@ -21,7 +21,8 @@ class Components:
                  weights: Mapping[str, Mapping[str, Any]] | None = None):
         self.bundle = bundle
         self.backend = backend
-        # low-memory mode also opens each graph without pre-packed weight copies (backends.low_memory_options)
+        # low-memory mode's session settings where the caller left them: no pre-packed weight copies, the arena
+        # given back after each run (backends.low_memory_options)
         self.options = low_memory_options(backend, options) if low_memory else options
         self.low_memory = low_memory
         self.verify = verify

@@ -83,11 +83,10 @@ def _ort_low_memory(options: Any) -> Any:
     options = options or OrtOptions()
     if not isinstance(options, OrtOptions):
         return options
-    if options.disable_prepacking is None:  # left to the mode: no pre-packed second copy of the weights
-        options = replace(options, disable_prepacking=True)
-    if options.shrink_arena_after_run is None:  # nor one stage's activations held into the next
-        options = replace(options, shrink_arena_after_run=True)
-    return options
+    # where the caller left them to the mode: no pre-packed second copy of the weights, and no stage's activations
+    # held by the arena into the next
+    return replace(options, disable_prepacking=options.disable_prepacking is not False,
+                   shrink_arena_after_run=options.shrink_arena_after_run is not False)
 
 
 # backend name -> that backend's options as low-memory mode opens it; a backend missing here opens as asked
