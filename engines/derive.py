@@ -10,6 +10,7 @@ files are made inside that staging folder (``scratch``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from edgediff.bundle.reader import Bundle
 from edgediff.bundle.writer import check_output, staged_bundle, write_manifest
 from edgediff.errors import BundleIntegrityError, EngineError, InputError, ParityError
 
-from .graphs import save_model
+from .graphs import EXTERNAL_DATA_NAME, save_model
 from .isolate import run_isolated
 from .scratch import SCRATCH_DIR
 
@@ -57,8 +58,10 @@ class Result:
     provider: str = "cpu"  # ONNX Runtime backend that runs the parity check
 
 
-# (component name, parent graph path, parent bundle, an empty scratch folder) -> the transformed onnx.ModelProto
-# (held in memory: the scratch folder is deleted when the transform returns) and its Result
+# (component name, parent graph path, parent bundle, an empty scratch folder) -> the transformed graph and its
+# Result. The graph is an onnx.ModelProto held in memory (the scratch folder is deleted when the transform returns),
+# or the path of a graph file in the scratch folder, whose external data (graphs.EXTERNAL_DATA_NAME) lies beside it:
+# derive moves those files into place, so a graph of any size is never held in this process
 Transform = Callable[[str, Path, Bundle, Path], "tuple[object, Result]"]
 
 
@@ -112,10 +115,13 @@ def derive(parent: Bundle, out: str | Path, *, step: str, transform: Transform, 
             scratch = tmp / SCRATCH_DIR / name
             scratch.mkdir(parents=True)
             model, result = transform(name, parent.model_path(name), parent, scratch)
-            shutil.rmtree(tmp / SCRATCH_DIR)  # before the graph is saved: one copy of its weights on disk at a time
             dst = tmp / layout.graph_path(name)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            save_model(model, dst)
+            if isinstance(model, Path):  # a saved graph: moved into place with its weights, never loaded here
+                _move_graph(model, dst)
+            shutil.rmtree(tmp / SCRATCH_DIR)  # before the graph is saved: one copy of its weights on disk at a time
+            if not isinstance(model, Path):
+                save_model(model, dst)
             del model
             feeds = list(parity_feeds.get(name, ()))
             if not feeds:
@@ -195,6 +201,13 @@ def _cast(session, feeds: Feeds) -> Feeds:
 
 def _shapes(f: Feeds) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in f.items()}
+
+
+def _move_graph(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    data = src.parent / EXTERNAL_DATA_NAME
+    if data.exists():
+        os.replace(data, dst.parent / EXTERNAL_DATA_NAME)
 
 
 def _copy(src_root: Path, dst_root: Path, rel: str) -> None:

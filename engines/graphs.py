@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -13,10 +14,27 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
-def load_model(path: Path):
+def load_model(path: Path, *, weights: bool = True):
+    """The graph at ``path``; with ``weights=False`` its external-data tensors stay references (no weight is read)."""
     import onnx
 
-    return onnx.load(str(path), load_external_data=True)
+    return onnx.load(str(path), load_external_data=weights)
+
+
+def save_graph_beside(model, path: Path, source: Path) -> None:
+    """Save ``model``, loaded from ``source`` without its weights, as ``path``, and give it ``source``'s external
+    data file: a hard link where the filesystem allows (no second copy of the weights on disk), else a copy."""
+    import onnx
+
+    path = Path(path)
+    onnx.save(model, str(path))
+    data = Path(source).parent / EXTERNAL_DATA_NAME
+    if data.exists():
+        target = path.parent / EXTERNAL_DATA_NAME
+        try:
+            os.link(data, target)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(data, target)
 
 
 def weights_bytes(model) -> int:

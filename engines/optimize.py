@@ -31,7 +31,7 @@ from edgediff.bundle.schema import CONTROLNET_PREFIX, RESIDUAL_UNET
 from edgediff.errors import BackendUnavailable, EngineError, InputError
 
 from .derive import Result, begin, derive
-from .graphs import load_model, save_model, set_static_dims
+from .graphs import load_model, save_graph_beside, save_model, set_static_dims
 from .isolate import run_isolated
 from .probe import capture, vae_encoder_feeds
 from .scratch import temp_files_in
@@ -122,9 +122,13 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         result = Result(precision=m.components[name].precision,
                         optimized_for=target if target in ("cpu", "cuda") else "",
                         provider="cuda" if target == "cuda" else "cpu")
+        lean = target in ("cpu", "cuda") and name in LEAN_FUSION and _too_big_to_fuse(graph)
+        if lean:
+            progress(f"{name}: {_gib(_graph_bytes(graph))} of weights is too much for ONNX Runtime's optimizer in "
+                     "this machine's memory; fusing attention from the graph's structure alone")
         done = run_isolated(_transform_graph, graph, work, name=name, target=target, static=static,
-                            bundle_root=bundle.root, what=f"{name}: optimize --target {target}")
-        return load_model(done), result
+                            bundle_root=bundle.root, lean=lean, what=f"{name}: optimize --target {target}")
+        return done, result  # a file: derive moves it (and its weights) into place without loading it
 
     step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
     return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
@@ -132,29 +136,68 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
 
 
 def _transform_graph(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
-                     bundle_root: Path) -> Path:
+                     bundle_root: Path, lean: bool = False) -> Path:
     """Fix the static dims, fuse and let ONNX Runtime optimize ``graph``; the result is saved under ``work`` and its
-    path returned. Runs in a child process (see optimize_bundle), whose temporary files go to ``work`` too."""
+    path returned. Runs in a child process (see optimize_bundle), whose temporary files go to ``work`` too.
+    ``lean``: fuse attention without loading the weights (engines.attention_fusion) instead of through ONNX
+    Runtime's transformer optimizer."""
     with temp_files_in(work):
-        return _transform_in(graph, work, name=name, target=target, static=static, bundle_root=bundle_root)
+        return _transform_in(graph, work, name=name, target=target, static=static, bundle_root=bundle_root,
+                             lean=lean)
 
 
 def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
-                  bundle_root: Path) -> Path:
+                  bundle_root: Path, lean: bool = False) -> Path:
     done = work / "done" / "model.onnx"
     if static is None and target == "tensorrt":
         return _ort_offline(graph, target, name, done)
-    model = load_model(graph)
+    model = load_model(graph, weights=not lean)
     bundle = Bundle.open(bundle_root)
     if static is not None:
         set_static_dims(model, _static_dims(name, static, bundle))
-    if target in ("cpu", "cuda"):
-        model = _fuse(model, name, target, bundle.manifest.family)
     raw = work / "raw" / "model.onnx"
     raw.parent.mkdir()
-    save_model(model, raw)
+    if lean:
+        from .attention_fusion import fuse_attention
+
+        if not fuse_attention(model):
+            raise EngineError(f"{name}: no attention of the exported pattern found to fuse without loading the "
+                              "weights, which do not fit ONNX Runtime's optimizer here; run optimize on a machine "
+                              "with about four times the weights' size in memory")
+        save_graph_beside(model, raw, graph)
+    else:
+        if target in ("cpu", "cuda"):
+            model = _fuse(model, name, target, bundle.manifest.family)
+        save_model(model, raw)
     del model  # one copy of the weights at a time: an SD-1.5 UNet is 3.4 GB
     return _ort_offline(raw, target, name, done)
+
+
+# denoisers whose attention engines.attention_fusion knows (the UNet's exported pattern); a graph too big for ONNX
+# Runtime's optimizer but not listed here keeps the full path and may run out of memory, which isolate reports
+LEAN_FUSION = ("unet",)
+# what ONNX Runtime's transformer optimizer holds at once, in multiples of the weights: the loaded model, symbolic
+# shape inference's copy, the fused model and its serialization (an SDXL UNet of 10.3 GB could not be optimized
+# in 23 GiB)
+OPTIMIZER_MEMORY = 4
+
+
+def _too_big_to_fuse(graph: Path) -> bool:
+    from edgediff.validation import available_memory
+
+    free = available_memory()
+    return free is not None and OPTIMIZER_MEMORY * _graph_bytes(graph) > free
+
+
+def _graph_bytes(graph: Path) -> int:
+    from .graphs import EXTERNAL_DATA_NAME
+
+    data = Path(graph).parent / EXTERNAL_DATA_NAME
+    return Path(graph).stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _static_dims(name: str, s: Static, bundle: Bundle) -> dict[str, dict[int, int]]:

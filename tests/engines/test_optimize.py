@@ -171,10 +171,11 @@ def test_a_full_disk_while_writing_is_one_line(tiny_sd1_bundle, tmp_path, monkey
     from edgediff.engines import derive
     from edgediff.errors import OutputWriteError
 
-    def full(model, path):
+    def full(graph, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(derive, "save_model", full)
+    # optimize's graphs come as files moved into place (quantize's are saved from memory: derive.save_model)
+    monkeypatch.setattr(derive, "_move_graph", full)
     with pytest.raises(OutputWriteError, match=r"cannot write .*/out: .*/text_encoder/model.onnx: No space left on "
                                                r"device; free some space .*; nothing was written to .*/out$"):
         optimize_bundle(tiny_sd1_bundle, tmp_path / "out", target="tensorrt")
@@ -194,3 +195,28 @@ def test_derived_bundle_honours_the_umask(cpu_opt):
             assert oct(os.stat(os.path.join(root, d)).st_mode & 0o777) == oct(0o777 & ~mask)
         for f in files:
             assert oct(os.stat(os.path.join(root, f)).st_mode & 0o777) == oct(0o666 & ~mask), f
+
+
+def test_a_unet_too_big_for_the_optimizer_gets_attention_fused_without_its_weights(tiny_sd1_bundle, tmp_path,
+                                                                                  monkeypatch):
+    """The lean path (engines.attention_fusion), taken when ~4x the weights would not fit in memory: every attention
+    becomes MultiHeadAttention without the weights being loaded, the text encoders and VAE take the full path, and
+    the bundle passes parity and generates the image the exported bundle does."""
+    import onnx
+
+    from edgediff.engines import optimize
+
+    asked = []
+    monkeypatch.setattr(optimize, "_too_big_to_fuse", lambda graph: asked.append(Path(graph).parent.name) or True)
+    messages = []
+    out = optimize_bundle(tiny_sd1_bundle, tmp_path / "lean", target="cpu", progress=messages.append)
+    assert asked == ["unet"]  # only the components the lean fusion knows are asked about
+    assert any("unet:" in m and "structure alone" in m for m in messages)
+    b = Bundle.open(out)
+    assert b.verify() == [] and b.manifest.components["unet"].parity.passed
+    softmaxes = sum(n.op_type == "Softmax" for n in onnx.load(str(tiny_sd1_bundle / "unet/model.onnx")).graph.node)
+    ops = [n.op_type for n in onnx.load(str(out / "unet/model.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == softmaxes and "Softmax" not in ops
+    kw = dict(num_inference_steps=2, seed=5, output_type="np")
+    with Pipeline.load(tiny_sd1_bundle) as p0, Pipeline.load(out) as p1:
+        np.testing.assert_allclose(p1("a red cube", **kw).images, p0("a red cube", **kw).images, atol=2 / 255)

@@ -1,0 +1,254 @@
+"""Fuse the exported attention of a UNet into ONNX Runtime's ``MultiHeadAttention``, from the graph's structure alone.
+
+ONNX Runtime's transformer optimizer (engines.optimize) fuses attention too, but it works on the whole model in
+memory -- weights, a shape-inferred copy and the saved copy -- about four times the weights: an SDXL UNet (10.3 GB
+fp32) cannot go through it on a 24 GB machine. This pass reads no weight: it matches the layout ops around the two
+attention products and replaces them by one node, so it runs on a graph loaded without its external data
+(``onnx.load(..., load_external_data=False)``) and the weights file stays as it is.
+
+The exported pattern (diffusers' attention processor traced by torch.onnx, SDPA decomposed), per attention:
+    q3, k3, v3 = x W_q, c W_k, c W_v                          (B, S, H*D), (B, L, H*D), (B, L, H*D)
+    heads(t)   = Reshape(Transpose(Reshape(t, [B, S, H, D]), [0, 2, 1, 3]), [B*H, S, D])   (or left 4-D)
+    scores     = MatMul(heads(q3), Transpose(heads(k3), [0, 2, 1])) * scale (+ zeros: baddbmm's beta=0 input)
+    o3         = merge(MatMul(Softmax(scores, -1), heads(v3)))  merge: Reshape -> Transpose [0,2,1,3] -> Reshape
+i.e. softmax(Q K^T * scale) V per head (Vaswani et al. 2017, eq. 1), which is MultiHeadAttention(q3, k3, v3) with
+``num_heads=H`` and ``scale`` (com.microsoft contrib op; CPU and CUDA kernels, the CPU one without the (B, H, S, L)
+score matrix in memory). Anything that does not match exactly -- a mask, a non-float cast, an unknown head count -- is
+left as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MS_DOMAIN = "com.microsoft"
+FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class Match:
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: int
+    scale: float
+    name: str
+
+
+class _Graph:
+    """Producer/consumer maps and constant values of one graph (small constants only: weights are not read)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+    def node(self, name: str, op: str):
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def only_consumer(self, name: str, op: str):
+        """The one consumer of ``name`` besides Shape nodes, when it is an ``op``. The Shapes only size the layout
+        ops being fused away; fuse_attention checks that nothing else still needs them."""
+        users = [u for u in self.consumers.get(name, []) if u.op_type != "Shape"]
+        if len(users) != 1 or users[0].op_type != op or name in self.outputs:
+            return None
+        return users[0]
+
+    def value(self, name: str):
+        """The value of a small constant (Constant node or inline initializer), or None."""
+        from onnx import numpy_helper
+
+        t = self.initializers.get(name)
+        if t is None:
+            n = self.producer.get(name)
+            if n is None or n.op_type != "Constant":
+                return None
+            t = next((a.t for a in n.attribute if a.name == "value"), None)
+            if t is None:
+                return None
+        if t.data_location == 1:  # EXTERNAL: never read weights here
+            return None
+        return numpy_helper.to_array(t)
+
+    def scalar(self, name: str) -> float | None:
+        v = self.value(name)
+        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+    def is_zeros(self, name: str) -> bool:
+        """A tensor that is zero whatever its shape: ConstantOfShape(0), optionally times a constant."""
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Mul":
+            return any(self.is_zeros(i) for i in n.input) and all(
+                self.is_zeros(i) or self.scalar(i) is not None for i in n.input)
+        if n is not None and n.op_type == "ConstantOfShape":
+            v = next((a.t for a in n.attribute if a.name == "value"), None)
+            from onnx import numpy_helper
+
+            return v is None or not numpy_helper.to_array(v).any()
+        v = self.value(name)
+        return v is not None and not v.any()
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _heads_from_shape(g: _Graph, shape: str) -> int | None:
+    """H of a Reshape to [B, S, H, D]: the shape's third entry, a constant or a Concat's constant third input."""
+    v = g.value(shape)
+    if v is not None:
+        return int(v[2]) if v.shape == (4,) and v[2] > 0 else None
+    concat = g.node(shape, "Concat")
+    if concat is None or len(concat.input) != 4:
+        return None
+    h = g.value(concat.input[2])
+    return int(h.reshape(-1)[0]) if h is not None and h.size == 1 and h.reshape(-1)[0] > 0 else None
+
+
+def _split_heads(g: _Graph, name: str) -> tuple[str, int] | None:
+    """(t, H) when ``name`` is heads(t): [Reshape to B*H,S,D] <- Transpose [0,2,1,3] <- Reshape [B,S,H,D] <- t."""
+    n = g.producer.get(name)
+    if n is not None and n.op_type == "Reshape":  # the optional merge of batch and heads
+        n = g.producer.get(n.input[0])
+    if n is None or n.op_type != "Transpose" or _perm(n) != [0, 2, 1, 3]:
+        return None
+    split = g.node(n.input[0], "Reshape")
+    if split is None:
+        return None
+    heads = _heads_from_shape(g, split.input[1])
+    return (split.input[0], heads) if heads else None
+
+
+def _merged_output(g: _Graph, product: str) -> str | None:
+    """o3 when ``product`` (the P V MatMul) flows only into merge: [Reshape] -> Transpose [0,2,1,3] -> Reshape."""
+    n = g.only_consumer(product, "Reshape") or g.only_consumer(product, "Transpose")
+    if n is not None and n.op_type == "Reshape":
+        n = g.only_consumer(n.output[0], "Transpose")
+    if n is None or _perm(n) != [0, 2, 1, 3]:
+        return None
+    merge = g.only_consumer(n.output[0], "Reshape")
+    return merge.output[0] if merge is not None else None
+
+
+def _scores(g: _Graph, name: str) -> tuple[object, float] | None:
+    """(the Q K^T MatMul, scale) behind the Softmax input ``name``: [+ zeros] [* or / a scalar] MatMul."""
+    n = g.producer.get(name)
+    if n is not None and n.op_type == "Add":
+        rest = [i for i in n.input if not g.is_zeros(i)]
+        if len(rest) != 1:
+            return None  # a real mask: MultiHeadAttention would need it as an input; left alone
+        n = g.producer.get(rest[0])
+    scale = 1.0
+    if n is not None and n.op_type in ("Mul", "Div"):
+        consts = [(k, g.scalar(i)) for k, i in enumerate(n.input) if g.scalar(i) is not None]
+        if len(consts) != 1 or (n.op_type == "Div" and consts[0][0] != 1):
+            return None
+        scale = consts[0][1] if n.op_type == "Mul" else 1.0 / consts[0][1]
+        n = g.producer.get(n.input[1 - consts[0][0]])
+    if n is None or n.op_type != "MatMul":
+        return None
+    return n, scale
+
+
+def find_attention(graph) -> list[Match]:
+    """Every attention in ``graph`` that the pattern in the module doc describes exactly."""
+    g = _Graph(graph)
+    found = []
+    for softmax in graph.node:
+        if softmax.op_type != "Softmax":
+            continue
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+        if axis not in (-1, 2, 3):
+            continue
+        probs = softmax.output[0]
+        cast = g.only_consumer(probs, "Cast")
+        if cast is not None:
+            if next((a.i for a in cast.attribute if a.name == "to"), None) != FLOAT:
+                continue
+            probs = cast.output[0]
+        pv = g.only_consumer(probs, "MatMul")
+        if pv is None or pv.input[0] != probs:
+            continue
+        got = _scores(g, softmax.input[0])
+        if got is None:
+            continue
+        qk, scale = got
+        kt = g.node(qk.input[1], "Transpose")
+        if kt is None or _perm(kt) not in ([0, 2, 1], [0, 1, 3, 2]):
+            continue
+        q, k, v = _split_heads(g, qk.input[0]), _split_heads(g, kt.input[0]), _split_heads(g, pv.input[1])
+        out = _merged_output(g, pv.output[0])
+        if q is None or k is None or v is None or out is None or not q[1] == k[1] == v[1]:
+            continue
+        found.append(Match(query=q[0], key=k[0], value=v[0], output=out, heads=q[1], scale=scale,
+                           name=softmax.name or probs))
+    return found
+
+
+def fuse_attention(model) -> int:
+    """Replace every matched attention in ``model`` (in place) by one MultiHeadAttention node; returns how many.
+    The nodes the fused ones no longer need are removed (shape arithmetic included)."""
+    from onnx import helper
+
+    graph = model.graph
+    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH, GRAPHS: If/Loop bodies
+        return 0  # their bodies may read any outer name: the dead-node sweep below could not see those uses
+    matches = find_attention(graph)
+    if not matches:
+        return 0
+    fused_outputs = {m.output for m in matches}
+    keep = [n for n in graph.node if not (set(n.output) & fused_outputs)]
+    for m in matches:
+        keep.append(helper.make_node("MultiHeadAttention", [m.query, m.key, m.value], [m.output],
+                                     name=f"{m.name}/fused_mha", domain=MS_DOMAIN, num_heads=m.heads,
+                                     scale=m.scale))
+    live = _topological(_live(keep, graph))
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in live for o in n.output}
+    if any(i and i not in known for n in live for i in n.input):
+        return 0  # cannot happen (only the merge's last node is replaced); never save a graph that would not load
+    del graph.node[:]
+    graph.node.extend(live)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(matches)
+
+
+def _live(nodes: list, graph) -> list:
+    """``nodes`` less those whose outputs nothing uses (repeated until none is left)."""
+    needed = {o.name for o in graph.output}
+    alive = []
+    for n in reversed(_topological(nodes)):
+        if any(o in needed for o in n.output):
+            alive.append(n)
+            needed.update(i for i in n.input if i)
+    return list(reversed(alive))
+
+
+def _topological(nodes: list) -> list:
+    """``nodes`` in an order where each comes after the producers of its inputs (ONNX requires it)."""
+    produced_by = {o: k for k, n in enumerate(nodes) for o in n.output}
+    order, state = [], [0] * len(nodes)  # 0 new, 1 visiting, 2 placed
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            k, ready = stack.pop()
+            if ready:
+                if state[k] != 2:
+                    state[k] = 2
+                    order.append(nodes[k])
+                continue
+            if state[k]:
+                continue
+            state[k] = 1
+            stack.append((k, True))
+            for i in nodes[k].input:
+                p = produced_by.get(i)
+                if p is not None and not state[p]:
+                    stack.append((p, False))
+    return order
