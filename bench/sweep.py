@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from edgediff.bundle.manifest import MANIFEST_NAME
 from edgediff.errors import InputError
 
 from . import report
@@ -181,10 +182,26 @@ def check_backends(names: Sequence[str]) -> None:
 
 
 def _reference(bundle, reference: Path | None) -> Path:
-    """The diffusers folder ``--compare`` runs: ``--reference``, else the source the bundle was exported from."""
+    """The diffusers folder ``--compare`` runs: ``--reference``, else the source the bundle was exported from. A
+    derived bundle (optimize, quantize) records its parent bundle as its source: the chain is followed back to the
+    exported bundle's source, the pipeline all of them compute."""
+    from edgediff.bundle.reader import Bundle
+
     if reference is not None:
         return Path(reference)
-    source = bundle.manifest.provenance.source
-    if not source:
-        raise InputError(f"{bundle.root} does not record its source pipeline; pass --reference DIR")
-    return Path(source)
+    current = bundle
+    for _ in range(MAX_DERIVATIONS):
+        source = current.manifest.provenance.source
+        if not source:
+            raise InputError(f"{current.root} does not record its source pipeline; pass --reference DIR")
+        if not current.manifest.provenance.parent or not (Path(source) / MANIFEST_NAME).is_file():
+            return Path(source)
+        try:
+            current = Bundle.open(source)
+        except Exception as exc:  # a parent bundle moved, edited or removed since
+            raise InputError(f"{bundle.root} was derived from {source}, which cannot be opened ({exc}); pass "
+                             "--reference DIR, the diffusers folder the bundle was exported from") from None
+    raise InputError(f"{bundle.root}: more than {MAX_DERIVATIONS} derived bundles in a row; pass --reference DIR")
+
+
+MAX_DERIVATIONS = 16  # optimize -> quantize -> ... ; a cycle of copied folders must not loop forever

@@ -151,8 +151,8 @@ def _scores(g: _Graph, name: str) -> tuple[object, float] | None:
             return None
         scale = consts[0][1] if n.op_type == "Mul" else 1.0 / consts[0][1]
         n = g.producer.get(n.input[1 - consts[0][0]])
-    if n is None or n.op_type != "MatMul":
-        return None
+    if n is None or n.op_type != "MatMul" or not scale:
+        return None  # (MultiHeadAttention reads scale 0 as "the default, 1/sqrt(head size)")
     return n, scale
 
 

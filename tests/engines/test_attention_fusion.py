@@ -12,7 +12,7 @@ from edgediff.engines.attention_fusion import find_attention, fuse_attention
 B, S, L, H, D = 2, 6, 5, 2, 4  # batch, query tokens, key tokens, heads, head size
 
 
-def _attention_graph(*, mask: bool = False, cast_to: int = 1, scale_op: str = "Mul"):
+def _attention_graph(*, mask: bool = False, cast_to: int = 1, scale_op: str = "Mul", scale: float | None = None):
     """One cross-attention in the exported pattern: q3 (B,S,H*D), k3/v3 (B,L,H*D) -> heads -> softmax -> merge,
     with the reshape shapes as constants (a static graph) and baddbmm's zeros added to the scores."""
     from onnx import TensorProto, helper, numpy_helper
@@ -23,7 +23,7 @@ def _attention_graph(*, mask: bool = False, cast_to: int = 1, scale_op: str = "M
     nodes = [const("split_q", np.array([B, S, H, D], np.int64)), const("split_kv", np.array([B, L, H, D], np.int64)),
              const("bh_q", np.array([B * H, S, D], np.int64)), const("bh_kv", np.array([B * H, L, D], np.int64)),
              const("unbh", np.array([B, H, S, D], np.int64)), const("merged", np.array([B, S, H * D], np.int64)),
-             const("scale", np.array(0.5 if scale_op == "Mul" else 2.0, np.float32)),
+             const("scale", np.array(scale if scale is not None else 0.5 if scale_op == "Mul" else 2.0, np.float32)),
              const("zero_shape", np.array([B * H, S, L], np.int64))]
     for t, split, bh in (("q", "split_q", "bh_q"), ("k", "split_kv", "bh_kv"), ("v", "split_kv", "bh_kv")):
         nodes += [helper.make_node("Reshape", [t, split], [f"{t}4"]),
@@ -85,6 +85,10 @@ def test_a_real_mask_is_left_alone():
     model = _attention_graph(mask=True)
     assert find_attention(model.graph) == [] and fuse_attention(model) == 0
     assert "Softmax" in [n.op_type for n in model.graph.node]
+
+
+def test_a_zero_scale_is_left_alone():
+    assert fuse_attention(_attention_graph(scale=0.0)) == 0  # MultiHeadAttention would read 0 as 1/sqrt(D)
 
 
 def test_a_cast_to_another_precision_is_left_alone():
