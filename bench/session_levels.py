@@ -2,8 +2,9 @@
 
     edgediff bench session-levels BUNDLE_A [BUNDLE_B ...] [--component unet] [--size 256x256] [--repeat 2]
 
-For each bundle the component's graph is opened at the level the runtime would use (``disable`` for graphs saved by
-``edgediff optimize --target cpu``, ``all`` otherwise) and, for pre-optimized graphs, also at ``all``; each
+For each bundle the component's graph is opened at ``all`` (the runtime's level for exported graphs, and for the VAE
+graphs saved by ``edgediff optimize --target cpu``) and, for pre-optimized graphs, also at ``disable`` (the runtime's
+level for their denoiser and text encoders); each
 configuration is created and run twice on the same random feeds, rounds interleaved so that drift on a shared
 machine hits every configuration alike. Ratios are against the first configuration.
 """

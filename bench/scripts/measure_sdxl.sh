@@ -6,8 +6,9 @@
 #       TURBO_SIZE run at guidance 0 (UNet batch 1, Euler a): ours/diffusers ratios from one run each
 #   (d) peak RSS of one SIZE generation, each a fresh process, load included: edgediff generate vs the diffusers
 #       worker running StableDiffusionXLPipeline
-#   (e) optimize --target cpu, quantize --int8-storage, then a --low-memory SIZE generation's peak RSS (and fp32
-#       --low-memory for reference)
+#   (e) optimize --target cpu (the UNet's attention fused from the graph's structure when its weights are too big
+#       for ONNX Runtime's optimizer), then (c) again on the optimized bundle; quantize --int8-storage, then a
+#       --low-memory SIZE generation's peak RSS (and fp32 --low-memory for reference)
 #
 # Usage (from the repository root, in the environment with edgediff[export] installed):
 #   bash bench/scripts/measure_sdxl.sh PRESET DIR
@@ -19,8 +20,8 @@
 #   Steps whose output already exists are skipped (delete it to measure again), so an interrupted run resumes.
 #   Environment overrides: SIZE (default 1024x1024; tiny: 64x64), TURBO_SIZE (512x512; tiny: 32x32), RUNS (timed
 #   runs per side, default 2), COMPARE_ORDER (sequential: both SDXL pipelines do not fit in 24 GB together),
-#   INT8_COMPONENTS (unet), PROMPT, OPTIMIZE (1; 0 skips step (e)'s optimize and quantizes the exported bundle:
-#   optimize held ~4x a graph's size in memory on SD-1.5 (13.7 GiB for the 3.4 GB UNet), ~40 GiB for SDXL's).
+#   INT8_COMPONENTS (unet), PROMPT, OPTIMIZE (1; 0 skips step (e)'s optimize and quantizes the exported bundle;
+#   optimize's peak was 17.0 GiB for SDXL at 1024x1024, in its parity check).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
@@ -101,6 +102,16 @@ skip gen-lowmem "$OUT/lowmem.png" || measure gen-lowmem edgediff generate "$PROM
 if [[ ${OPTIMIZE:-1} == 1 ]]; then
   skip optimize "$OPT/edgediff.json" || measure optimize edgediff optimize "$BUNDLE" "$OPT" --target cpu
 fi
+if [[ -e $OPT/edgediff.json ]]; then  # (c) on the optimized bundle (fused attention); diffusers as before
+  skip bench-cfg-opt "$RES/bench-cfg-opt.json" || measure bench-cfg-opt edgediff bench "$OPT" --size "$SIZE" \
+    --steps 1 --runs "$RUNS" --warmup 0 --compare diffusers --compare-order "$COMPARE_ORDER" \
+    --json "$RES/bench-cfg-opt.json"
+  skip bench-turbo-opt "$RES/bench-turbo-opt.json" || measure bench-turbo-opt edgediff bench "$OPT" \
+    --size "$TURBO_SIZE" --steps 1 --guidance 0 --scheduler euler_a --runs "$RUNS" --warmup 0 --compare diffusers \
+    --compare-order "$COMPARE_ORDER" --json "$RES/bench-turbo-opt.json"
+  skip gen-opt "$OUT/opt.png" || measure gen-opt edgediff generate "$PROMPT" -m "$OPT" --size "$SIZE" \
+    --steps 1 --guidance 5 --scheduler euler --seed 0 -o "$OUT/opt.png" --overwrite
+fi
 INT8_FROM=$OPT
 if [[ ! -e $OPT/edgediff.json ]]; then  # optimize failed (memory?): --int8-storage also takes the exported bundle
   INT8_FROM=$BUNDLE INT8=$DIR/bundle-int8s
@@ -159,7 +170,9 @@ for name in ("build", "export", "optimize", "quantize"):
         lines.append(f"  {name:<10} wall {t['wall_s'] or 0:8.1f} s   peak RSS {gib(t['max_rss_bytes'])} (largest "
                      f"process)  {gib(t['tree_peak_bytes'])} (process tree)")
 for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
-                    ("bench-turbo", f"Turbo-style {turbo_size}, 1 step, guidance 0, euler_a")):
+                    ("bench-turbo", f"Turbo-style {turbo_size}, 1 step, guidance 0, euler_a"),
+                    ("bench-cfg-opt", f"optimized bundle, {size}, 1 step, bundle guidance"),
+                    ("bench-turbo-opt", f"optimized bundle, Turbo-style {turbo_size}, 1 step, guidance 0, euler_a")):
     doc = load(res / f"{name}.json")
     if not doc:
         lines.append(f"  {label}: no result (see logs/{name}.log)")
@@ -171,13 +184,15 @@ for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
     lines.append(f"  {label} (UNet batch {cmp['computation']['unet_batch'][0]}, {cmp['order']}), ours/diffusers:")
     for k in ("unet_per_call", "text_encoder", "vae_decode", "total"):
         r = cmp["ratio"].get(k)
-        goal = "  (goal <= 0.8x)" if (name, k) in (("bench-cfg", "unet_per_call"), ("bench-turbo", "total")) else ""
+        goal = "  (goal <= 0.8x)" if (name.removesuffix("-opt"), k) in (("bench-cfg", "unet_per_call"),
+                                                                         ("bench-turbo", "total")) else ""
         lines.append(f"    {k:<14} {cmp['ours'][k]:9.3f} s vs {cmp['theirs'][k]:9.3f} s = {r:.3f}x{goal}"
                      if r is not None else f"    {k:<14} n/a")
     m = cmp["peak_rss_bytes"]
     lines.append(f"    peak RSS during generation {gib(m['ours'])} vs {gib(m['theirs'])}"
                  + (f" = {m['ratio']:.3f}x" if m.get("ratio") else ""))
-gens = {"gen-ours": "ours, fp32", "gen-diffusers": "diffusers StableDiffusionXLPipeline, fp32",
+gens = {"gen-ours": "ours, fp32", "gen-opt": "ours, fp32, optimize --target cpu",
+        "gen-diffusers": "diffusers StableDiffusionXLPipeline, fp32",
         "gen-lowmem": "ours, fp32, --low-memory",
         "gen-int8s-lowmem": f"ours, int8-storage of {int8_from}, --low-memory"}
 lines.append(f"  one {size} generation in a fresh process (load included), peak RSS:")

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bundle.manifest import Component
+from ..bundle.schema import REOPTIMIZE_AT_LOAD
 from ..config import check_choice
 from ..errors import BackendError, BackendUnavailable, ConfigError, EdgediffError
 from .validate import check_feeds
@@ -46,10 +47,12 @@ class OrtOptions:
     # allocates its activations afresh. None: on in low-memory mode only. Needs the arena (enable_mem_arena).
     shrink_arena_after_run: bool | None = None
     optimized_model_filepath: str | None = None  # write the optimized graph (edgediff optimize uses this)
-    # Graphs saved by `edgediff optimize --target cpu` open with optimizations off (session creation ~0.1x). True
-    # re-runs level "all" on them: the CPU's NCHWc layout transforms, ~5 % faster SD-1.5 steps here, ~8 s more
-    # at start (docs/engines.md). For long-running services.
-    reoptimize_saved_graphs: bool = False
+    # Graphs saved by `edgediff optimize --target cpu` hold no CPU-specific layout (NCHWc blocks follow the vector
+    # width). True re-runs level "all" on them at load: ~5 % faster SD-1.5 UNet steps, ~8 s more at start
+    # (docs/engines.md), for long-running services. False opens them with optimizations off (session creation
+    # ~0.1x). None: per component (REOPTIMIZE_AT_LOAD): the VAE graphs are re-optimized, whose pass takes well
+    # under a second and whose convolutions run ~0.8x with NCHWc; the denoiser and text encoders open as saved.
+    reoptimize_saved_graphs: bool | None = None
     # ORT's per-node profiler (backends.profiling_options turns it on): stop_profiling() sums it per operator type,
     # end_profiling() returns ORT's own JSON trace
     enable_profiling: bool = False
@@ -156,7 +159,8 @@ class OrtBackend:
                     f"{component.name}: this bundle was optimized for ONNX Runtime's {component.optimized_for!r} "
                     f"backend and cannot run on {provider!r}; use --backend {component.optimized_for}, or optimize "
                     f"the original bundle with --target {provider}")
-            if not options.reoptimize_saved_graphs:
+            again = options.reoptimize_saved_graphs
+            if again is False or (again is None and not component.name.startswith(REOPTIMIZE_AT_LOAD)):
                 options = replace(options, graph_optimization_level="disable")
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:

@@ -33,6 +33,11 @@ FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-turbo", "sd-tur
 PRECISIONS = ("fp32", "fp16", "mixed-fp16", "int8-qdq", "fp8-qdq", "int8-weights", "int4-weights",
               "int8-storage")
 OPTIMIZED_FOR = ("", "cpu", "cuda")  # "" = portable graph (see Component.optimized_for)
+# components (name prefixes) whose graphs saved by `edgediff optimize` re-run ONNX Runtime's level "all" at load by
+# default, for the CPU's NCHWc convolution layout: SDXL's VAE decoder at 512x512 took 0.15 -> 0.32 s to create and
+# 23.4 -> 19.0 s to run (the exported graph: 20.4 s; `edgediff bench session-levels`, docs/engines.md). The tiny
+# autoencoders are convolutions too. Denoisers and text encoders open as saved (cold start; OrtOptions).
+REOPTIMIZE_AT_LOAD = ("vae_decoder", "vae_encoder")
 # DeepCache (runtime/deepcache.py): the UNet that also outputs the cached features, and one shallow UNet per skip
 # branch id (DeepCache's cache_branch_id = 3 x block + layer; 4 down blocks x 3 layers for SD 1.x/2.x).
 DEEPCACHE_FULL = "unet_deepcache_full"

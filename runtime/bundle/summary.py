@@ -6,6 +6,7 @@ from typing import Iterator
 
 from .manifest import Component
 from .reader import Bundle
+from .schema import REOPTIMIZE_AT_LOAD
 
 
 def summary_lines(b: Bundle) -> Iterator[str]:
@@ -40,7 +41,9 @@ def _component_lines(comp: Component) -> Iterator[str]:
         yield (f"  parity {verdict}: {r.metric} {shown} (tol {r.tolerance:.2g})  max_abs {r.max_abs:.2e}  "
                f"vs {r.reference}")
     if comp.optimized_for:
-        yield f"  optimized for ONNX Runtime {comp.optimized_for} (opened with graph optimizations off)"
+        how = ("re-optimized at load for this CPU's convolution layout" if comp.name.startswith(REOPTIMIZE_AT_LOAD)
+               else "opened with graph optimizations off")
+        yield f"  optimized for ONNX Runtime {comp.optimized_for} ({how})"
 
 
 def human_size(n: float) -> str:
