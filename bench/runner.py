@@ -141,7 +141,9 @@ class Samples:
         )
 
 
-def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
+def measure(cfg: BenchConfig, *, pipe=None) -> Row:
+    """One configuration's timed generations on ``pipe`` (loaded here when None). The operator profile
+    (``op_profile``) is a separate step: it loads a second pipeline, so the caller closes this one first."""
     from edgediff import Pipeline
 
     t0 = time.perf_counter()
@@ -162,8 +164,6 @@ def measure(cfg: BenchConfig, *, pipe=None, profile_ops: int = 0) -> Row:
             samples.add(res)
     row = samples.row(cfg, load=load, first=first, peak_rss=mem.peak)
     row.trace_spans = list(spans)
-    if profile_ops:
-        row.ops = op_profile(cfg, profile_ops)
     return row
 
 

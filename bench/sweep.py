@@ -12,7 +12,7 @@ from edgediff.bundle.manifest import MANIFEST_NAME
 from edgediff.errors import InputError
 
 from . import report
-from .runner import BenchConfig, cold_start, measure
+from .runner import BenchConfig, cold_start, measure, op_profile
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
                         lever_row.variant = report.variant_info(variant)
                         rows.append(lever_row.to_dict())
                     continue
-                row = measure(cfg, pipe=pipes[backend], profile_ops=settings.profile_ops)
+                row = measure(cfg, pipe=pipes[backend])
                 row.load_seconds = load if load is not None else float("nan")  # loaded once per backend
                 row.variant = report.variant_info(variant)
                 if settings.cold:
@@ -117,6 +117,14 @@ def run(bundles: Sequence[str | Path], axes: Axes, settings: Settings) -> Result
                     release = lambda b=backend: pipes.pop(b).close()  # noqa: E731
                     row.compare = compare(cfg, pipes[backend], _reference(variant, settings.reference), order=order,
                                           release=release)
+                if settings.profile_ops:
+                    # the profiler runs a second pipeline (its sessions opened with profiling on): ours is closed
+                    # first, as an SDXL pipeline and a profiling one did not fit in 23 GiB together (the OOM killer
+                    # ended the run); the next configuration reloads it
+                    ours = pipes.pop(backend, None)
+                    if ours is not None:
+                        ours.close()
+                    row.ops = op_profile(cfg, settings.profile_ops)
                 rows.append(row.to_dict())
                 spans = row.trace_spans
         finally:
