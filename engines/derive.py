@@ -119,8 +119,9 @@ def derive(parent: Bundle, out: str | Path, *, step: str, transform: Transform, 
             dst.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(model, Path):  # a saved graph: moved into place with its weights, never loaded here
                 _move_graph(model, dst)
-            shutil.rmtree(tmp / SCRATCH_DIR)  # before the graph is saved: one copy of its weights on disk at a time
-            if not isinstance(model, Path):
+                shutil.rmtree(tmp / SCRATCH_DIR)
+            else:
+                shutil.rmtree(tmp / SCRATCH_DIR)  # before the graph is saved: one copy of its weights on disk at a time
                 save_model(model, dst)
             del model
             feeds = list(parity_feeds.get(name, ()))
