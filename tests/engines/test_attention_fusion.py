@@ -110,14 +110,14 @@ def test_a_tensor_also_used_outside_the_attention_is_still_computed():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2v", "sdxl"])
 def test_exported_unets_fuse_every_attention_and_keep_their_outputs(family, request):
     import onnx
 
     from edgediff.bundle.reader import Bundle
 
-    root = (request.getfixturevalue("tiny_sd1_bundle") if family == "sd1"
-            else request.getfixturevalue("tiny_sdxl_base").bundle)
+    root = (request.getfixturevalue("tiny_sdxl_base").bundle if family == "sdxl"
+            else request.getfixturevalue(f"tiny_{family}_bundle"))  # sd2v: SD 2.x, upcast attention, v-prediction
     bundle = Bundle.open(root)
     model = onnx.load(str(bundle.model_path("unet")))
     softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
