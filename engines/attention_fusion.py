@@ -208,7 +208,7 @@ def fuse_attention(model) -> int:
         keep.append(helper.make_node("MultiHeadAttention", [m.query, m.key, m.value], [m.output],
                                      name=f"{m.name}/fused_mha", domain=MS_DOMAIN, num_heads=m.heads,
                                      scale=m.scale))
-    live = _topological(_live(keep, graph))
+    live = _live(keep, graph)
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in live for o in n.output}
     if any(i and i not in known for n in live for i in n.input):
         return 0  # cannot happen (only the merge's last node is replaced); never save a graph that would not load
@@ -220,7 +220,8 @@ def fuse_attention(model) -> int:
 
 
 def _live(nodes: list, graph) -> list:
-    """``nodes`` less those whose outputs nothing uses (repeated until none is left)."""
+    """``nodes`` less those whose outputs nothing uses, in topological order: one pass from the graph's outputs
+    back, so a node whose only users were dropped is dropped too."""
     needed = {o.name for o in graph.output}
     alive = []
     for n in reversed(_topological(nodes)):

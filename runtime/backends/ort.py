@@ -160,7 +160,7 @@ class OrtBackend:
                     f"backend and cannot run on {provider!r}; use --backend {component.optimized_for}, or optimize "
                     f"the original bundle with --target {provider}")
             again = options.reoptimize_saved_graphs
-            if again is False or (again is None and not component.name.startswith(REOPTIMIZE_AT_LOAD)):
+            if not (component.name.startswith(REOPTIMIZE_AT_LOAD) if again is None else again):
                 options = replace(options, graph_optimization_level="disable")
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
