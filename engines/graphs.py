@@ -78,3 +78,50 @@ def set_static_dims(model, dims: Mapping[str, Mapping[int, int]]) -> None:
 def constant_names(graph) -> set[str]:
     """Names of the tensors whose values are fixed in ``graph``: initializers and Constant node outputs."""
     return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+
+def _external_tensors(model):
+    """Every tensor of ``model``'s main graph whose bytes may live outside it: initializers and Constant values."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+def adopt_external_data(path: Path) -> Path:
+    """Rename the external-data file of the graph at ``path`` (saved by another tool under its own name, e.g.
+    ``model.onnx.data``) to the bundle's ``EXTERNAL_DATA_NAME`` and point the graph at it; no weight is read."""
+    import onnx
+
+    path = Path(path)
+    model = load_model(path, weights=False)
+    entries = [e for t in _external_tensors(model) for e in t.external_data if e.key == "location"]
+    names = {e.value for e in entries}
+    if not names or names == {EXTERNAL_DATA_NAME}:
+        return path
+    if len(names) > 1:
+        raise EngineError(f"{path}: weights in {len(names)} external files ({', '.join(sorted(names))}); expected one")
+    os.replace(path.parent / names.pop(), path.parent / EXTERNAL_DATA_NAME)
+    for e in entries:
+        e.value = EXTERNAL_DATA_NAME
+    onnx.save(model, str(path))
+    return path
+
+
+def load_model_qparams(path: Path):
+    """The graph at ``path`` with only the scales and zero points of its Q/DQ nodes read (what ``qdq_rules`` checks):
+    the weights of a multi-GB graph stay on disk."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    path = Path(path)
+    model = load_model(path, weights=False)
+    qparams = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for name in n.input[1:3]}
+    for t in model.graph.initializer:
+        if t.name in qparams and t.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(path.parent))
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+    return model

@@ -122,10 +122,16 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         result = Result(precision=m.components[name].precision,
                         optimized_for=target if target in ("cpu", "cuda") else "",
                         provider="cuda" if target == "cuda" else "cpu")
-        lean = target in ("cpu", "cuda") and name in LEAN_FUSION and _too_big_to_fuse(graph)
-        if lean:
-            progress(f"{name}: {_gib(_graph_bytes(graph))} of weights is too much for ONNX Runtime's optimizer in "
-                     "this machine's memory; fusing attention from the graph's structure alone")
+        lean = ""
+        if target in ("cpu", "cuda") and name in LEAN_FUSION:
+            if m.components[name].precision in QDQ_PRECISIONS:
+                # ONNX Runtime's attention fusion matches float projections; behind Q/DQ it finds none
+                lean = "qdq"
+                progress(f"{name}: Q/DQ graph; fusing attention from the graph's structure")
+            elif _too_big_to_fuse(graph):
+                lean = "memory"
+                progress(f"{name}: {_gib(_graph_bytes(graph))} of weights is too much for ONNX Runtime's optimizer "
+                         "in this machine's memory; fusing attention from the graph's structure alone")
         done = run_isolated(_transform_graph, graph, work, name=name, target=target, static=static,
                             bundle_root=bundle.root, lean=lean, what=f"{name}: optimize --target {target}")
         return done, result  # a file: derive moves it (and its weights) into place without loading it
@@ -136,18 +142,19 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
 
 
 def _transform_graph(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
-                     bundle_root: Path, lean: bool = False) -> Path:
+                     bundle_root: Path, lean: str = "") -> Path:
     """Fix the static dims, fuse and let ONNX Runtime optimize ``graph``; the result is saved under ``work`` and its
     path returned. Runs in a child process (see optimize_bundle), whose temporary files go to ``work`` too.
-    ``lean``: fuse attention without loading the weights (engines.attention_fusion) instead of through ONNX
-    Runtime's transformer optimizer."""
+    ``lean``, why attention is fused without loading the weights (engines.attention_fusion) instead of through ONNX
+    Runtime's transformer optimizer: "memory" (the optimizer would not fit; finding nothing to fuse is an error)
+    or "qdq" (a quantized graph, which the optimizer cannot fuse; nothing to fuse leaves it as it is)."""
     with temp_files_in(work):
         return _transform_in(graph, work, name=name, target=target, static=static, bundle_root=bundle_root,
                              lean=lean)
 
 
 def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: Static | None,
-                  bundle_root: Path, lean: bool = False) -> Path:
+                  bundle_root: Path, lean: str = "") -> Path:
     done = work / "done" / "model.onnx"
     if static is None and target == "tensorrt":
         return _ort_offline(graph, target, name, done)
@@ -160,7 +167,7 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
     if lean:
         from .attention_fusion import fuse_attention
 
-        if not fuse_attention(model):
+        if not fuse_attention(model) and lean == "memory":
             raise EngineError(f"{name}: no attention of the exported pattern found to fuse without loading the "
                               "weights, which do not fit ONNX Runtime's optimizer here; run optimize on a machine "
                               "with about four times the weights' size in memory")
@@ -176,6 +183,9 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
 # denoisers whose attention engines.attention_fusion knows (the UNet's exported pattern); a graph too big for ONNX
 # Runtime's optimizer but not listed here keeps the full path and may run out of memory, which isolate reports
 LEAN_FUSION = ("unet",)
+# precisions whose graphs take that path whatever their size: Q/DQ around the projections hides attention from
+# ONNX Runtime's fusion (docs/engines.md), not from engines.attention_fusion, which starts after the projections
+QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")
 # what ONNX Runtime's transformer optimizer holds at once, in multiples of the weights: the loaded model, symbolic
 # shape inference's copy, the fused model and its serialization (an SDXL UNet of 10.3 GB could not be optimized
 # in 23 GiB)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,9 @@ from edgediff.bundle.reader import Bundle
 from edgediff.errors import EngineError, InputError
 
 from .derive import Result, begin, derive
-from .graphs import EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, load_model, weights_bytes
+from .graphs import (EXTERNAL_DATA_NAME, EXTERNAL_DATA_THRESHOLD, adopt_external_data, load_model,
+                     load_model_qparams, weights_bytes)
+from .isolate import run_isolated
 from .probe import Captured, capture, read_prompts, vae_encoder_feeds
 from . import qdq_rules
 from .attention import attention_projections
@@ -49,6 +52,8 @@ DEFAULT_COMPONENTS = {"fp16": ("text_encoder", "text_encoder_2", *DENOISERS, "va
                       "int8": DENOISERS, "int8-weights": DENOISERS, "fp8": DENOISERS, "int4-weights": DENOISERS,
                       "int8-storage": DENOISERS}
 QUANT_TARGETS = ("tensorrt", "cpu")
+STATIC = ("int8", "fp8")  # calibrated Q/DQ: quantized in a child process (_static_graph)
+OP_TYPES = ("Conv", "MatMul", "Gemm")
 # modes that rewrite weights only and keep every node: they apply to graphs ONNX Runtime has already fused
 AFTER_OPTIMIZE = ("int8-storage",)
 FP16_MAX = 65504.0
@@ -125,9 +130,12 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
     calib = Captured()
     if needs_calib:
         progress(f"calibration: {len(prompts)} prompt(s) x {steps} steps through the fp32 pipeline")
-        calib = capture(parent.root, prompts, steps=steps, height=height, width=width, seed=1000)
+        # each capture in its own process: the fp32 pipeline it opens is gone before the next step loads a graph
+        calib = run_isolated(capture, parent.root, prompts, steps=steps, height=height, width=width, seed=1000,
+                             what="calibration: running the fp32 pipeline")
     progress("parity inputs: 1 held-out prompt")
-    held = capture(parent.root, [PARITY_PROMPT], steps=min(steps, 4), height=height, width=width, seed=7)
+    held = run_isolated(capture, parent.root, [PARITY_PROMPT], steps=min(steps, 4), height=height, width=width,
+                        seed=7, what="parity inputs: running the fp32 pipeline")
     parity_feeds = {n: held.feeds.get(n, []) for n in names}
     if "vae_encoder" in names:
         parity_feeds["vae_encoder"] = vae_encoder_feeds(held)
@@ -137,19 +145,25 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         feeds = calib.feeds.get(name, [])
         if needs_calib and not feeds:
             raise EngineError(f"internal: no calibration inputs captured for {name}")
+        optimized_for = m.components[name].optimized_for  # only AFTER_OPTIMIZE modes get here with one
+        result = lambda precision: Result(precision=precision, optimized_for=optimized_for,  # noqa: E731
+                                          provider="cuda" if optimized_for == "cuda" else "cpu")
+        if mode in STATIC:
+            # in a child process, returning the saved file: the fp32 graph, its calibration session and the
+            # quantizer's copy never share this process's memory with the next step (an SDXL UNet is 10.3 GB)
+            progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
+            if mode == "int8" and target == "cpu":
+                progress(f"{name}: attention projections stay float (--target cpu)")
+            done = run_isolated(_static_graph, graph, feeds, name, work, fp8=mode == "fp8",
+                                attention_float=mode == "int8" and target == "cpu",
+                                what=f"{name}: quantize --{mode}")
+            return done, result(PRECISION[mode])
         # onnxruntime.quantization logs advice to the root logger, prints progress and makes temporary folders
         with _quiet_quantizer(), temp_files_in(work):
-            if mode == "int8" and target == "cpu":
-                model, precision = _static(graph, feeds, name, progress, work, fp8=False, attention_float=True)
-            else:
-                model, precision = _QUANTIZERS[mode](graph, feeds, name, progress, work)
-        if mode in ("int8", "fp8", "int8-storage"):
-            problems = qdq_rules.violations(model, "fp8" if mode == "fp8" else "int8")
-            if problems:
-                raise EngineError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {problems[0]}")
-        optimized_for = m.components[name].optimized_for  # only AFTER_OPTIMIZE modes get here with one
-        return model, Result(precision=precision, optimized_for=optimized_for,
-                             provider="cuda" if optimized_for == "cuda" else "cpu")
+            model, precision = _QUANTIZERS[mode](graph, feeds, name, progress, work)
+        if mode == "int8-storage":
+            _check_qdq(model, name, mode)
+        return model, result(precision)
 
     extra = f" --calib-size {len(prompts)} --steps {steps}" if needs_calib else ""
     extra += f" --target {target}" if target != "tensorrt" else ""
@@ -201,22 +215,31 @@ def _structure(graph: Path):
     return onnx.load(str(graph), load_external_data=False)
 
 
-def _int8(graph: Path, feeds, name: str, progress, work: Path) -> object:
-    return _static(graph, feeds, name, progress, work, fp8=False)
+def _static_graph(graph: Path, feeds, name: str, work: Path, *, fp8: bool, attention_float: bool = False) -> Path:
+    """Static Q/DQ quantization of ``graph`` (INT8 MinMax or FP8 Distribution calibration), saved under ``work``;
+    returns the saved graph's path. Runs in a child process (engines.isolate), from quantize_bundle."""
+    with _quiet_quantizer(), temp_files_in(work):
+        out = _static(graph, feeds, name, work, fp8=fp8, attention_float=attention_float)
+        _check_qdq(load_model_qparams(out), name, "fp8" if fp8 else "int8")
+    return out
 
 
-def _fp8(graph: Path, feeds, name: str, progress, work: Path) -> object:
-    return _static(graph, feeds, name, progress, work, fp8=True)
+def _check_qdq(model, name: str, mode: str) -> None:
+    problems = qdq_rules.violations(model, "fp8" if mode == "fp8" else "int8")
+    if problems:
+        raise EngineError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {problems[0]}")
 
 
-def _static(graph: Path, feeds, name: str, progress, work: Path, *, fp8: bool, attention_float: bool = False):
+def _static(graph: Path, feeds, name: str, work: Path, *, fp8: bool, attention_float: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from . import calibrate
 
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
     clean = _cleaned(graph, work)
     big = _has_external_data(clean)
-    progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
-    out = work / "q.onnx"
+    out = work / "q" / "model.onnx"
+    out.parent.mkdir()
     # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
     # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
     model = _structure(clean)
@@ -234,12 +257,19 @@ def _static(graph: Path, feeds, name: str, progress, work: Path, *, fp8: bool, a
     if attention_float:  # ONNX Runtime's CPU attention fusion needs float projections (engines.attention)
         projections = attention_projections(model)
         nodes = [n for n in nodes if n not in projections]
-        progress(f"{name}: {len(projections)} attention projections stay float")
     del model
+    if not fp8 and calibrate.cache_supported():
+        # INT8 MinMax ranges from engines.calibrate (one copy of the weights in memory, not four), handed to the
+        # quantizer as its calibration cache: the same ranges ONNX Runtime's calibrator computes
+        peaks = calibrate.absmax(clean, feeds, OP_TYPES, work)
+        source = dict(calibration_data_reader=None,
+                      calibration_cache_path=str(calibrate.write_cache(peaks, work / "calibration.json")))
+    else:  # FP8's Distribution calibration (histograms), or an ONNX Runtime without calibration caches
+        source = dict(calibration_data_reader=_Reader(feeds))
     try:
         quantize_static(
-            str(clean), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=not fp8,
+            str(clean), str(out), **source, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(OP_TYPES), nodes_to_quantize=nodes, per_channel=not fp8,
             reduce_range=False,
             activation_type=qtype, weight_type=qtype, use_external_data_format=big,
             calibrate_method=CalibrationMethod.Distribution if fp8 else CalibrationMethod.MinMax,
@@ -252,7 +282,8 @@ def _static(graph: Path, feeds, name: str, progress, work: Path, *, fp8: bool, a
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"{name}: ONNX Runtime's quantizer failed: {text}") from None
-    return load_model(out), PRECISION["fp8" if fp8 else "int8"]
+    shutil.rmtree(clean.parent)  # one fp32 copy less on disk before the bundle is written
+    return adopt_external_data(out)
 
 
 def _int8_weights(graph: Path, feeds, name: str, progress, work: Path):
@@ -319,5 +350,5 @@ def activation_peaks(graph: Path, feeds, workdir: Path) -> dict[str, float]:
             for name, r in ranges.data.items()}
 
 
-_QUANTIZERS = {"fp16": _fp16, "int8": _int8, "int8-weights": _int8_weights, "fp8": _fp8,
-               "int4-weights": _int4_weights, "int8-storage": _int8_storage}
+_QUANTIZERS = {"fp16": _fp16, "int8-weights": _int8_weights, "int4-weights": _int4_weights,
+               "int8-storage": _int8_storage}

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from external_data import external_copy  # noqa: E402
 from lora_fixtures import PROMPT, TOL, compare, ours, reference  # noqa: E402
 
 
@@ -114,32 +115,10 @@ def test_fused_weights_are_not_kept_once_the_session_has_them(tiny_sd1_bundle, l
         assert pipe.components._weights["unet"]._arrays is not None
 
 
-def _external(bundle, dst, component="unet"):
-    """A copy of ``bundle`` whose ``component`` keeps its weights in model.onnx_data (as every graph over 2 GB,
-    e.g. SD-1.5's UNet), re-pinned in the manifest."""
-    import onnx
-
-    from edgediff.bundle.describe import component_entry
-    from edgediff.bundle.reader import Bundle
-    from edgediff.bundle.writer import write_manifest
-
-    shutil.copytree(bundle, dst)
-    path = dst / component / "model.onnx"
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx_data", size_threshold=1024)
-    m = Bundle.open(bundle).manifest
-    old = m.components[component]
-    comps = dict(m.components, **{component: component_entry(dst, component, precision=old.precision,
-                                                             parity=old.parity)})
-    write_manifest(dst, dataclasses.replace(m, components=comps))
-    return dst
-
-
 def test_external_data_graphs_take_the_same_weights(tiny_sd1_bundle, loras, tmp_path):
     """Graphs over 2 GB keep their weights in model.onnx_data: their initializers are replaced before ONNX
     Runtime's optimizations (add_external_initializers), exactly as the embedded path's."""
-    ext = _external(tiny_sd1_bundle, tmp_path / "ext")
+    ext = external_copy(tiny_sd1_bundle, tmp_path / "ext")
     with Pipeline.load(tiny_sd1_bundle, loras={loras["a"]: 0.8}) as pipe:
         embedded = ours(pipe)
     before = tree_digest(ext)
@@ -153,7 +132,7 @@ def test_external_weights_are_read_as_private_copies_without_a_map(tiny_sd1_bund
     from edgediff.errors import BundleError
     from edgediff.lora.onnx_weights import GraphWeights
 
-    ext = _external(tiny_sd1_bundle, tmp_path / "ext")
+    ext = external_copy(tiny_sd1_bundle, tmp_path / "ext")
     g = GraphWeights(ext / "unet" / "model.onnx")
     name = max(g.names(), key=lambda n: np.prod(g.info(n).shape) if g.info_or_none(n) else 0)
     copy = g.read_copy(name)
