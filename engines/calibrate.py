@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from edgediff.backends.ort import OrtOptions
 from edgediff.errors import EngineError
 
 from .graphs import load_model, save_graph_beside
@@ -74,10 +75,12 @@ def absmax(graph: Path, feeds: Sequence[Mapping[str, np.ndarray]], op_types: Ite
     path.parent.mkdir(parents=True, exist_ok=False)
     save_graph_beside(model, path, graph)
     del model
-    options = ort.SessionOptions()
-    # the graph as it is, as ONNX Runtime's calibrator runs it: fusions would not change a value, but could
-    # remove a tensor that is not otherwise an output
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # the graph as it is, as ONNX Runtime's calibrator runs it: fusions would not change a value, but could remove a
+    # tensor that is not otherwise an output. Priority-based order runs each reduction as soon as its tensor exists;
+    # in the default order they all ran after the graph's own output, every calibrated activation alive until then
+    # (SDXL UNet at 512x512: 10.9 GiB of activations instead of 0.4)
+    options = OrtOptions(graph_optimization_level="disable", disable_prepacking=True).session_options()
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -149,12 +149,16 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         result = lambda precision: Result(precision=precision, optimized_for=optimized_for,  # noqa: E731
                                           provider="cuda" if optimized_for == "cuda" else "cpu")
         if mode in STATIC:
-            # in a child process, returning the saved file: the fp32 graph, its calibration session and the
-            # quantizer's copy never share this process's memory with the next step (an SDXL UNet is 10.3 GB)
+            # two child processes, each returning files: the calibration session, then the quantizer's copy of the
+            # weights (SDXL UNet, 10.3 GB: 12.2 GiB to quantize alone; after calibrating in the same process the
+            # OOM killer took it at 24 GiB), and the result is never loaded here
             progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
             if mode == "int8" and target == "cpu":
                 progress(f"{name}: attention projections stay float (--target cpu)")
-            done = run_isolated(_static_graph, graph, feeds, name, work, fp8=mode == "fp8",
+            fp8 = mode == "fp8"
+            clean, cache = run_isolated(_calibrated, graph, feeds, work, fp8=fp8,
+                                        what=f"{name}: calibrating for --{mode}")
+            done = run_isolated(_static_graph, clean, feeds, name, work, fp8=fp8, cache=cache,
                                 attention_float=mode == "int8" and target == "cpu",
                                 what=f"{name}: quantize --{mode}")
             return done, result(PRECISION[mode])
@@ -215,11 +219,25 @@ def _structure(graph: Path):
     return onnx.load(str(graph), load_external_data=False)
 
 
-def _static_graph(graph: Path, feeds, name: str, work: Path, *, fp8: bool, attention_float: bool = False) -> Path:
-    """Static Q/DQ quantization of ``graph`` (INT8 MinMax or FP8 Distribution calibration), saved under ``work``;
-    returns the saved graph's path. Runs in a child process (engines.isolate), from quantize_bundle."""
+def _calibrated(graph: Path, feeds, work: Path, *, fp8: bool) -> tuple[Path, Path | None]:
+    """The graph after ONNX Runtime's basic clean-up, saved under ``work``, and its INT8 calibration cache (the
+    activation ranges, engines.calibrate), or None where the quantizer calibrates itself (FP8's Distribution
+    method, an ONNX Runtime without calibration caches). Runs in a child process, from quantize_bundle."""
+    from . import calibrate
+
+    with temp_files_in(work):
+        clean = _cleaned(graph, work)
+        if fp8 or not calibrate.cache_supported():
+            return clean, None
+        return clean, calibrate.write_cache(calibrate.absmax(clean, feeds, OP_TYPES, work), work / "calibration.json")
+
+
+def _static_graph(clean: Path, feeds, name: str, work: Path, *, fp8: bool, cache: Path | None,
+                  attention_float: bool = False) -> Path:
+    """Static Q/DQ quantization of ``clean`` (from _calibrated), saved under ``work``; returns the saved graph's path.
+    Runs in a child process, from quantize_bundle."""
     with _quiet_quantizer(), temp_files_in(work):
-        out = _static(graph, feeds, name, work, fp8=fp8, attention_float=attention_float)
+        out = _static(clean, feeds, name, work, fp8=fp8, cache=cache, attention_float=attention_float)
         _check_qdq(load_model_qparams(out), name, "fp8" if fp8 else "int8")
     return out
 
@@ -230,13 +248,11 @@ def _check_qdq(model, name: str, mode: str) -> None:
         raise EngineError(f"{name}: the quantized graph breaks TensorRT's Q/DQ rules: {problems[0]}")
 
 
-def _static(graph: Path, feeds, name: str, work: Path, *, fp8: bool, attention_float: bool) -> Path:
+def _static(clean: Path, feeds, name: str, work: Path, *, fp8: bool, cache: Path | None,
+            attention_float: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from . import calibrate
-
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
-    clean = _cleaned(graph, work)
     big = _has_external_data(clean)
     out = work / "q" / "model.onnx"
     out.parent.mkdir()
@@ -258,14 +274,10 @@ def _static(graph: Path, feeds, name: str, work: Path, *, fp8: bool, attention_f
         projections = attention_projections(model)
         nodes = [n for n in nodes if n not in projections]
     del model
-    if not fp8 and calibrate.cache_supported():
-        # INT8 MinMax ranges from engines.calibrate (one copy of the weights in memory, not four), handed to the
-        # quantizer as its calibration cache: the same ranges ONNX Runtime's calibrator computes
-        peaks = calibrate.absmax(clean, feeds, OP_TYPES, work)
-        source = dict(calibration_data_reader=None,
-                      calibration_cache_path=str(calibrate.write_cache(peaks, work / "calibration.json")))
-    else:  # FP8's Distribution calibration (histograms), or an ONNX Runtime without calibration caches
-        source = dict(calibration_data_reader=_Reader(feeds))
+    # INT8: the ranges engines.calibrate computed (one copy of the weights in memory, not four), read by the
+    # quantizer as its calibration cache -- the same ranges ONNX Runtime's calibrator computes
+    source = dict(calibration_data_reader=None, calibration_cache_path=str(cache)) if cache is not None \
+        else dict(calibration_data_reader=_Reader(feeds))
     try:
         quantize_static(
             str(clean), str(out), **source, quant_format=QuantFormat.QDQ,

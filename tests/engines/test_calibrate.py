@@ -100,8 +100,9 @@ def test_quantizer_writes_the_same_graph_from_either_calibration(tiny_sd1_bundle
         monkeypatch.setattr(calibrate, "cache_supported", lambda c=cached: c)
         work = tmp_path / str(cached)
         work.mkdir()
-        with q._quiet_quantizer():
-            graphs[cached] = onnx.load(str(q._static(graph, unet_feeds, "unet", work, fp8=False, attention_float=False)))
+        clean, cache = q._calibrated(graph, unet_feeds, work, fp8=False)
+        assert (cache is not None) == cached
+        graphs[cached] = onnx.load(str(q._static_graph(clean, unet_feeds, "unet", work, fp8=False, cache=cache)))
     a, b = ({t.name: numpy_helper.to_array(t) for t in g.graph.initializer} for g in (graphs[True], graphs[False]))
     assert [n.op_type for n in graphs[True].graph.node] == [n.op_type for n in graphs[False].graph.node]
     assert set(a) == set(b)
