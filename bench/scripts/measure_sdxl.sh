@@ -9,6 +9,7 @@
 #   (e) optimize --target cpu (the UNet's attention fused from the graph's structure when its weights are too big
 #       for ONNX Runtime's optimizer), then (c) again on the optimized bundle; quantize --int8-storage, then a
 #       --low-memory SIZE generation's peak RSS (and fp32 --low-memory for reference)
+#   (f) INT8 arithmetic: quantize --int8, optimize --target cpu, (c) again, and the image's difference from fp32's
 #
 # Usage (from the repository root, in the environment with edgediff[export] installed):
 #   bash bench/scripts/measure_sdxl.sh PRESET DIR
@@ -20,7 +21,7 @@
 #   Steps whose output already exists are skipped (delete it to measure again), so an interrupted run resumes.
 #   Environment overrides: SIZE (default 1024x1024; tiny: 64x64), TURBO_SIZE (512x512; tiny: 32x32), RUNS (timed
 #   runs per side, default 2), COMPARE_ORDER (sequential: both SDXL pipelines do not fit in 24 GB together),
-#   INT8_COMPONENTS (unet), PROMPT, OPTIMIZE (1; 0 skips step (e)'s optimize and quantizes the exported bundle;
+#   INT8_COMPONENTS (unet), INT8_COMPUTE (1; 0 skips step (f)), PROMPT, OPTIMIZE (1; 0 skips step (e)'s optimize and quantizes the exported bundle;
 #   optimize's peak was 17.0 GiB for SDXL at 1024x1024, in its parity check).
 set -uo pipefail
 
@@ -42,7 +43,7 @@ PY=${PYTHON:-python}
 command -v edgediff >/dev/null || { echo "error: edgediff is not on PATH: activate the environment first" >&2; exit 2; }
 [[ -x /usr/bin/time ]] || { echo "error: /usr/bin/time is missing (apt-get install time)" >&2; exit 2; }
 
-SRC=$DIR/src BUNDLE=$DIR/bundle OPT=$DIR/bundle-cpu INT8=$DIR/bundle-cpu-int8s
+SRC=$DIR/src BUNDLE=$DIR/bundle OPT=$DIR/bundle-cpu INT8=$DIR/bundle-cpu-int8s Q8=$DIR/bundle-i8 Q8OPT=$DIR/bundle-i8-cpu
 LOGS=$DIR/logs RES=$DIR/results OUT=$DIR/out
 mkdir -p "$LOGS" "$RES" "$OUT"
 H=${SIZE#*x} W=${SIZE%x*}
@@ -125,6 +126,26 @@ if [[ -e $INT8/edgediff.json ]]; then
     -o "$OUT/int8s-lowmem.png" --overwrite
 fi
 
+# (f) INT8 arithmetic (VNNI/AMX integer kernels): quantize --int8 (TensorRT layout, every projection INT8; calibrated
+# at TURBO_SIZE, 2 prompts x 4 steps), optimize --target cpu (attention fused behind the Q/DQ projections), then
+# (c) again -- against diffusers fp32 -- and the same 1-step SIZE image as (d), for its difference from fp32's
+if [[ ${INT8_COMPUTE:-1} == 1 ]]; then
+  skip quantize-int8 "$Q8/edgediff.json" || measure quantize-int8 edgediff quantize "$BUNDLE" "$Q8" --int8 \
+    --size "$TURBO_SIZE" --calib-size 2 --steps 4
+  [[ -e $Q8/edgediff.json ]] && { skip optimize-int8 "$Q8OPT/edgediff.json" || measure optimize-int8 \
+    edgediff optimize "$Q8" "$Q8OPT" --target cpu; }
+  if [[ -e $Q8OPT/edgediff.json ]]; then
+    skip bench-cfg-int8 "$RES/bench-cfg-int8.json" || measure bench-cfg-int8 edgediff bench "$Q8OPT" \
+      --size "$SIZE" --steps 1 --runs "$RUNS" --warmup 0 --compare diffusers --compare-order "$COMPARE_ORDER" \
+      --json "$RES/bench-cfg-int8.json"
+    skip bench-turbo-int8 "$RES/bench-turbo-int8.json" || measure bench-turbo-int8 edgediff bench "$Q8OPT" \
+      --size "$TURBO_SIZE" --steps 1 --guidance 0 --scheduler euler_a --runs "$RUNS" --warmup 0 \
+      --compare diffusers --compare-order "$COMPARE_ORDER" --json "$RES/bench-turbo-int8.json"
+    skip gen-int8 "$OUT/int8.png" || measure gen-int8 edgediff generate "$PROMPT" -m "$Q8OPT" --size "$SIZE" \
+      --steps 1 --guidance 5 --scheduler euler --seed 0 -o "$OUT/int8.png" --overwrite
+  fi
+fi
+
 # The summary: every figure from the files above, also written to results/summary.json
 "$PY" - "$DIR" "$PRESET" "$SIZE" "$TURBO_SIZE" "$(basename "$INT8_FROM")" <<'EOF'
 import json, re, sys
@@ -163,7 +184,7 @@ def gib(v):
 summary = {"preset": preset, "size": size, "turbo_size": turbo_size, "int8_storage_of": int8_from, "steps": {},
            "compare": {}}
 lines = [f"SDXL measurements, preset {preset}, {d}"]
-for name in ("build", "export", "optimize", "quantize"):
+for name in ("build", "export", "optimize", "quantize", "quantize-int8", "optimize-int8"):
     t = timed(name)
     if t:
         summary["steps"][name] = t
@@ -172,7 +193,10 @@ for name in ("build", "export", "optimize", "quantize"):
 for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
                     ("bench-turbo", f"Turbo-style {turbo_size}, 1 step, guidance 0, euler_a"),
                     ("bench-cfg-opt", f"optimized bundle, {size}, 1 step, bundle guidance"),
-                    ("bench-turbo-opt", f"optimized bundle, Turbo-style {turbo_size}, 1 step, guidance 0, euler_a")):
+                    ("bench-turbo-opt", f"optimized bundle, Turbo-style {turbo_size}, 1 step, guidance 0, euler_a"),
+                    ("bench-cfg-int8", f"INT8 optimized bundle, {size}, 1 step, bundle guidance"),
+                    ("bench-turbo-int8", f"INT8 optimized bundle, Turbo-style {turbo_size}, 1 step, guidance 0, "
+                                         "euler_a")):
     doc = load(res / f"{name}.json")
     if not doc:
         lines.append(f"  {label}: no result (see logs/{name}.log)")
@@ -184,7 +208,7 @@ for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
     lines.append(f"  {label} (UNet batch {cmp['computation']['unet_batch'][0]}, {cmp['order']}), ours/diffusers:")
     for k in ("unet_per_call", "text_encoder", "vae_decode", "total"):
         r = cmp["ratio"].get(k)
-        goal = "  (goal <= 0.8x)" if (name.removesuffix("-opt"), k) in (("bench-cfg", "unet_per_call"),
+        goal = "  (goal <= 0.8x)" if (name.removesuffix("-opt").removesuffix("-int8"), k) in (("bench-cfg", "unet_per_call"),
                                                                          ("bench-turbo", "total")) else ""
         lines.append(f"    {k:<14} {cmp['ours'][k]:9.3f} s vs {cmp['theirs'][k]:9.3f} s = {r:.3f}x{goal}"
                      if r is not None else f"    {k:<14} n/a")
@@ -192,6 +216,7 @@ for name, label in (("bench-cfg", f"{size}, 1 step, bundle guidance"),
     lines.append(f"    peak RSS during generation {gib(m['ours'])} vs {gib(m['theirs'])}"
                  + (f" = {m['ratio']:.3f}x" if m.get("ratio") else ""))
 gens = {"gen-ours": "ours, fp32", "gen-opt": "ours, fp32, optimize --target cpu",
+        "gen-int8": "ours, quantize --int8 + optimize --target cpu",
         "gen-diffusers": "diffusers StableDiffusionXLPipeline, fp32",
         "gen-lowmem": "ours, fp32, --low-memory",
         "gen-int8s-lowmem": f"ours, int8-storage of {int8_from}, --low-memory"}
@@ -212,6 +237,16 @@ ours, theirs = timed("gen-ours"), timed("gen-diffusers")
 if ours and theirs and ours["max_rss_bytes"] and theirs["max_rss_bytes"]:
     summary["generation_peak_ratio"] = ours["max_rss_bytes"] / theirs["max_rss_bytes"]
     lines.append(f"    ours/diffusers = {summary['generation_peak_ratio']:.3f}x (goal <= 1)")
+if (d / "out" / "int8.png").is_file() and (d / "out" / "ours.png").is_file():
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(d / "out" / f), dtype=np.float64) for f in ("ours.png", "int8.png"))
+    mse = float(np.mean((a - b) ** 2))
+    summary["int8_image"] = {"max_abs_255": float(np.abs(a - b).max()),
+                             "psnr_db": 10 * np.log10(255.0**2 / mse) if mse else float("inf")}
+    lines.append(f"  INT8 image vs fp32 (same seed): max |diff| {summary['int8_image']['max_abs_255']:.0f}/255, "
+                 f"PSNR {summary['int8_image']['psnr_db']:.1f} dB")
 (res / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print("\n".join(lines))
 EOF
