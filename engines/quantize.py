@@ -146,8 +146,11 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         if needs_calib and not feeds:
             raise EngineError(f"internal: no calibration inputs captured for {name}")
         optimized_for = m.components[name].optimized_for  # only AFTER_OPTIMIZE modes get here with one
-        result = lambda precision: Result(precision=precision, optimized_for=optimized_for,  # noqa: E731
-                                          provider="cuda" if optimized_for == "cuda" else "cpu")
+
+        def result(precision: str) -> Result:
+            return Result(precision=precision, optimized_for=optimized_for,
+                          provider="cuda" if optimized_for == "cuda" else "cpu")
+
         if mode in STATIC:
             # two child processes, each returning files: the calibration session, then the quantizer's copy of the
             # weights (SDXL UNet, 10.3 GB: 12.2 GiB to quantize alone; after calibrating in the same process the
