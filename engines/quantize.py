@@ -152,15 +152,15 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
                           provider="cuda" if optimized_for == "cuda" else "cpu")
 
         if mode in STATIC:
-            # two child processes, each returning files: the calibration session, then the quantizer's copy of the
-            # weights (SDXL UNet, 10.3 GB: 12.2 GiB to quantize alone; after calibrating in the same process the
-            # OOM killer took it at 24 GiB), and the result is never loaded here
+            # three child processes, each returning files: ONNX Runtime's clean-up, the calibration session and the
+            # quantizer's copy of the weights (SDXL UNet, 10.3 GB: 9.0, 10.3 and 12.2 GiB alone; the first two in one
+            # process peaked at 20.6 GiB, all three at 24 GiB, killed), and the result is never loaded here
             progress(f"{name}: calibrating on {len(feeds)} captured input(s)")
             if mode == "int8" and target == "cpu":
                 progress(f"{name}: attention projections stay float (--target cpu)")
             fp8 = mode == "fp8"
-            clean, cache = run_isolated(_calibrated, graph, feeds, work, fp8=fp8,
-                                        what=f"{name}: calibrating for --{mode}")
+            clean = run_isolated(_cleaned, graph, work, what=f"{name}: cleaning up the graph for --{mode}")
+            cache = run_isolated(_calibrated, clean, feeds, work, fp8=fp8, what=f"{name}: calibrating for --{mode}")
             done = run_isolated(_static_graph, clean, feeds, name, work, fp8=fp8, cache=cache,
                                 attention_float=mode == "int8" and target == "cpu",
                                 what=f"{name}: quantize --{mode}")
@@ -222,17 +222,16 @@ def _structure(graph: Path):
     return onnx.load(str(graph), load_external_data=False)
 
 
-def _calibrated(graph: Path, feeds, work: Path, *, fp8: bool) -> tuple[Path, Path | None]:
-    """The graph after ONNX Runtime's basic clean-up, saved under ``work``, and its INT8 calibration cache (the
-    activation ranges, engines.calibrate), or None where the quantizer calibrates itself (FP8's Distribution
-    method, an ONNX Runtime without calibration caches). Runs in a child process, from quantize_bundle."""
+def _calibrated(clean: Path, feeds, work: Path, *, fp8: bool) -> Path | None:
+    """The INT8 calibration cache of ``clean`` (the activation ranges, engines.calibrate), or None where the quantizer
+    calibrates itself (FP8's Distribution method, an ONNX Runtime without calibration caches). Runs in a child
+    process, from quantize_bundle."""
     from . import calibrate
 
+    if fp8 or not calibrate.cache_supported():
+        return None
     with temp_files_in(work):
-        clean = _cleaned(graph, work)
-        if fp8 or not calibrate.cache_supported():
-            return clean, None
-        return clean, calibrate.write_cache(calibrate.absmax(clean, feeds, OP_TYPES, work), work / "calibration.json")
+        return calibrate.write_cache(calibrate.absmax(clean, feeds, OP_TYPES, work), work / "calibration.json")
 
 
 def _static_graph(clean: Path, feeds, name: str, work: Path, *, fp8: bool, cache: Path | None,
