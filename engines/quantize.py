@@ -160,7 +160,8 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
                 progress(f"{name}: attention projections stay float (--target cpu)")
             fp8 = mode == "fp8"
             clean = run_isolated(_cleaned, graph, work, what=f"{name}: cleaning up the graph for --{mode}")
-            cache = run_isolated(_calibrated, clean, feeds, work, fp8=fp8, what=f"{name}: calibrating for --{mode}")
+            # FP8 is calibrated by ONNX Runtime's Distribution method inside the quantizer (no range cache)
+            cache = None if fp8 else run_isolated(_calibrated, clean, feeds, work, what=f"{name}: calibrating")
             done = run_isolated(_static_graph, clean, feeds, name, work, fp8=fp8, cache=cache,
                                 attention_float=mode == "int8" and target == "cpu",
                                 what=f"{name}: quantize --{mode}")
@@ -215,20 +216,13 @@ def _has_external_data(graph: Path) -> bool:
     return (Path(graph).parent / EXTERNAL_DATA_NAME).exists()
 
 
-def _structure(graph: Path):
-    """The graph without its weights' bytes (names, nodes, shapes): cheap even for a 3.4 GB UNet."""
-    import onnx
-
-    return onnx.load(str(graph), load_external_data=False)
-
-
-def _calibrated(clean: Path, feeds, work: Path, *, fp8: bool) -> Path | None:
-    """The INT8 calibration cache of ``clean`` (the activation ranges, engines.calibrate), or None where the quantizer
-    calibrates itself (FP8's Distribution method, an ONNX Runtime without calibration caches). Runs in a child
-    process, from quantize_bundle."""
+def _calibrated(clean: Path, feeds, work: Path) -> Path | None:
+    """The INT8 calibration cache of ``clean`` (the activation ranges, engines.calibrate), or None with an ONNX Runtime
+    that reads no calibration cache (its quantizer then calibrates itself). Runs in a child process, from
+    quantize_bundle."""
     from . import calibrate
 
-    if fp8 or not calibrate.cache_supported():
+    if not calibrate.cache_supported():
         return None
     with temp_files_in(work):
         return calibrate.write_cache(calibrate.absmax(clean, feeds, OP_TYPES, work), work / "calibration.json")
@@ -260,7 +254,7 @@ def _static(clean: Path, feeds, name: str, work: Path, *, fp8: bool, cache: Path
     out.parent.mkdir()
     # Convolutions and weight MatMuls/Gemms only: the activation x activation MatMuls of attention (QK^T,
     # softmax x V) lose most under per-tensor INT8 (softmax outputs span 1e-6..1) and are a small share of time.
-    model = _structure(clean)
+    model = load_model(clean, weights=False)  # names, nodes, shapes: cheap even for a 10 GB UNet
     inits = {t.name for t in model.graph.initializer}
     nodes = [n.name for n in model.graph.node
              if n.op_type == "Conv" or (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits)]

@@ -101,7 +101,7 @@ def test_quantizer_writes_the_same_graph_from_either_calibration(tiny_sd1_bundle
         work = tmp_path / str(cached)
         work.mkdir()
         clean = q._cleaned(graph, work)
-        cache = q._calibrated(clean, unet_feeds, work, fp8=False)
+        cache = q._calibrated(clean, unet_feeds, work)
         assert (cache is not None) == cached
         graphs[cached] = onnx.load(str(q._static_graph(clean, unet_feeds, "unet", work, fp8=False, cache=cache)))
     a, b = ({t.name: numpy_helper.to_array(t) for t in g.graph.initializer} for g in (graphs[True], graphs[False]))
