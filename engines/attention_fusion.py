@@ -15,6 +15,16 @@ i.e. softmax(Q K^T * scale) V per head (Vaswani et al. 2017, eq. 1), which is Mu
 ``num_heads=H`` and ``scale`` (com.microsoft contrib op; CPU and CUDA kernels, the CPU one without the (B, H, S, L)
 score matrix in memory). Anything that does not match exactly -- a mask, a non-float cast, an unknown head count -- is
 left as it was.
+
+The transformers (SD3/3.5's joint attention; diffusers' default processor, ``F.scaled_dot_product_attention`` traced
+by torch.onnx) reach the two products with the heads already split, 4-D:
+    q4, k4, v4 (B, H, S, D) -- after the per-head RMS norms and the text/image join, or (B, S, H, D) with a Transpose
+    scores = MatMul(q4 * f, Transpose(k4, [0, 1, 3, 2]) * f),  f = sqrt(1 / sqrt(D)) computed from q4's shape
+    o3     = Reshape(Transpose(MatMul(Softmax(scores), v4), [0, 2, 1, 3]), [B, S, H*D])
+f * f is SDPA's default scale 1/sqrt(D), which is also MultiHeadAttention's default; the head count is read from
+ONNX shape inference (a tiny graph pass: no weights). The query goes in as (B, S, H*D) through one Transpose + Reshape;
+key and value go in as they are (MultiHeadAttention takes (B, H, L, D) keys and values), so the join and the norms
+stay where they were.
 """
 from __future__ import annotations
 
@@ -31,15 +41,20 @@ class Match:
     value: str
     output: str
     heads: int
-    scale: float
+    scale: float  # 0.0: MultiHeadAttention's default 1/sqrt(D), the graph's own (SDPA's default, see module doc)
     name: str
+    # how query/key/value are laid out: "bsd" (B, S, H*D) as MultiHeadAttention takes them, or heads split:
+    # "bsnh" (B, S, H, D), "bnsh" (B, H, S, D). fuse_attention adds the layout ops a split query or key needs.
+    layouts: tuple[str, str, str] = ("bsd", "bsd", "bsd")
 
 
 class _Graph:
     """Producer/consumer maps and constant values of one graph (small constants only: weights are not read)."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, opsets=()):
         self.graph = graph
+        self.opsets = list(opsets)
+        self._shapes: dict | None = None
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
@@ -75,6 +90,14 @@ class _Graph:
         if t.data_location == 1:  # EXTERNAL: never read weights here
             return None
         return numpy_helper.to_array(t)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        """Dimension ``axis`` of ``name`` when ONNX shape inference (with data propagation, run once, on the graph
+        without its weights) knows it as a number."""
+        if self._shapes is None:
+            self._shapes = _inferred_shapes(self.graph, self.opsets)
+        dims = self._shapes.get(name)
+        return dims[axis] if dims is not None and -len(dims) <= axis < len(dims) else None
 
     def scalar(self, name: str) -> float | None:
         v = self.value(name)
@@ -156,9 +179,108 @@ def _scores(g: _Graph, name: str) -> tuple[object, float] | None:
     return n, scale
 
 
-def find_attention(graph) -> list[Match]:
-    """Every attention in ``graph`` that the pattern in the module doc describes exactly."""
-    g = _Graph(graph)
+def _unscaled(g: _Graph, name: str) -> tuple[str, object]:
+    """(t, f) when ``name`` is t * f, f a scalar constant (a float) or SDPA's own factor (the string "sdpa:" + the
+    tensor whose last dim sizes it); (name, None) otherwise."""
+    n = g.node(name, "Mul")
+    if n is None:
+        return name, None
+    for k in (0, 1):
+        c = g.scalar(n.input[k])
+        if c is not None:
+            return n.input[1 - k], c
+        sized = _sdpa_factor(g, n.input[k])
+        if sized is not None:
+            return n.input[1 - k], "sdpa:" + sized
+    return name, None
+
+
+def _sdpa_factor(g: _Graph, name: str) -> str | None:
+    """x when ``name`` is torch.onnx's SDPA factor sqrt(1 / sqrt(last dim of x)): Sqrt <- Div(1, Sqrt <- Slice(Shape(x),
+    [-1])), Casts allowed between."""
+    def past_casts(t):
+        n = g.producer.get(t)
+        while n is not None and n.op_type == "Cast":
+            n = g.producer.get(n.input[0])
+        return n
+
+    outer = g.node(name, "Sqrt")
+    div = past_casts(outer.input[0]) if outer is not None else None
+    if div is None or div.op_type != "Div" or g.scalar(div.input[0]) != 1.0:
+        return None
+    inner = past_casts(div.input[1])
+    last = past_casts(inner.input[0]) if inner is not None and inner.op_type == "Sqrt" else None
+    if last is None or last.op_type != "Slice" or len(last.input) < 3:
+        return None
+    start = g.value(last.input[1])
+    shape = g.node(last.input[0], "Shape")
+    whole = shape is not None and all(a.name == "start" and a.i == 0 for a in shape.attribute)  # the full shape
+    if not whole or start is None or start.reshape(-1).tolist() != [-1]:
+        return None
+    return shape.input[0]
+
+
+def _heads_first(g: _Graph, name: str) -> tuple[str, str]:
+    """A (B, H, S, D) operand as (tensor, layout): the (B, S, H, D) tensor behind a Transpose [0, 2, 1, 3], or itself."""
+    n = g.node(name, "Transpose")
+    return (n.input[0], "bsnh") if n is not None and _perm(n) == [0, 2, 1, 3] else (name, "bnsh")
+
+
+def _split_match(g: _Graph, qk, scale: float, v_name: str):
+    """The UNet's pattern: (q3, k3, v3, H, scale, layouts) with heads split by Reshape/Transpose, or None."""
+    kt = g.node(qk.input[1], "Transpose")
+    if kt is None or _perm(kt) not in ([0, 2, 1], [0, 1, 3, 2]):
+        return None
+    q, k, v = _split_heads(g, qk.input[0]), _split_heads(g, kt.input[0]), _split_heads(g, v_name)
+    if q is None or k is None or v is None or not q[1] == k[1] == v[1]:
+        return None
+    return q[0], k[0], v[0], q[1], scale, ("bsd", "bsd", "bsd")
+
+
+def _four_d_match(g: _Graph, qk, scale: float, v_name: str):
+    """The transformers' pattern (module doc): heads already split, scaled on both sides. Same result shape as
+    _split_match, or None."""
+    q4, fq = _unscaled(g, qk.input[0])
+    kt_name, fk = _unscaled(g, qk.input[1])
+    if isinstance(fq, float) and isinstance(fk, float):
+        scale *= fq * fk
+    elif fq is not None or fk is not None:  # SDPA's factor on both sides, computed from the query: 1/sqrt(D) in all
+        if not (fq == fk == "sdpa:" + q4) or scale != 1.0:
+            return None
+        scale = 0.0
+    kt = g.node(kt_name, "Transpose")
+    if kt is None or _perm(kt) not in ([0, 1, 3, 2], [0, 2, 3, 1]):
+        return None
+    (q, q_layout), (v, v_layout) = _heads_first(g, q4), _heads_first(g, v_name)
+    k, k_layout = kt.input[0], "bnsh" if _perm(kt) == [0, 1, 3, 2] else "bsnh"
+    heads = {g.dim(t, 1 if layout == "bnsh" else 2) for t, layout in ((q, q_layout), (k, k_layout), (v, v_layout))}
+    h = heads.pop() if len(heads) == 1 else None
+    if not isinstance(h, int) or h < 1 or scale < 0:
+        return None
+    return q, k, v, h, scale, (q_layout, k_layout, v_layout)
+
+
+def _inferred_shapes(graph, opsets) -> dict[str, list]:
+    """Every tensor's inferred dims (an int, or None where unknown) from ONNX shape inference with data propagation
+    (Shape/Slice/Concat arithmetic followed), on a copy of ``graph``; {} when inference fails."""
+    from onnx import helper, shape_inference
+
+    try:
+        model = helper.make_model(graph, opset_imports=list(opsets) or [helper.make_opsetid("", 17)])
+        inferred = shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:  # noqa: BLE001 - an op inference does not know: nothing to read, nothing fused by shape
+        return {}
+    shapes = {}
+    for v in (*inferred.input, *inferred.value_info, *inferred.output):
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    return shapes
+
+
+def find_attention(graph, opsets=()) -> list[Match]:
+    """Every attention in ``graph`` that the patterns in the module doc describe exactly. ``opsets``: the model's
+    opset imports, for shape inference (the transformers' head count)."""
+    g = _Graph(graph, opsets)
     found = []
     for softmax in graph.node:
         if softmax.op_type != "Softmax":
@@ -179,15 +301,13 @@ def find_attention(graph) -> list[Match]:
         if got is None:
             continue
         qk, scale = got
-        kt = g.node(qk.input[1], "Transpose")
-        if kt is None or _perm(kt) not in ([0, 2, 1], [0, 1, 3, 2]):
-            continue
-        q, k, v = _split_heads(g, qk.input[0]), _split_heads(g, kt.input[0]), _split_heads(g, pv.input[1])
         out = _merged_output(g, pv.output[0])
-        if q is None or k is None or v is None or out is None or not q[1] == k[1] == v[1]:
+        parts = out and (_split_match(g, qk, scale, pv.input[1]) or _four_d_match(g, qk, scale, pv.input[1]))
+        if not parts:
             continue
-        found.append(Match(query=q[0], key=k[0], value=v[0], output=out, heads=q[1], scale=scale,
-                           name=softmax.name or probs))
+        q, k, v, heads, scale, layouts = parts
+        found.append(Match(query=q, key=k, value=v, output=out, heads=heads, scale=scale,
+                           name=softmax.name or probs, layouts=layouts))
     return found
 
 
@@ -199,15 +319,17 @@ def fuse_attention(model) -> int:
     graph = model.graph
     if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH, GRAPHS: If/Loop bodies
         return 0  # their bodies may read any outer name: the dead-node sweep below could not see those uses
-    matches = find_attention(graph)
+    matches = find_attention(graph, model.opset_import)
     if not matches:
         return 0
     fused_outputs = {m.output for m in matches}
     keep = [n for n in graph.node if not (set(n.output) & fused_outputs)]
     for m in matches:
-        keep.append(helper.make_node("MultiHeadAttention", [m.query, m.key, m.value], [m.output],
-                                     name=f"{m.name}/fused_mha", domain=MS_DOMAIN, num_heads=m.heads,
-                                     scale=m.scale))
+        inputs, layout_ops = _mha_inputs(m)
+        scale = {"scale": m.scale} if m.scale else {}  # none: MultiHeadAttention's default 1/sqrt(D)
+        keep += layout_ops
+        keep.append(helper.make_node("MultiHeadAttention", inputs, [m.output], name=f"{m.name}/fused_mha",
+                                     domain=MS_DOMAIN, num_heads=m.heads, **scale))
     live = _live(keep, graph)
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in live for o in n.output}
     if any(i and i not in known for n in live for i in n.input):
@@ -217,6 +339,32 @@ def fuse_attention(model) -> int:
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(matches)
+
+
+def _mha_inputs(m: Match) -> tuple[list[str], list]:
+    """MultiHeadAttention's query, key, value for ``m`` and the layout nodes that make them: the query as (B, S, H*D);
+    key and value as they are when both are (B, H, L, D) (a layout the op takes), else both as (B, L, H*D)."""
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    ops, names = [], []
+    base = f"{m.name}/fused_mha"
+    keep_4d = m.layouts[1] == m.layouts[2] == "bnsh"
+    for role, name, layout in zip("qkv", (m.query, m.key, m.value), m.layouts):
+        if layout == "bsd" or (role != "q" and keep_4d):
+            names.append(name)
+            continue
+        if layout == "bnsh":  # (B, H, S, D) -> (B, S, H, D)
+            ops.append(helper.make_node("Transpose", [name], [f"{base}/{role}_bsnh"], perm=[0, 2, 1, 3],
+                                        name=f"{base}/{role}_transpose"))
+            name = f"{base}/{role}_bsnh"
+        if not any(n.output[0] == f"{base}/bsd_shape" for n in ops):
+            ops.append(helper.make_node("Constant", [], [f"{base}/bsd_shape"], name=f"{base}/bsd_shape",
+                                        value=numpy_helper.from_array(np.array([0, 0, -1], np.int64))))
+        ops.append(helper.make_node("Reshape", [name, f"{base}/bsd_shape"], [f"{base}/{role}_bsd"],
+                                    name=f"{base}/{role}_reshape"))  # (B, S, H, D) -> (B, S, H*D): 0 keeps a dim
+        names.append(f"{base}/{role}_bsd")
+    return names, ops
 
 
 def _live(nodes: list, graph) -> list:

@@ -169,3 +169,104 @@ def test_weights_stay_unread_and_are_linked_not_copied(tmp_path):
     (expected,) = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
     (got,) = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _sdpa_graph(*, factor_of: str = "q4", q_layout: str = "bnsh", key_perm=(0, 1, 3, 2)):
+    """SDPA as torch.onnx writes it for the transformers (engines.attention_fusion's module doc): heads already split,
+    q4 and K^T each times sqrt(1/sqrt(D)) computed from ``factor_of``'s shape, softmax, P V, heads merged.
+    ``q_layout`` "bsnh": the query arrives as (B, S, H, D) behind a Transpose; ``key_perm`` (0, 2, 3, 1): the key too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
+
+    nodes = [const("one", np.array(1.0, np.float32)), const("minus_one", np.array([-1], np.int64)),
+             const("big", np.array([2**62], np.int64)), const("merged", np.array([B, S, H * D], np.int64)),
+             helper.make_node("Shape", [factor_of], ["shape"]),
+             helper.make_node("Slice", ["shape", "minus_one", "big"], ["d"]),
+             helper.make_node("Cast", ["d"], ["d_f"], to=TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["d_f"], ["sqrt_d"]),
+             helper.make_node("Div", ["one", "sqrt_d"], ["inv"]),
+             helper.make_node("Sqrt", ["inv"], ["f"])]
+    inputs = []
+    if q_layout == "bsnh":
+        nodes.append(helper.make_node("Transpose", ["q_bsnh"], ["q4"], perm=[0, 2, 1, 3]))
+        inputs.append(helper.make_tensor_value_info("q_bsnh", TensorProto.FLOAT, [B, S, H, D]))
+    else:
+        inputs.append(helper.make_tensor_value_info("q4", TensorProto.FLOAT, [B, H, S, D]))
+    key_shape = [B, H, L, D] if tuple(key_perm) == (0, 1, 3, 2) else [B, L, H, D]
+    inputs += [helper.make_tensor_value_info("k4", TensorProto.FLOAT, key_shape),
+               helper.make_tensor_value_info("v4", TensorProto.FLOAT, [B, H, L, D])]
+    nodes += [helper.make_node("Mul", ["q4", "f"], ["q_s"]),
+              helper.make_node("Transpose", ["k4"], ["kT"], perm=list(key_perm)),
+              helper.make_node("Mul", ["kT", "f"], ["k_s"]),
+              helper.make_node("MatMul", ["q_s", "k_s"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v4"], ["pv"]),
+              helper.make_node("Transpose", ["pv"], ["pvt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["pvt", "merged"], ["out"])]
+    graph = helper.make_graph(nodes, "sdpa", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds_for(model, rng):
+    return {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+@pytest.mark.parametrize("q_layout, key_perm", [("bnsh", (0, 1, 3, 2)), ("bsnh", (0, 1, 3, 2)),
+                                                ("bnsh", (0, 2, 3, 1))])
+def test_the_transformers_sdpa_pattern_becomes_one_node(q_layout, key_perm):
+    model = _sdpa_graph(q_layout=q_layout, key_perm=key_perm)
+    feeds = _feeds_for(model, np.random.default_rng(5))
+    (expected,) = _run(model, feeds)
+    (match,) = find_attention(model.graph, model.opset_import)
+    assert match.heads == H and match.scale == 0.0  # SDPA's default 1/sqrt(D): MultiHeadAttention's default too
+    assert fuse_attention(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "Softmax" not in ops and ops.count("MultiHeadAttention") == 1
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    assert [a.name for a in mha.attribute] == ["num_heads"]
+    if key_perm == (0, 1, 3, 2):  # (B, H, L, D) key and value go in as they are
+        assert list(mha.input[1:]) == ["k4", "v4"]
+    (got,) = _run(model, feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_factor_sized_by_another_tensor_is_left_alone():
+    model = _sdpa_graph(factor_of="v4")  # same D here, but not the pattern: the scale is not provably the query's
+    assert find_attention(model.graph, model.opset_import) == [] and fuse_attention(model) == 0
+
+
+def test_the_sd3_transformer_fuses_every_attention_and_keeps_its_output(tiny_sd3):
+    """SD3's joint attention (and SD3.5's second, image-only attention) through the lean path: what optimize takes
+    for a Q/DQ transformer or one too big for ONNX Runtime's optimizer. FLUX's heads are sized at run time (its
+    graph's shapes are not inferred), so its attention is not found and its graph is left as it was."""
+    import onnx
+
+    from edgediff.bundle.reader import Bundle
+
+    bundle = Bundle.open(tiny_sd3.bundle)
+    model = onnx.load(str(bundle.model_path("transformer")))
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    rng = np.random.default_rng(6)
+    feeds = {}
+    for spec in bundle.component("transformer").inputs:
+        shape = [2 if d == "batch" else (8 if not isinstance(d, int) else d) for d in spec.shape]
+        feeds[spec.name] = (rng.uniform(0, 1000, shape) if spec.name == "timestep"
+                            else rng.standard_normal(shape)).astype(np.float32)
+    expected = _run(model, feeds)
+    assert softmaxes == 3 and fuse_attention(model) == softmaxes
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    for a, b in zip(_run(model, feeds), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_flux_attention_is_not_found(tiny_flux_dev):
+    import onnx
+
+    from edgediff.bundle.reader import Bundle
+
+    model = onnx.load(str(Bundle.open(tiny_flux_dev.bundle).model_path("transformer")), load_external_data=False)
+    nodes = len(model.graph.node)
+    assert fuse_attention(model) == 0 and len(model.graph.node) == nodes
