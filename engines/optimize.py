@@ -77,10 +77,14 @@ def parse_static(text: str, *, cfg: bool = True) -> Static:
 
 
 def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", static: Static | None = None,
-                    overwrite: bool = False, tolerance: float | None = None,
-                    progress: Callable[[str], None] = lambda msg: None) -> Path:
+                    overwrite: bool = False, tolerance: float | None = None, height: int | None = None,
+                    width: int | None = None, progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """``height``/``width``: the image size the parity check runs at (default: the model's native size, or the
+    static size); the graphs stay dynamic. A transformer checked at 1024x1024 runs for tens of minutes on a CPU."""
     if target not in TARGETS:
         raise InputError(f"--target {target!r}; expected one of {list(TARGETS)}")
+    if static is not None and (height or width):
+        raise InputError(f"--size with --static {static}: the static size is the size the check runs at; drop --size")
     parent = begin(src, out, overwrite=overwrite, tolerance=tolerance)
     m = parent.manifest
     for name, comp in m.components.items():
@@ -99,8 +103,8 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
             raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")
 
     progress("capturing real inputs for the parity check")
-    h = static.height if static else None
-    w = static.width if static else None
+    h = static.height if static else height
+    w = static.width if static else width
     prompts = list(PARITY_PROMPTS) * (static.images if static else 1)
     # Each memory-hungry step runs in its own process (engines.isolate): what a step's sessions and graph copies
     # leave in this process's heap (glibc keeps freed memory) would otherwise add up across steps. An SD-1.5
@@ -137,6 +141,8 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         return done, result  # a file: derive moves it (and its weights) into place without loading it
 
     step = f"optimize --target {target}" + (f" --static {static}" + ("" if static.cfg else " --no-cfg") if static else "")
+    if h and not static:
+        step += f" --size {w}x{h}"
     return derive(parent, out, step=step, transform=transform, components=list(m.components), parity_feeds=feeds,
                   overwrite=overwrite, tolerance=tolerance, progress=progress)
 
@@ -171,6 +177,10 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
             raise EngineError(f"{name}: no attention of the exported pattern found to fuse without loading the "
                               "weights, which do not fit ONNX Runtime's optimizer here; run optimize on a machine "
                               "with about four times the weights' size in memory")
+        if lean == "qdq" and target == "cpu":  # every INT8 projection to ONNX Runtime's integer kernels (see module)
+            from .qdq_uint8 import activations_to_uint8
+
+            activations_to_uint8(model)
         save_graph_beside(model, raw, graph)
     else:
         if target in ("cpu", "cuda"):
@@ -180,9 +190,11 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
     return _ort_offline(raw, target, name, done)
 
 
-# denoisers whose attention engines.attention_fusion knows (the UNet's exported pattern); a graph too big for ONNX
-# Runtime's optimizer but not listed here keeps the full path and may run out of memory, which isolate reports
-LEAN_FUSION = ("unet",)
+# denoisers whose attention engines.attention_fusion knows (the UNets' exported pattern and SD3's joint attention;
+# FLUX's heads are sized at run time, so its attention is not found there and a FLUX transformer too big for ONNX
+# Runtime's optimizer is refused in one line); a graph too big for the optimizer but not listed here keeps the full
+# path and may run out of memory, which isolate reports
+LEAN_FUSION = ("unet", "transformer")
 # precisions whose graphs take that path whatever their size: Q/DQ around the projections hides attention from
 # ONNX Runtime's fusion (docs/engines.md), not from engines.attention_fusion, which starts after the projections
 QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")

@@ -137,14 +137,18 @@ def _engine_progress(msg: str) -> None:
 @click.option("--target", default="cpu", show_default=True, help="cpu, cuda or tensorrt.")
 @click.option("--static", "static", default=None, help="IMAGESxHEIGHTxWIDTH, e.g. 1x512x512: fix shapes.")
 @click.option("--no-cfg", is_flag=True, help="With --static: the denoiser batch is IMAGES, not 2 x IMAGES.")
+@click.option("--size", type=SIZE, default=None,
+              help="WIDTHxHEIGHT to check parity at (default: the model's native size); graphs stay dynamic.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing bundle.")
-def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: bool, overwrite: bool) -> None:
+def optimize(bundle: Path, out: Path, target: str, static: str | None, no_cfg: bool, size, overwrite: bool) -> None:
     """Fuse and pre-optimize BUNDLE's graphs for a target (and optionally fix shapes) into a new bundle OUT."""
     from .engines.optimize import optimize_bundle, parse_static
 
     spec = parse_static(static, cfg=not no_cfg) if static is not None else None
+    height, width = size or (None, None)
     click.echo(f"optimizing {bundle} -> {out} (target {target}{', static ' + str(spec) if spec else ''})", err=True)
-    optimize_bundle(bundle, out, target=target, static=spec, overwrite=overwrite, progress=_engine_progress)
+    optimize_bundle(bundle, out, target=target, static=spec, overwrite=overwrite, height=height, width=width,
+                    progress=_engine_progress)
     click.echo(f"wrote {out}")
 
 

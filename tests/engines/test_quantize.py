@@ -198,7 +198,7 @@ def test_cli_errors_are_one_red_line(tiny_sd1_bundle, tmp_path):
 def test_int8_for_cpu_keeps_attention_fusable(tiny_sd1_bundle, tmp_path):
     """--target cpu leaves the attention projections float; the TensorRT layout quantizes them. optimize --target cpu
     fuses every attention of both: a Q/DQ UNet takes engines.attention_fusion, which starts after the projections
-    (ONNX Runtime's own fusion found none behind Q/DQ; docs/engines.md)."""
+    (ONNX Runtime's own fusion found none behind Q/DQ; docs/engines.md), and runs every INT8 MatMul integer."""
     from edgediff.engines.attention import attention_projections
     from edgediff.engines.optimize import optimize_bundle
 
@@ -226,8 +226,9 @@ def test_int8_for_cpu_keeps_attention_fusable(tiny_sd1_bundle, tmp_path):
         fused[target] = ops.count("Attention") + ops.count("MultiHeadAttention")
         assert "unet: Q/DQ graph; fusing attention from the graph's structure" in messages
         assert ops.count("Softmax") == 0
-        if target == "tensorrt":  # ONNX Runtime's integer kernels took the quantized MatMuls (most of them:
-            assert ops.count("QLinearMatMul") > 0  # self-attention's q, k, v stay DQ + float MatMul, docs/engines.md)
+        # ONNX Runtime's integer kernels took every quantized MatMul: self-attention's q, k, v too, whose shared s8
+        # input kept them dequantized float MatMuls before engines.qdq_uint8
+        assert ops.count("QLinearMatMul") == len(weights_dq)
     assert fused == {"cpu": blocks, "tensorrt": blocks}
 
 

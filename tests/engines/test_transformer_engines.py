@@ -97,3 +97,34 @@ def test_the_conditioning_rule_keeps_adaln_and_the_embedders_float(which, reques
     assert adaln and embedders and set(adaln + embedders) <= kept
     assert any("guidance_embedder" in n for n in kept) == (which == "tiny_flux_dev")
     assert not any("/attn/to_q/" in n or "/ff/" in n for n in kept)  # the image stream is quantized
+
+
+def test_an_int8_sd3_transformer_runs_integer_with_fused_attention(tiny_sd3, tmp_path):
+    """quantize --int8 (the TensorRT layout) then optimize --target cpu: ONNX Runtime's fusion finds no attention
+    behind Q/DQ, so the transformer takes engines.attention_fusion (SD3's 4-D pattern), and every INT8 projection
+    becomes an integer MatMul -- the q, k, v ones too, whose shared input stayed s8 before engines.qdq_uint8. The
+    parity check runs at --size instead of the model's 1024x1024 default (the provenance says so)."""
+    from edgediff.engines.quantize import quantize_bundle
+
+    q = quantize_bundle(tiny_sd3.bundle, tmp_path / "i8", mode="int8", height=64, width=64, calib_size=2, steps=2,
+                        tolerance=1.0)
+    quantized = _ops(q / "transformer/model.onnx")
+    messages = []
+    out = optimize_bundle(q, tmp_path / "i8-cpu", target="cpu", height=64, width=64, progress=messages.append)
+    after = _ops(out / "transformer/model.onnx")
+    assert "transformer: Q/DQ graph; fusing attention from the graph's structure" in messages
+    assert quantized["Softmax"] == 3 and after["Softmax"] == 0 and after["MultiHeadAttention"] == 3
+    int8_matmuls = quantized["MatMul"] - 2 * quantized["Softmax"] - after["MatMul"]  # float ones: conditioning path
+    assert int8_matmuls > 0 and after["QLinearMatMul"] == int8_matmuls
+    b = Bundle.open(out)
+    assert b.manifest.provenance.transforms[-1] == "optimize --target cpu --size 64x64"
+    assert b.manifest.components["transformer"].parity.passed
+
+
+def test_size_and_static_together_are_refused(tiny_sd3, tmp_path):
+    from edgediff.errors import InputError
+
+    with pytest.raises(InputError, match="--size with --static 1x64x64: the static size is the size the check runs"):
+        optimize_bundle(tiny_sd3.bundle, tmp_path / "x", target="cpu", static=optimize.parse_static("1x64x64"),
+                        height=64, width=64)
+    assert not (tmp_path / "x").exists()
