@@ -210,12 +210,13 @@ def _sdpa_factor(g: _Graph, name: str) -> str | None:
         return None
     inner = past_casts(div.input[1])
     last = past_casts(inner.input[0]) if inner is not None and inner.op_type == "Sqrt" else None
-    if last is None or last.op_type != "Slice" or len(last.input) < 3:
+    if last is None or last.op_type != "Slice" or len(last.input) != 3:  # no axes/steps: axis 0, step 1
         return None
-    start = g.value(last.input[1])
+    start, end = g.value(last.input[1]), g.value(last.input[2])
     shape = g.node(last.input[0], "Shape")
     whole = shape is not None and all(a.name == "start" and a.i == 0 for a in shape.attribute)  # the full shape
-    if not whole or start is None or start.reshape(-1).tolist() != [-1]:
+    if not whole or start is None or end is None or start.reshape(-1).tolist() != [-1] or end.size != 1 \
+            or end.reshape(-1)[0] < 2**31 - 1:  # [-1:] (torch writes INT64_MAX for "to the end")
         return None
     return shape.input[0]
 

@@ -85,7 +85,9 @@ def _kill_midway(args: list[str], out: Path, env: dict, timeout: float = 30.0) -
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("command", [["optimize", "--target", "cpu"], ["quantize", "--int8-weights"]],
+# --tolerance: this test is about processes and staging folders, not accuracy; INT8's parity depends on the CPU's
+# integer kernels (the built-in model's --int8-weights: rel_l2 0.04 with AVX-512 VNNI, 0.18 on an AVX2-only CPU)
+@pytest.mark.parametrize("command", [["optimize", "--target", "cpu"], ["quantize", "--int8-weights", "--tolerance", "1"]],
                          ids=["optimize", "quantize"])
 def test_kill_leaves_no_process_and_a_rerun_no_leftover(command, tmp_path):
     src = _builtin_copy(tmp_path / "src")

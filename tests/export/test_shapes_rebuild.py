@@ -3,8 +3,9 @@
 References: the shipped bundle's ONNX graphs in ONNX Runtime (each rebuilt model, max_rel <= 1e-4 in fp32 here,
 the tool's own proof runs float64 at 1e-5); diffusers 0.42 StableDiffusionPipeline loaded from the rebuilt folder
 against the runtime on the shipped bundle, same initial latents (max abs <= 2/255 on images in [0, 1]); and
-``edgediff export`` of the rebuilt folder, whose graphs must be the shipped ones byte for byte and whose images must
-equal the shipped bundle's for the same seeds.
+``edgediff export`` of the rebuilt folder, whose graphs must be the shipped ones byte for byte (torch-folded
+constants within 1 ulp where this CPU's exp differs) and whose images must equal the shipped bundle's for the same
+seeds.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +57,30 @@ def exported(rebuilt, tmp_path_factory):
 
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_same_graph(new: Path, old: Path) -> None:
+    """The same bytes, or -- where torch folded a constant with this CPU's own float32 exp (the UNet's sinusoidal
+    time frequencies: 1 ulp apart between an AVX2 AMD EPYC and an AVX-512 Xeon) -- the same graph with every weight
+    bit-equal and those constants within 1 ulp."""
+    import onnx
+    from onnx import numpy_helper
+
+    if _sha(new) == _sha(old):
+        return
+    a, b = onnx.load(str(new)), onnx.load(str(old))
+    assert [t.SerializeToString() for t in a.graph.initializer] == [t.SerializeToString() for t in b.graph.initializer]
+    assert len(a.graph.node) == len(b.graph.node)
+    for x, y in zip(a.graph.node, b.graph.node):
+        if x.SerializeToString() == y.SerializeToString():
+            continue
+        assert x.op_type == y.op_type == "Constant" and list(x.output) == list(y.output), (x.name, y.name)
+        u, v = numpy_helper.to_array(x.attribute[0].t), numpy_helper.to_array(y.attribute[0].t)
+        assert u.dtype == v.dtype == np.float32 and u.shape == v.shape, x.name
+        np.testing.assert_array_max_ulp(u, v, maxulp=1)
+    a.graph.ClearField("node")
+    b.graph.ClearField("node")
+    assert a.SerializeToString() == b.SerializeToString()
 
 
 def _copy(shipped, tmp_path):
@@ -136,8 +162,8 @@ def test_diffusers_on_the_rebuilt_folder_draws_the_shipped_bundles_images(rebuil
 
 def test_export_of_the_rebuilt_folder_gives_the_shipped_graphs_and_images(exported, shipped):
     new, old = json.loads((exported / "edgediff.json").read_text()), json.loads((shipped / "edgediff.json").read_text())
-    for name in GRAPHS:  # the same weights through the same exporter: the same bytes
-        assert _sha(exported / name / "model.onnx") == _sha(shipped / name / "model.onnx"), name
+    for name in GRAPHS:  # the same weights through the same exporter: the same graph
+        _assert_same_graph(exported / name / "model.onnx", shipped / name / "model.onnx")
     assert {"unet_deepcache_full", "unet_deepcache_shallow_0"} <= set(new["components"])
     assert all(new["components"][c]["parity"]["passed"] for c in new["components"])
     for key in ("defaults", "family", "prediction_type", "scaling_factor", "text_max_length", "default_height",
@@ -147,7 +173,8 @@ def test_export_of_the_rebuilt_folder_gives_the_shipped_graphs_and_images(export
     with Pipeline.load(shipped) as a, Pipeline.load(exported) as b:
         x, y = np.stack(a(PROMPTS, **kw).images), np.stack(b(PROMPTS, **kw).images)
     err = float(np.abs(x - y).max())
-    assert err <= 1e-6, f"plain images differ by {err:.2e}"
+    # 0 when the graphs are the same bytes; 2.4e-6 measured where the time frequencies are 1 ulp apart (AMD EPYC)
+    assert err <= 1e-5, f"plain images differ by {err:.2e}"
 
 
 def test_an_existing_output_is_refused_before_any_work(shipped, tmp_path):
