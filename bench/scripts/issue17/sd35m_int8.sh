@@ -17,14 +17,4 @@ for b in bundle bundle-i8; do
   edgediff generate "a photograph of an astronaut riding a horse" -m "$D/$b" --size 512x512 --steps 4 --seed 0 \
     -o "$D/$b.png" --overwrite || exit 1
 done
-python - "$D/bundle.png" "$D/bundle-i8.png" <<'PY'
-import sys
-
-import numpy as np
-from PIL import Image
-
-a, b = (np.asarray(Image.open(p), dtype=np.float64) for p in sys.argv[1:])
-mse = float(np.mean((a - b) ** 2))
-print(f"INT8 image vs fp32 (same seed): max |diff| {np.abs(a - b).max():.0f}/255, "
-      f"PSNR {10 * np.log10(255**2 / mse) if mse else float('inf'):.1f} dB")
-PY
+python "$(dirname "$0")/../image_diff.py" "$D/bundle.png" "$D/bundle-i8.png" "INT8 image vs fp32 (same seed)"
