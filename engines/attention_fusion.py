@@ -345,11 +345,12 @@ def fuse_attention(model) -> int:
 def _mha_inputs(m: Match) -> tuple[list[str], list]:
     """MultiHeadAttention's query, key, value for ``m`` and the layout nodes that make them: the query as (B, S, H*D);
     key and value as they are when both are (B, H, L, D) (a layout the op takes), else both as (B, L, H*D)."""
-    from onnx import helper, numpy_helper
     import numpy as np
+    from onnx import helper, numpy_helper
 
     ops, names = [], []
     base = f"{m.name}/fused_mha"
+    shape = f"{base}/bsd_shape"  # [0, 0, -1]: (B, S, H, D) -> (B, S, H*D), 0 keeps a dim
     keep_4d = m.layouts[1] == m.layouts[2] == "bnsh"
     for role, name, layout in zip("qkv", (m.query, m.key, m.value), m.layouts):
         if layout == "bsd" or (role != "q" and keep_4d):
@@ -359,12 +360,11 @@ def _mha_inputs(m: Match) -> tuple[list[str], list]:
             ops.append(helper.make_node("Transpose", [name], [f"{base}/{role}_bsnh"], perm=[0, 2, 1, 3],
                                         name=f"{base}/{role}_transpose"))
             name = f"{base}/{role}_bsnh"
-        if not any(n.output[0] == f"{base}/bsd_shape" for n in ops):
-            ops.append(helper.make_node("Constant", [], [f"{base}/bsd_shape"], name=f"{base}/bsd_shape",
-                                        value=numpy_helper.from_array(np.array([0, 0, -1], np.int64))))
-        ops.append(helper.make_node("Reshape", [name, f"{base}/bsd_shape"], [f"{base}/{role}_bsd"],
-                                    name=f"{base}/{role}_reshape"))  # (B, S, H, D) -> (B, S, H*D): 0 keeps a dim
+        ops.append(helper.make_node("Reshape", [name, shape], [f"{base}/{role}_bsd"], name=f"{base}/{role}_reshape"))
         names.append(f"{base}/{role}_bsd")
+    if ops:
+        ops.insert(0, helper.make_node("Constant", [], [shape], name=shape,
+                                       value=numpy_helper.from_array(np.array([0, 0, -1], np.int64))))
     return names, ops
 
 
