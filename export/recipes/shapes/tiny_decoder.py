@@ -121,9 +121,9 @@ def teacher_shape_weight(x, threshold: float = 0.25):
 
 
 def teacher_outline(x):
-    """(N, 1, H, W) 1.0 on the pixels of teacher images ``x`` (N, 3, H, W) in [-1, 1] that lie on their shape's
-    outline as the adherence judge draws it (edgediff.bench.shapes.judge: distance from the border pixels' median
-    colour above half its peak), and on their 4-neighbours on either side of it; 0 elsewhere. The judge reads the
+    """(N, 1, H, W) 1.0 on the pixels of teacher images ``x`` (N, 3, H, W) in [-1, 1] whose 3x3 neighbourhood holds
+    both sides of their shape's outline as the adherence judge draws it (edgediff.bench.shapes.judge: distance from
+    the border pixels' median colour above half its peak): a ring on either side of it; 0 elsewhere. The judge reads the
     shape's type from that outline's corners, so a student that draws it a pixel off turns squares and crosses into
     circles: ``distil(outline_weight=...)`` adds weight there."""
     import torch
