@@ -86,7 +86,9 @@ def test_an_autoencoder_of_another_scale_is_refused_and_nothing_written(tmp_path
                                            (["--latent-scale", "0"], "must be positive"),
                                            (["--crop", "0"], "must be positive"),
                                            (["--generated-repeat", "0"], "must be positive"),
-                                           (["--outline-weight", "-1"], "at least 0")])
+                                           (["--outline-weight", "-1"], "at least 0"),
+                                           (["--teacher-threads", "-1"], "at least 0"),
+                                           (["--threads", "0"], "must be at least 1")])
 def test_bad_options_are_one_line_before_any_work(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tiny_decoder.main(["--out", str(tmp_path / "taesd"), *argv])

@@ -308,6 +308,9 @@ def main(argv=None) -> None:
         ap.error(f"--latent-scale {a.latent_scale}, --crop {a.crop} and --generated-repeat {a.generated_repeat} "
                  f"must be positive, --outline-weight {a.outline_weight} and --generated-heldout "
                  f"{a.generated_heldout} at least 0")
+    if a.threads < 1 or (a.teacher_threads is not None and a.teacher_threads < 0):
+        ap.error(f"--threads {a.threads} must be at least 1, --teacher-threads {a.teacher_threads} at least 0 "
+                 "(0: ONNX Runtime's own choice)")
     import torch
 
     torch.set_num_threads(a.threads)
