@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgediff.bundle.reader import Bundle
-from edgediff.bundle.schema import CONTROLNET_PREFIX, RESIDUAL_UNET
+from edgediff.bundle.schema import CONTROLNET_PREFIX, DEEPCACHE_COMPONENTS, RESIDUAL_UNET
 from edgediff.errors import BackendUnavailable, EngineError, InputError
 
 from .derive import Result, begin, derive
@@ -43,7 +43,11 @@ SAVE_LEVEL = {"cpu": "extended", "cuda": "extended", "tensorrt": "basic"}
 # attention into one MultiHeadAttention node in place of MatMul-Softmax-MatMul, whose score matrix goes through
 # memory (354 MB per attention at 512x512 with guidance); measured effect in docs/engines.md and the README.
 MODEL_TYPE = {"unet": "unet", "transformer": "mmdit", "text_encoder": "clip", "text_encoder_2": "clip",
-              "vae_decoder": "vae", "vae_encoder": "vae"}
+              "vae_decoder": "vae", "vae_encoder": "vae",
+              # DeepCache's full and shallow graphs are UNets (export --deepcache): fused as the unet is, so a
+              # cached step keeps the fused attention the plain step has (the 64x64 attentions are most of a
+              # shallow step at 512x512)
+              **{name: "unet" for name in DEEPCACHE_COMPONENTS}}
 # a family's T5 encoder (profiles.T5_ENCODER: FLUX's text_encoder_2, SD3's text_encoder_3) takes no recipe: none of
 # ONNX Runtime's fits a T5 encoder alone, so it gets ONNX Runtime's own optimizations only
 PARITY_PROMPTS = ("a photo of a red apple on a wooden table",)
@@ -98,6 +102,10 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         if nets:  # their batch follows guess mode and their residuals' sizes each block's downsampling
             raise InputError(f"--static does not fix the ControlNet graphs ({', '.join(nets)}): optimize this bundle "
                              "without --static, or export one without --controlnet for a static bundle")
+        cached = [n for n in m.components if n in DEEPCACHE_COMPONENTS]
+        if cached:  # the shallow graphs' cached-feature input is sized by the branch's depth, which no rule fixes
+            raise InputError(f"--static does not fix the DeepCache graphs ({', '.join(cached)}): optimize this bundle "
+                             "without --static, or export one without --deepcache for a static bundle")
         multiple = parent.size_multiple
         if static.height % multiple or static.width % multiple:
             raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")
@@ -194,7 +202,7 @@ def _transform_in(graph: Path, work: Path, *, name: str, target: str, static: St
 # FLUX's heads are sized at run time, so its attention is not found there and a FLUX transformer too big for ONNX
 # Runtime's optimizer is refused in one line); a graph too big for the optimizer but not listed here keeps the full
 # path and may run out of memory, which isolate reports
-LEAN_FUSION = ("unet", "transformer")
+LEAN_FUSION = ("unet", "transformer", *DEEPCACHE_COMPONENTS)
 # precisions whose graphs take that path whatever their size: Q/DQ around the projections hides attention from
 # ONNX Runtime's fusion (docs/engines.md), not from engines.attention_fusion, which starts after the projections
 QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")

@@ -68,6 +68,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
     it)."""
     from edgediff.backends.ort import OrtOptions
     from edgediff.controlnet import names as controlnet_names
+    from edgediff.deepcache import bundle_branches
     from edgediff.heap import release_free_memory
     from edgediff.pipeline import Pipeline
 
@@ -86,6 +87,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
         m = pipe.bundle.manifest
         refine = m.family in REFINES_ONLY
         nets = controlnet_names(pipe.bundle)  # export --controlnet (runtime/controlnet.py)
+        cached = bundle_branches(pipe.bundle)  # export --deepcache (runtime/deepcache.py)
         for i in range(0, len(prompts), images_per_call):
             batch = prompts[i:i + images_per_call]
             kw = {}
@@ -94,6 +96,11 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
                           strength=refiner_strength(steps))
             pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                  seed=[seed + i + j for j in range(len(batch))], output_type="np", **kw)
+            for branch in cached:  # DeepCache's graphs run only with cache_interval: full, shallow, full
+                # (a refiner's img2img at full strength here, so that all DEEPCACHE_STEPS run)
+                pipe(batch, num_inference_steps=max(steps, DEEPCACHE_STEPS), guidance_scale=guidance_scale,
+                     height=height, width=width, seed=[seed + i + j for j in range(len(batch))], output_type="np",
+                     cache_interval=2, cache_branch=branch, **({**kw, "strength": 1.0} if refine else {}))
             if nets and not refine:  # the ControlNets and unet_controlnet run only with a control image
                 h, w = height or m.default_height, width or m.default_width
                 pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, height=h, width=w,
@@ -102,6 +109,9 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
     release_free_memory()  # the closed sessions' weights (runtime/heap.py)
     return got
 
+
+# DeepCache's capture runs at least this many steps at cache_interval 2, so that both graphs run: full, shallow, full
+DEEPCACHE_STEPS = 3
 
 # Families whose pipeline refines an image and has no text-to-image (their conditioner refuses it)
 REFINES_ONLY = frozenset({"sdxl-refiner"})
