@@ -60,12 +60,13 @@ class _Recorder:
 
 def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: int | None = None,
             width: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-            scheduler: str | None = None, images_per_call: int = 1, options=None) -> Captured:
+            scheduler: str | None = None, images_per_call: int = 1, options=None, deepcache: bool = True) -> Captured:
     """Run the bundle's own pipeline (ONNX Runtime CPU) on ``prompts`` with seeds ``seed, seed+1, ...`` and record
     the inputs of every graph call, ``images_per_call`` prompts per call. ``steps`` should be the step count the
     derived bundle will run at, so that calibration sees each of its timesteps; ``guidance_scale`` None is the
     bundle's own (SDXL 5.0, a Turbo bundle's recorded 0: its denoiser then runs unguided, at batch 1, as users run
-    it)."""
+    it). ``deepcache``: also run each DeepCache branch the bundle has (export --deepcache) at cache_interval 2, so
+    that its full and shallow graphs are recorded; the plain pipeline never calls them."""
     from edgediff.backends.ort import OrtOptions
     from edgediff.controlnet import names as controlnet_names
     from edgediff.deepcache import bundle_branches
@@ -87,7 +88,7 @@ def capture(bundle: str | Path, prompts: Sequence[str], *, steps: int, height: i
         m = pipe.bundle.manifest
         refine = m.family in REFINES_ONLY
         nets = controlnet_names(pipe.bundle)  # export --controlnet (runtime/controlnet.py)
-        cached = bundle_branches(pipe.bundle)  # export --deepcache (runtime/deepcache.py)
+        cached = bundle_branches(pipe.bundle) if deepcache else ()  # export --deepcache (runtime/deepcache.py)
         for i in range(0, len(prompts), images_per_call):
             batch = prompts[i:i + images_per_call]
             kw = {}

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgediff.bundle.reader import Bundle
+from edgediff.bundle.schema import DEEPCACHE_COMPONENTS
 from edgediff.errors import EngineError, InputError
 
 from .derive import Result, begin, derive
@@ -98,7 +99,11 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
     parent = begin(src, out, overwrite=overwrite, tolerance=tolerance)
     m = parent.manifest
     names = list(components or DEFAULT_COMPONENTS[mode])
-    names = [n for n in names if n in m.components] if components is None else names
+    if components is None:
+        # DeepCache's full and shallow UNets (export --deepcache) run in the unet's place on a cached request: they
+        # follow its precision, or DeepCache would run float graphs beside a quantized unet
+        names = [n for n in names if n in m.components]
+        names += [n for n in DEEPCACHE_COMPONENTS if n in m.components and "unet" in names]
     if not names:  # a bundle of none of the default components: say so rather than write an unchanged copy
         raise InputError(f"--{mode}: this bundle has none of the components it applies to by default "
                          f"({', '.join(DEFAULT_COMPONENTS[mode])}); name them with --components (it has "
@@ -127,15 +132,16 @@ def quantize_bundle(src: str | Path, out: str | Path, *, mode: str, components: 
         raise InputError(f"--steps {steps!r}; expected an integer >= 1")
 
     needs_calib = mode in ("fp16", "int8", "fp8")
+    cached = any(n in DEEPCACHE_COMPONENTS for n in names)  # the captures then run DeepCache too (probe.capture)
     calib = Captured()
     if needs_calib:
         progress(f"calibration: {len(prompts)} prompt(s) x {steps} steps through the fp32 pipeline")
         # each capture in its own process: the fp32 pipeline it opens is gone before the next step loads a graph
         calib = run_isolated(capture, parent.root, prompts, steps=steps, height=height, width=width, seed=1000,
-                             what="calibration: running the fp32 pipeline")
+                             deepcache=cached, what="calibration: running the fp32 pipeline")
     progress("parity inputs: 1 held-out prompt")
     held = run_isolated(capture, parent.root, [PARITY_PROMPT], steps=min(steps, 4), height=height, width=width,
-                        seed=7, what="parity inputs: running the fp32 pipeline")
+                        seed=7, deepcache=cached, what="parity inputs: running the fp32 pipeline")
     parity_feeds = {n: held.feeds.get(n, []) for n in names}
     if "vae_encoder" in names:
         parity_feeds["vae_encoder"] = vae_encoder_feeds(held)

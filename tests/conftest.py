@@ -53,6 +53,14 @@ def tiny_sd1_bundle(tiny_sd1_source, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd1_deepcache_bundle(tiny_sd1_source, tmp_path_factory) -> Path:
+    """The tiny SD1 model exported with DeepCache's graphs for branches 0 and 1 (export --deepcache 0,1)."""
+    from edgediff.export.pipeline_export import export_pipeline
+
+    return export_pipeline(tiny_sd1_source, tmp_path_factory.mktemp("bundles") / "tiny-sd1-dc", deepcache="0,1")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd2v_bundle(tiny_sd2v_source, tmp_path_factory) -> Path:
     from edgediff.export.pipeline_export import export_pipeline
 

@@ -256,21 +256,14 @@ def test_saved_vae_graphs_are_reoptimized_at_load_and_the_others_open_as_saved(c
     assert "re-optimized at load" in text and "opened with graph optimizations off" in text
 
 
-@pytest.fixture(scope="module")
-def deepcache_bundle(tiny_sd1_source, tmp_path_factory):
-    from edgediff.export.pipeline_export import export_pipeline
-
-    return export_pipeline(tiny_sd1_source, tmp_path_factory.mktemp("dc") / "b", deepcache="0,1")
-
-
-def test_deepcache_graphs_are_fused_checked_on_real_inputs_and_draw_the_same_image(deepcache_bundle, tmp_path):
+def test_deepcache_graphs_are_fused_checked_on_real_inputs_and_draw_the_same_image(tiny_sd1_deepcache_bundle, tmp_path):
     """DeepCache's full and shallow graphs are UNets: optimize fuses their attention as it fuses the unet's (a cached
     step would otherwise run the unfused attention the plain step no longer does) and checks each on inputs captured
     from a DeepCache run (the plain capture never calls them)."""
     import onnx
 
     messages = []
-    out = optimize_bundle(deepcache_bundle, tmp_path / "opt", target="cpu", progress=messages.append)
+    out = optimize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "opt", target="cpu", progress=messages.append)
     b = Bundle.open(out)
     assert b.verify() == []
     cached = ["unet_deepcache_full", "unet_deepcache_shallow_0", "unet_deepcache_shallow_1"]
@@ -278,19 +271,19 @@ def test_deepcache_graphs_are_fused_checked_on_real_inputs_and_draw_the_same_ima
         comp = b.manifest.components[name]
         assert comp.optimized_for == "cpu" and comp.parity.passed and comp.parity.max_rel <= 1e-3
         assert any(m.startswith(f"{name}: parity on ") for m in messages)
-        before = [n.op_type for n in onnx.load(str(deepcache_bundle / name / "model.onnx")).graph.node]
+        before = [n.op_type for n in onnx.load(str(tiny_sd1_deepcache_bundle / name / "model.onnx")).graph.node]
         after = [n.op_type for n in onnx.load(str(out / name / "model.onnx")).graph.node]
         fused = after.count("MultiHeadAttention") + after.count("Attention")
         assert before.count("Softmax") > 0 and fused == before.count("Softmax") and "Softmax" not in after, name
     kw = dict(num_inference_steps=5, seed=5, output_type="np", cache_interval=2)
-    with Pipeline.load(deepcache_bundle) as p0, Pipeline.load(out) as p1:
+    with Pipeline.load(tiny_sd1_deepcache_bundle) as p0, Pipeline.load(out) as p1:
         for branch in (0, 1):
             a = p0("a red circle", cache_branch=branch, **kw).images
             np.testing.assert_allclose(p1("a red circle", cache_branch=branch, **kw).images, a, atol=1e-3)
 
 
-def test_static_refuses_deepcache_graphs_before_any_work(deepcache_bundle, tmp_path):
+def test_static_refuses_deepcache_graphs_before_any_work(tiny_sd1_deepcache_bundle, tmp_path):
     with pytest.raises(InputError, match=r"--static does not fix the DeepCache graphs \(unet_deepcache_full, "
                                          r"unet_deepcache_shallow_0, unet_deepcache_shallow_1\).*without --deepcache"):
-        optimize_bundle(deepcache_bundle, tmp_path / "s", target="cpu", static=parse_static("1x32x32"))
+        optimize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "s", target="cpu", static=parse_static("1x32x32"))
     assert not (tmp_path / "s").exists()

@@ -303,3 +303,25 @@ def test_int8_of_a_graph_with_external_data(tiny_sd1_bundle, tmp_path):
     with Pipeline.load(tiny_sd1_bundle) as p0, Pipeline.load(out) as p1:
         a, b = (p("a red circle", num_inference_steps=3, seed=0, output_type="np").images[0] for p in (p0, p1))
     assert np.isfinite(b).all() and np.abs(a - b).max() < 0.5
+
+
+def test_deepcache_graphs_follow_the_unet_s_precision(tiny_sd1_deepcache_bundle, tmp_path):
+    """DeepCache's full and shallow UNets run in the unet's place on a cached request: quantizing the unet quantizes
+    them too by default (calibrated on a DeepCache run's inputs), and the cached image stays close to fp32's;
+    naming only the unet leaves them as they were."""
+    out = quantize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "int8", mode="int8", tolerance=0.6, **FAST)
+    b = Bundle.open(out)
+    assert b.verify() == []
+    cached = ("unet_deepcache_full", "unet_deepcache_shallow_0", "unet_deepcache_shallow_1")
+    for name in ("unet", *cached):
+        comp = b.component(name)
+        assert comp.precision == "int8-qdq" and comp.parity.passed, name
+        assert qdq_rules.violations(_onnx(out / name / "model.onnx"), "int8") == [], name
+    assert b.manifest.provenance.transforms[-1].startswith(f"quantize --int8 --components unet,{','.join(cached)} ")
+    kw = dict(num_inference_steps=4, seed=3, output_type="np", cache_interval=2, cache_branch=1)
+    with Pipeline.load(tiny_sd1_deepcache_bundle) as p0, Pipeline.load(out) as p1:
+        a, q = p0("a blue square", **kw).images[0], p1("a blue square", **kw).images[0]
+    assert np.isfinite(q).all() and 0 < np.abs(a - q).mean() < 0.2
+
+    only = quantize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "w8", mode="int8-weights", components=["unet"])
+    assert [Bundle.open(only).component(n).precision for n in ("unet", *cached)] == ["int8-weights"] + ["fp32"] * 3
