@@ -102,10 +102,6 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
         if nets:  # their batch follows guess mode and their residuals' sizes each block's downsampling
             raise InputError(f"--static does not fix the ControlNet graphs ({', '.join(nets)}): optimize this bundle "
                              "without --static, or export one without --controlnet for a static bundle")
-        cached = [n for n in m.components if n in DEEPCACHE_COMPONENTS]
-        if cached:  # the shallow graphs' cached-feature input is sized by the branch's depth, which no rule fixes
-            raise InputError(f"--static does not fix the DeepCache graphs ({', '.join(cached)}): optimize this bundle "
-                             "without --static, or export one without --deepcache for a static bundle")
         multiple = parent.size_multiple
         if static.height % multiple or static.width % multiple:
             raise InputError(f"--static {static}: height and width must be multiples of {multiple} for this model")
@@ -113,7 +109,7 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     progress("capturing real inputs for the parity check")
     h = static.height if static else height
     w = static.width if static else width
-    prompts = list(PARITY_PROMPTS) * (static.images if static else 1)
+    prompts = list(PARITY_PROMPTS if static is None else _in_window(parent, PARITY_PROMPTS)) * (static.images if static else 1)
     # Each memory-hungry step runs in its own process (engines.isolate): what a step's sessions and graph copies
     # leave in this process's heap (glibc keeps freed memory) would otherwise add up across steps. An SD-1.5
     # UNet at 512x512 needs ~7 GiB to capture, 13.7 GiB (dynamic) / 17.3 GiB (static) to fuse and save, and ~5 GiB
@@ -210,6 +206,26 @@ QDQ_PRECISIONS = ("int8-qdq", "fp8-qdq")
 # shape inference's copy, the fused model and its serialization (an SDXL UNet of 10.3 GB could not be optimized
 # in 23 GiB)
 OPTIMIZER_MEMORY = 4
+
+
+def _in_window(bundle: Bundle, prompts) -> list[str]:
+    """``prompts``, each cut word by word to the text encoder's window. A static UNet's text axis is that window
+    (runtime/families/sd.takes_long_prompts), while the exported parent the parity inputs are captured from splits a
+    longer prompt into chunks: on the built-in model (24 tokens) the parity prompt made a 48-token input that the
+    static graph refused. Families without a CLIP tokenizer folder keep their prompts."""
+    from edgediff.tokenizer import ClipTokenizer
+
+    files = bundle.tokenizer_files()
+    if not bundle.has("unet") or not files:
+        return list(prompts)
+    tok = ClipTokenizer.from_files(files, max_length=bundle.manifest.text_max_length, where=bundle.root / "tokenizer")
+    out = []
+    for prompt in prompts:
+        words = prompt.split()
+        while len(words) > 1 and len(tok.token_ids([" ".join(words)])[0]) > tok.max_length - 2:  # BOS and EOS
+            words.pop()
+        out.append(" ".join(words))
+    return out
 
 
 def _too_big_to_fuse(graph: Path) -> bool:

@@ -25,13 +25,15 @@ from edgediff.backends.tensorrt import device
 from edgediff.backends.tensorrt.cache import (EngineCache, EngineKey, EngineNotBuilt, default_engine_dir, graph_digest,
                                               rebuild_command, write_durably)
 from edgediff.bundle.reader import Bundle
+from edgediff.bundle.schema import DEEPCACHE_COMPONENTS
 from edgediff.errors import EngineError, EngineIncompatible, InputError
 
 from .profiles import ShapeRange, profile_shapes
 
 # what a generation runs, of what the bundle has (the SDXL refiner has only text_encoder_2; SD3 adds T5 as
 # text_encoder_3 and a transformer for the UNet); img2img's vae_encoder on request (--components)
-DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
+DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder",
+                      *DEEPCACHE_COMPONENTS)  # DeepCache's UNets when exported (--deepcache): cache_interval runs them
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ on or off -- and each component's symbolic dims are mapped from them:
                   row per image; without CFG, or at the minimum, images), images for the VAE
     height, width image size / vae_scale_factor (latents)
     image_height, image_width   image size in pixels (VAE image side)
+    feature_height, feature_width   a DeepCache shallow graph's cached feature (export --deepcache B): the
+                  latent size halved once per down block above the branch's block (block = B // 3), rounded up as
+                  the UNet's stride-2 downsamplers round
     sequence      the text tokens: CLIP's fixed length (77); for the transformer families a T5 encoder's
                   ``max_sequence_length``, chosen per call up to the bundle's limit (a range, even in a static
                   profile), and the SD3 transformer's joint CLIP + T5 sequence (77 + that)
 
-The denoiser batch doubles with classifier-free guidance, except in families that never run it: FLUX.1's
+The denoiser batch (DeepCache's full and shallow UNets' too) doubles with classifier-free guidance, except in families that never run it: FLUX.1's
 guidance is an input of its transformer (one batch per step, runtime/families/flux.py).
 
 Dims named differently by other exporters (optimum's ``batch_size``, ``sequence_length``, ...) are aliased; an
@@ -25,11 +28,15 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from edgediff.bundle.manifest import Component, Manifest, TensorSpec
+from edgediff.bundle.schema import DEEPCACHE_COMPONENTS, DEEPCACHE_MAX_BRANCHES, deepcache_shallow
+from edgediff.deepcache import branch_position
 from edgediff.errors import EngineError, InputError
 
 ALIASES = {"batch_size": "batch", "N": "batch", "sequence_length": "sequence", "seq_len": "sequence",
            "num_channels": None}
-CFG_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+CFG_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", *DEEPCACHE_COMPONENTS)
+# a DeepCache shallow graph -> its branch's down block: the cached feature is at the latent size / 2 ** block
+FEATURE_BLOCK = {deepcache_shallow(b): branch_position(b)[0] for b in range(DEEPCACHE_MAX_BRANCHES)}
 NO_CFG_FAMILIES = ("flux",)
 # the component that is T5 in a family, and the length diffusers' SD3 pipeline and FLUX.1-schnell run by default
 # (the profile's opt point; FLUX.1-dev's 512 lies within the range when the bundle's limit allows it)
@@ -111,8 +118,12 @@ def dim_values(component: str, manifest: Manifest, images: int, height: int, wid
     if height % f or width % f:
         raise InputError(f"{width}x{height} is not a multiple of the VAE factor {f}")
     doubled = cfg and component in CFG_COMPONENTS and manifest.family not in NO_CFG_FAMILIES and not at_min
-    return {"batch": images * (2 if doubled else 1), "height": height // f, "width": width // f,
-            "image_height": height, "image_width": width, "sequence": text_sequence(component, manifest)[point]}
+    values = {"batch": images * (2 if doubled else 1), "height": height // f, "width": width // f,
+              "image_height": height, "image_width": width, "sequence": text_sequence(component, manifest)[point]}
+    if component in FEATURE_BLOCK:
+        scale = 2 ** FEATURE_BLOCK[component]
+        values.update(feature_height=-(-(height // f) // scale), feature_width=-(-(width // f) // scale))
+    return values
 
 
 def profile_shapes(comp: Component, manifest: Manifest, r: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -282,8 +282,34 @@ def test_deepcache_graphs_are_fused_checked_on_real_inputs_and_draw_the_same_ima
             np.testing.assert_allclose(p1("a red circle", cache_branch=branch, **kw).images, a, atol=1e-3)
 
 
-def test_static_refuses_deepcache_graphs_before_any_work(tiny_sd1_deepcache_bundle, tmp_path):
-    with pytest.raises(InputError, match=r"--static does not fix the DeepCache graphs \(unet_deepcache_full, "
-                                         r"unet_deepcache_shallow_0, unet_deepcache_shallow_1\).*without --deepcache"):
-        optimize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "s", target="cpu", static=parse_static("1x32x32"))
-    assert not (tmp_path / "s").exists()
+def test_static_fixes_the_deepcache_graphs_and_their_cached_feature(tiny_sd1_deepcache_bundle, tmp_path):
+    """--static fixes the shallow graphs' cached feature too: batch 2N with guidance, the latent size halved once per
+    down block above the branch (branches 0 and 1 are in block 0: the latent size itself)."""
+    out = optimize_bundle(tiny_sd1_deepcache_bundle, tmp_path / "s", target="cpu", static=parse_static("1x32x32"))
+    b = Bundle.open(out)
+    f = b.manifest.vae_scale_factor
+    for name in ("unet_deepcache_full", "unet_deepcache_shallow_0", "unet_deepcache_shallow_1"):
+        assert b.component(name).input("sample").shape == (2, 4, 32 // f, 32 // f), name
+        assert b.component(name).parity.passed
+    for name in ("unet_deepcache_shallow_0", "unet_deepcache_shallow_1"):
+        assert b.component(name).input("deep_feature").shape[0] == 2
+        assert b.component(name).input("deep_feature").shape[2:] == (32 // f, 32 // f)
+    kw = dict(num_inference_steps=4, seed=2, output_type="np", cache_interval=2, cache_branch=1, height=32, width=32)
+    with Pipeline.load(tiny_sd1_deepcache_bundle) as p0, Pipeline.load(out) as p1:
+        np.testing.assert_allclose(p1("a red circle", **kw).images, p0("a red circle", **kw).images, atol=1e-3)
+
+
+def test_static_parity_prompt_fits_the_text_window():
+    """The exported parent splits a prompt longer than the text encoder's window into chunks, which a static UNet
+    (its text axis fixed at the window) refuses: the built-in model's 24 tokens are shorter than the parity prompt,
+    and optimize --static failed there on its own parity inputs."""
+    from edgediff.builtin_model import default_bundle
+    from edgediff.engines.optimize import PARITY_PROMPTS, _in_window
+    from edgediff.tokenizer import ClipTokenizer
+
+    b = Bundle.open(default_bundle())
+    tok = ClipTokenizer.from_files(b.tokenizer_files(), max_length=b.manifest.text_max_length)
+    room = b.manifest.text_max_length - 2
+    assert len(tok.token_ids([PARITY_PROMPTS[0]])[0]) > room  # the case this guards
+    (cut,) = _in_window(b, PARITY_PROMPTS[:1])
+    assert PARITY_PROMPTS[0].startswith(cut) and 0 < len(tok.token_ids([cut])[0]) <= room

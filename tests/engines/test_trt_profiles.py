@@ -152,3 +152,26 @@ def test_optimize_static_leaves_the_t5_sequence_dynamic():
     dims = _static_dims("transformer", Static(1, 512, 512), bundle)
     assert dims["encoder_hidden_states"] == {0: 2} and dims["sample"] == {0: 2, 2: 64, 3: 64}
     assert _static_dims("text_encoder_3", Static(1, 512, 512), bundle) == {}  # text encoders keep a dynamic batch
+
+
+def test_deepcache_graphs_are_built_by_default_with_the_denoiser_s_batch_and_their_feature_s_size(
+        tiny_sd1_deepcache_bundle):
+    """DeepCache's UNets (export --deepcache) run in the unet's place with cache_interval, so build makes engines
+    for them by default; their batch doubles with guidance and the shallow graph's cached feature is the latent
+    size halved (rounded up, as a stride-2 convolution rounds) once per down block above the branch's."""
+    from edgediff.engines.tensorrt.build import default_components
+    from edgediff.engines.tensorrt.profiles import dim_values
+
+    b = Bundle.open(tiny_sd1_deepcache_bundle)
+    m, f = b.manifest, b.manifest.vae_scale_factor
+    assert default_components(b)[-3:] == ["unet_deepcache_full", "unet_deepcache_shallow_0", "unet_deepcache_shallow_1"]
+    r = ShapeRange(images=(1, 1, 2), height=(32, 64, 96), width=(32, 64, 128))
+    shallow = profile_shapes(m.components["unet_deepcache_shallow_1"], m, r)
+    full = profile_shapes(m.components["unet_deepcache_full"], m, r)
+    assert shallow["sample"] == full["sample"] == profile_shapes(m.components["unet"], m, r)["sample"]
+    channels = m.components["unet_deepcache_shallow_1"].input("deep_feature").shape[1]
+    assert shallow["deep_feature"] == ((1, channels, 32 // f, 32 // f), (2, channels, 64 // f, 64 // f),
+                                       (4, channels, 96 // f, 128 // f))
+    deeper = dim_values("unet_deepcache_shallow_4", m, 1, 9 * f, 16 * f, True)  # block 1: one halving
+    assert (deeper["batch"], deeper["feature_height"], deeper["feature_width"]) == (2, 5, 8)
+    assert "feature_height" not in dim_values("unet", m, 1, 64, 64, True)
