@@ -109,7 +109,7 @@ def optimize_bundle(src: str | Path, out: str | Path, *, target: str = "cpu", st
     progress("capturing real inputs for the parity check")
     h = static.height if static else height
     w = static.width if static else width
-    prompts = list(PARITY_PROMPTS if static is None else _in_window(parent, PARITY_PROMPTS)) * (static.images if static else 1)
+    prompts = list(PARITY_PROMPTS) if static is None else _in_window(parent, PARITY_PROMPTS) * static.images
     # Each memory-hungry step runs in its own process (engines.isolate): what a step's sessions and graph copies
     # leave in this process's heap (glibc keeps freed memory) would otherwise add up across steps. An SD-1.5
     # UNet at 512x512 needs ~7 GiB to capture, 13.7 GiB (dynamic) / 17.3 GiB (static) to fuse and save, and ~5 GiB

@@ -184,7 +184,8 @@ def _one_precision(ctx: click.Context, param: click.Parameter, value):
 @click.option("--int8-storage", "int8_storage_flag", flag_value="int8-storage", expose_value=False,
               callback=_one_precision,
               help="Weights stored INT8, dequantized per node at run time (fp32 math; low memory; after optimize).")
-@click.option("--components", default=None, help="Comma-separated (default: unet; every component for --fp16).")
+@click.option("--components", default=None,
+              help="Comma-separated (default: the denoiser and any DeepCache graphs; every component for --fp16).")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line.")
 @click.option("--calib-size", type=int, default=None, help="Number of calibration prompts (default: all given).")
 @click.option("--steps", type=int, default=None, help="Step count to calibrate for (default: the bundle's).")
@@ -224,7 +225,8 @@ def quantize(bundle: Path, out: Path, mode: str | None, components: str | None, 
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file to reuse.")
 @click.option("--refit", is_flag=True, help="Build refittable engines.")
 @click.option("--version-compatible", is_flag=True, help="Engines that load on later TensorRT versions.")
-@click.option("--components", default=None, help="Comma-separated (default: the text encoders, unet, vae_decoder).")
+@click.option("--components", default=None,
+              help="Comma-separated (default: the text encoders, the denoiser, vae_decoder and any DeepCache graphs).")
 @click.option("--force", is_flag=True, help="Rebuild even when a valid engine is cached.")
 def build(bundle, engine_dir, static, profile, no_cfg, opt_level, workspace, timing_cache, refit, version_compatible,
           components, force) -> None:

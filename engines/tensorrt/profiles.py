@@ -15,8 +15,9 @@ on or off -- and each component's symbolic dims are mapped from them:
                   ``max_sequence_length``, chosen per call up to the bundle's limit (a range, even in a static
                   profile), and the SD3 transformer's joint CLIP + T5 sequence (77 + that)
 
-The denoiser batch (DeepCache's full and shallow UNets' too) doubles with classifier-free guidance, except in families that never run it: FLUX.1's
-guidance is an input of its transformer (one batch per step, runtime/families/flux.py).
+The denoiser batch (DeepCache's full and shallow UNets' too) doubles with classifier-free guidance, except in
+families that never run it: FLUX.1's guidance is an input of its transformer (one batch per step,
+runtime/families/flux.py).
 
 Dims named differently by other exporters (optimum's ``batch_size``, ``sequence_length``, ...) are aliased; an
 unknown symbolic dim is refused with its name, since guessing it would build an engine that rejects real inputs.
