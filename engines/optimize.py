@@ -213,12 +213,13 @@ def _in_window(bundle: Bundle, prompts) -> list[str]:
     (runtime/families/sd.takes_long_prompts), while the exported parent the parity inputs are captured from splits a
     longer prompt into chunks: on the built-in model (24 tokens) the parity prompt made a 48-token input that the
     static graph refused. Families without a CLIP tokenizer folder keep their prompts."""
+    from edgediff.bundle.layout import TOKENIZER_DIR
     from edgediff.tokenizer import ClipTokenizer
 
-    files = bundle.tokenizer_files()
+    files = bundle.tokenizer_files(TOKENIZER_DIR)
     if not bundle.has("unet") or not files:
         return list(prompts)
-    tok = ClipTokenizer.from_files(files, max_length=bundle.manifest.text_max_length, where=bundle.root / "tokenizer")
+    tok = ClipTokenizer.from_files(files, max_length=bundle.manifest.text_max_length, where=bundle.root / TOKENIZER_DIR)
     out = []
     for prompt in prompts:
         words = prompt.split()
